@@ -1,0 +1,105 @@
+"""Test oracle: tiny random HF transformers checkpoints and the parity checks against them.
+
+transformers is a dev-only dependency; only tests import it.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+import workbench as wb
+
+B, T = 2, 13  # batch 2, odd length
+
+
+def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:
+    """Add noise to every floating parameter and buffer (except derived rotary tables) so routing is non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.dtype.is_floating_point and "inv_freq" not in name:
+                t.add_(torch.randn(t.shape, generator=g) * scale)
+    return model
+
+
+def make_checkpoint(config, folder: Path, seed: int = 0, scale: float = 0.3):
+    """Build an HF model from `config`, perturb it, save it in HF layout; return the (fp32, eval) model."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    perturb(model, seed, scale)
+    model.save_pretrained(folder)
+    return model
+
+
+def input_ids(vocab: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@contextmanager
+def capture_routing(hf_model):
+    """Record the oracle's router logits and the (ids, weights) its experts receive, per layer."""
+    got: dict[int, dict[str, torch.Tensor]] = {}
+    handles = []
+
+    def layer_of(name: str) -> int:
+        return int(re.search(r"layers\.(\d+)\.", name)[1])
+
+    for name, mod in hf_model.named_modules():
+        if re.search(r"layers\.\d+\.(mlp|block_sparse_moe)\.(gate|router)$", name):
+            def on_router(m, args, out, i=layer_of(name)):
+                got.setdefault(i, {})["logits"] = (out[0] if isinstance(out, tuple) else out).detach()
+            handles.append(mod.register_forward_hook(on_router))
+        elif re.search(r"layers\.\d+\.(mlp|block_sparse_moe)\.experts$", name):
+            def on_experts(m, args, kwargs, i=layer_of(name)):
+                a = list(args) + [kwargs.get("top_k_index"), kwargs.get("top_k_weights")]
+                got.setdefault(i, {}).update(ids=a[1].detach(), weights=a[2].detach())
+            handles.append(mod.register_forward_pre_hook(on_experts, with_kwargs=True))
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def assert_close_scaled(ours: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
+    err = ((ours.float() - ref.float()).abs() / ref.float().abs().clamp(min=1)).max().item()
+    assert err <= tol, f"{what}: max scaled error {err:.3g} > {tol}"
+
+
+def assert_parity(folder: Path, hf_model, vocab: int, *, backend: str = "torch") -> dict:
+    """Logits, router logits, top-k sets and weights of `wb.load(folder)` against the oracle."""
+    ids = input_ids(vocab)
+    with torch.no_grad(), capture_routing(hf_model) as ref:
+        ref_logits = hf_model(ids).logits
+    model = wb.load(folder, dtype=torch.float32, backend=backend)
+    logits, cache = model.run_with_cache(ids, names=[n for n in model.hook_names if ".router." in n])
+    assert logits.shape == ref_logits.shape
+    assert_close_scaled(logits, ref_logits, 1e-4, "logits")
+    moe_layers = sorted(ref)
+    ours_layers = sorted({int(n.split(".")[1]) for n in cache})
+    assert ours_layers == moe_layers, f"MoE layers differ: ours {ours_layers}, oracle {moe_layers}"
+    for i in moe_layers:
+        k = cache[f"layers.{i}.router.topk_ids"].shape[-1]
+        torch.testing.assert_close(cache[f"layers.{i}.router.logits"].reshape(B * T, -1), ref[i]["logits"].float(),
+                                   atol=1e-5, rtol=1e-5, msg=lambda m: f"layer {i} router logits: {m}")
+        our_ids = cache[f"layers.{i}.router.topk_ids"].reshape(B * T, k)
+        our_w = cache[f"layers.{i}.router.topk_weights"].reshape(B * T, k)
+        ref_ids, ref_w = ref[i]["ids"].reshape(B * T, k), ref[i]["weights"].reshape(B * T, k)
+        o_sorted, o_perm = our_ids.sort(dim=-1)
+        r_sorted, r_perm = ref_ids.sort(dim=-1)
+        assert torch.equal(o_sorted, r_sorted), f"layer {i}: top-k expert sets differ"
+        torch.testing.assert_close(our_w.gather(1, o_perm).float(), ref_w.gather(1, r_perm).float(),
+                                   atol=1e-5, rtol=0, msg=lambda m: f"layer {i} top-k weights: {m}")
+    return {"model": model, "ids": ids, "cache": cache, "logits": logits}
+
+
+def routing_is_nontrivial(cache: dict[str, torch.Tensor]) -> bool:
+    """Routing varies across tokens (so the parity check exercises real selection)."""
+    return all(cache[n].reshape(-1, cache[n].shape[-1]).sort(-1)[0].unique(dim=0).shape[0] > 1
+               for n in cache if n.endswith("topk_ids"))

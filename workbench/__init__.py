@@ -1,0 +1,9 @@
+"""moe-workbench: a hookable runtime and research workbench for open-weight Mixture-of-Experts LLMs."""
+
+from .errors import CheckpointError, HookError
+from .hooks import HookContext
+from .loading import load
+from . import interventions
+
+__version__ = "0.1.0"
+__all__ = ["load", "CheckpointError", "HookError", "HookContext", "interventions", "__version__"]

@@ -1,0 +1,111 @@
+"""Named hook points: declared where a tensor is made, switched on only while a hook is registered.
+
+A module creates its points once (``self.hp_logits = hooks.point("layers.3.router.logits")``) and
+passes the tensor through (``logits = self.hp_logits(logits)``). With nothing registered the call
+returns its argument untouched, so an unhooked forward does no extra work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import HookError
+
+HookFn = Callable[[torch.Tensor, "HookContext"], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class HookContext:
+    """What a hook function is told besides the tensor: which point, which layer, which tokens."""
+
+    name: str
+    layer: int | None
+    positions: torch.Tensor  # absolute token positions of the T axis, LongTensor[T]
+    input_ids: torch.Tensor  # LongTensor[B, T] of the current forward
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. `topk_ids` for router.topk_weights / experts.*
+
+
+class HookPoint:
+    """One named place in the forward pass where hooks may read or replace a tensor."""
+
+    __slots__ = ("name", "layer", "fns", "_registry")
+
+    def __init__(self, name: str, registry: HookRegistry):
+        self.name = name
+        parts = name.split(".")
+        self.layer = int(parts[1]) if parts[0] == "layers" else None
+        self.fns: list[HookFn] = []
+        self._registry = registry
+
+    @property
+    def active(self) -> bool:
+        """True while at least one hook is registered (modules skip optional work otherwise)."""
+        return bool(self.fns)
+
+    def __call__(self, x: torch.Tensor, **extra: Any) -> torch.Tensor:
+        if not self.fns:
+            return x
+        ctx = HookContext(self.name, self.layer, self._registry.positions, self._registry.input_ids, extra)
+        for fn in list(self.fns):
+            out = fn(x, ctx)
+            if out is None:
+                continue
+            if not isinstance(out, torch.Tensor):
+                raise HookError(f"hook on {self.name!r} returned {type(out).__name__}; return a tensor or None")
+            if out.shape != x.shape:
+                raise HookError(
+                    f"hook on {self.name!r} returned shape {tuple(out.shape)}; expected {tuple(x.shape)}"
+                )
+            x = out.to(device=x.device, dtype=x.dtype)
+        return x
+
+
+class HookRegistry:
+    """All hook points of one model, in the order the forward pass reaches them."""
+
+    def __init__(self) -> None:
+        self.points: dict[str, HookPoint] = {}
+        self.positions = torch.zeros(0, dtype=torch.long)
+        self.input_ids = torch.zeros(0, 0, dtype=torch.long)
+
+    def point(self, name: str) -> HookPoint:
+        """Declare a hook point; names are unique within a model."""
+        if name in self.points:
+            raise ValueError(f"hook point {name!r} declared twice")
+        hp = self.points[name] = HookPoint(name, self)
+        return hp
+
+    def match(self, pattern: str) -> list[str]:
+        """Names matching an exact name or a glob; a pattern matching nothing is an error."""
+        if pattern in self.points:
+            return [pattern]
+        names = [n for n in self.points if fnmatch.fnmatchcase(n, pattern)]
+        if not names:
+            close = difflib.get_close_matches(pattern, list(self.points), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see model.hook_names"
+            raise KeyError(f"no hook point matches {pattern!r}{hint}")
+        return names
+
+    @contextlib.contextmanager
+    def attached(self, hooks: Mapping[str, HookFn] | Iterable[tuple[str, HookFn]]) -> Iterator[None]:
+        """Register hooks (names or globs) for the duration of the block; always removed on exit."""
+        pairs = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
+        added: list[tuple[HookPoint, HookFn]] = []
+        try:
+            for pattern, fn in pairs:
+                if not callable(fn):
+                    raise TypeError(f"hook for {pattern!r} is not callable")
+                for name in self.match(pattern):
+                    self.points[name].fns.append(fn)
+                    added.append((self.points[name], fn))
+            yield
+        finally:
+            for hp, fn in reversed(added):
+                hp.fns.remove(fn)

@@ -1,0 +1,128 @@
+"""`workbench.load`: checkpoint folder or hub repo -> a hookable model with its weights, checked first."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .config import Config
+from .errors import CheckpointError
+from .models import family
+from .models.base import CausalLM, map_tensor, rule_for
+from .tokenizer import load_tokenizer
+
+BACKENDS = ("auto", "torch")
+FLOAT_DTYPES = {"F32", "F16", "BF16"}
+KEEP_FP32 = ("correction_bias",)  # selection-only biases stay fp32 whatever the model dtype
+
+
+def load(
+    source: str | Path,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    backend: str = "auto",
+) -> CausalLM:
+    """Load a Hugging Face MoE (or dense) checkpoint from a local folder or a hub repo id.
+
+    Every safetensors header and tensor shape is checked against the config before any weight is
+    read; anything wrong raises `CheckpointError` naming the file and tensor. Pickle files are never
+    opened and code shipped with a checkpoint is never run.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not available; choose from {', '.join(BACKENDS)}")
+    folder, commit = checkpoint.resolve(source, revision)
+    cfg = Config.read(folder / "config.json")
+    checkpoint.warn_about_code(folder, cfg.data)
+    fam = family(cfg)
+    tensors = checkpoint.weight_files(folder)
+    with torch.device("meta"):
+        model = fam.build(cfg)
+    dtype = dtype or cfg.dtype
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if name.endswith(KEEP_FP32) else dtype)
+    plan = _plan(model, tensors, fam.rules(cfg))
+    model.to_empty(device=device or "cpu")
+    model.tie_weights()
+    _copy(model, tensors, plan, fam.rules(cfg))
+    model.eval().requires_grad_(False)
+    model.source, model.revision, model.commit = str(source), revision, commit
+    model.checkpoint_dir = folder
+    try:
+        model.tokenizer = load_tokenizer(folder, model.vocab_size)
+    except Exception as e:  # tokenizers raises its own exception type for malformed files
+        raise CheckpointError(f"unreadable tokenizer ({e})", file=str(folder / "tokenizer.json")) from None
+    return model
+
+
+Plan = dict[str, list[tuple[str, int | None]]]
+
+
+def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules) -> Plan:
+    """Map every checkpoint tensor onto our parameters and check shapes and coverage, reading no data."""
+    params = dict(model.named_parameters())
+    if model.tied:
+        params.pop("lm_head.weight", None)
+    filled: dict[str, set] = defaultdict(set)
+    plan: Plan = {}
+    for name, info in tensors.items():
+        where = dict(file=str(info.file), tensor=name)
+        targets = map_tensor(rules, name)
+        if model.tied and targets == [("lm_head.weight", None)]:
+            continue  # a tied head saved alongside the embedding
+        if targets is None or any(t not in params for t, _ in targets):
+            raise CheckpointError("unexpected tensor: this model has no parameter for it", **where)
+        if not targets:
+            continue
+        if info.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"dtype {info.dtype} is not supported here (expected F32, F16 or BF16)", **where)
+        split = rule_for(rules, name).split
+        pieces = split(torch.empty(info.shape, device="meta")) if split else (torch.empty(info.shape, device="meta"),)
+        for (target, slot), piece in zip(targets, pieces, strict=True):
+            p = params[target]
+            want = p.shape if slot is None else p.shape[1:]
+            if slot is not None and slot >= p.shape[0]:
+                raise CheckpointError(f"expert {slot} is out of range (config has {p.shape[0]})", **where)
+            if tuple(piece.shape) != tuple(want):
+                raise CheckpointError(f"shape {list(info.shape)} does not match the config "
+                                      f"(expects {list(want)} for {target})", **where)
+            key = slot if slot is not None else -1
+            if key in filled[target]:
+                raise CheckpointError(f"a second tensor for {target}", **where)
+            filled[target].add(key)
+        plan[name] = targets
+    for target, p in params.items():
+        got = filled.get(target, set())
+        need = {-1} if not got or -1 in got else set(range(p.shape[0]))
+        if got != need:
+            missing = "all" if not got else sorted(need - got)
+            raise CheckpointError(f"missing weights for parameter {target} (slots: {missing})",
+                                  file=str(next(iter(tensors.values())).file.parent))
+    return plan
+
+
+def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan, rules) -> None:
+    """Stream tensors file by file through memory-mapped reads into the model's parameters."""
+    params = dict(model.named_parameters())
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name in plan:
+        by_file[tensors[name].file].append(name)
+    total = sum(f.stat().st_size for f in by_file)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=total < 2**28) as bar:
+        for file, names in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in names:
+                    t = f.get_tensor(name)
+                    if not torch.isfinite(t).all():
+                        raise CheckpointError("weights contain NaN or Inf", file=str(file), tensor=name)
+                    split = rule_for(rules, name).split
+                    for (target, slot), piece in zip(plan[name], split(t) if split else (t,)):
+                        dst = params[target].data if slot is None else params[target].data[slot]
+                        dst.copy_(piece)
+                    bar.update(t.numel() * t.element_size())

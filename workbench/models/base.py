@@ -1,0 +1,193 @@
+"""The decoder skeleton every family shares, and the mapping from checkpoint tensor names to ours."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..hooks import HookFn, HookRegistry
+from .blocks import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual layer: x + attn(norm(x)), then + ffn(norm(x)), with residual hooks."""
+
+    def __init__(self, attn: nn.Module, ffn: nn.Module, hidden: int, eps: float, hooks: HookRegistry, prefix: str):
+        super().__init__()
+        self.hp_pre = hooks.point(f"{prefix}.resid_pre")
+        self.attn_norm, self.attn = RMSNorm(hidden, eps), attn
+        self.hp_attn = hooks.point(f"{prefix}.attn.out")
+        self.hp_mid = hooks.point(f"{prefix}.resid_mid")
+        self.ffn_norm, self.ffn = RMSNorm(hidden, eps), ffn
+        self.hp_post = hooks.point(f"{prefix}.resid_post")
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.hp_pre(x)
+        x = self.hp_mid(x + self.hp_attn(self.attn(self.attn_norm(x), positions)))
+        return self.hp_post(x + self.ffn(self.ffn_norm(x)))
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model with named hook points (see DESIGN.md for the vocabulary).
+
+    Families build it from their layers; `workbench.load` fills the weights and sets `source`,
+    `revision`, `commit`, `config` and `tokenizer`.
+    """
+
+    def __init__(self, cfg: Config, hooks: HookRegistry, layers: Iterable[tuple[int, nn.Module]], *, eps: float):
+        super().__init__()
+        self.config, self._hooks = cfg, hooks
+        vocab, hidden = cfg.int("vocab_size"), cfg.int("hidden_size")
+        self.vocab_size = vocab
+        self.embed = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleDict({str(i): layer for i, layer in layers})
+        self.norm = RMSNorm(hidden, eps)
+        self.hp_norm_out = hooks.point("final.norm_out")
+        self.tied = bool(cfg.get("tie_word_embeddings", False))
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self.hp_logits = hooks.point("logits")
+        self.source: str | None = None
+        self.revision: str | None = None
+        self.commit: str | None = None
+        self.tokenizer: Any = None
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when the config says so."""
+        if self.tied:
+            self.lm_head.weight = self.embed.weight
+
+    @property
+    def hook_names(self) -> list[str]:
+        """Every hook point, in the order the forward pass reaches it."""
+        return list(self._hooks.points)
+
+    def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids [B, T] (or [T]); `positions` are absolute (default 0..T-1)."""
+        input_ids = self._check_ids(input_ids)
+        T = input_ids.shape[1]
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device)
+        self._hooks.positions, self._hooks.input_ids = positions, input_ids
+        x = self.embed(input_ids)
+        for layer in self.layers.values():
+            x = layer(x, positions)
+        x = self.hp_norm_out(self.norm(x))
+        return self.hp_logits(self.lm_head(x))
+
+    def _check_ids(self, ids: Any) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor):
+            ids = torch.as_tensor(ids)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+            raise TypeError(f"input_ids must be an integer tensor, got {ids.dtype}")
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got shape {tuple(ids.shape)}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        return ids.to(device=self.embed.weight.device, dtype=torch.long)
+
+    def hooks(self, hooks: Mapping[str, HookFn] | Iterable[tuple[str, HookFn]]):
+        """Context manager registering `{name_or_glob: fn}`; fn(tensor, ctx) returns a replacement or None."""
+        return self._hooks.attached(hooks)
+
+    @torch.no_grad()
+    def run_with_cache(
+        self, input_ids: torch.Tensor, names: Iterable[str] | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward once and return (logits, {hook name: tensor}) for the hook names/globs asked (all if None)."""
+        patterns = ["*"] if names is None else list(names)
+        cache: dict[str, torch.Tensor] = {}
+
+        def keep(x: torch.Tensor, ctx) -> None:
+            cache[ctx.name] = x.detach().clone()
+
+        with self.hooks([(p, keep) for p in patterns]):
+            logits = self(input_ids, **kwargs)
+        return logits, {n: cache[n] for n in self.hook_names if n in cache}
+
+
+# ---------------------------------------------------------------- checkpoint names
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Maps checkpoint tensors whose name fully matches `pattern` onto our parameters.
+
+    `targets` are re.sub templates; a trailing `[\\N]` stores the tensor into slot N of a stacked
+    parameter (routed experts). `split` turns one tensor into one tensor per target. No targets:
+    a tensor we deliberately skip (e.g. DeepSeek's multi-token-prediction layer).
+    """
+
+    pattern: str
+    targets: tuple[str, ...]
+    split: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+    regex: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "regex", re.compile(self.pattern))
+
+
+_SLOT = re.compile(r"^(.*)\[(\d+)\]$")
+
+
+def map_tensor(rules: Iterable[Rule], name: str) -> list[tuple[str, int | None]] | None:
+    """Our (parameter, slot) targets for checkpoint tensor `name`; [] to skip it; None if no rule matches."""
+    for rule in rules:
+        m = rule.regex.fullmatch(name)
+        if m:
+            out = []
+            for target in rule.targets:
+                t = m.expand(target)
+                slot = _SLOT.match(t)
+                out.append((slot[1], int(slot[2])) if slot else (t, None))
+            return out
+    return None
+
+
+def rule_for(rules: Iterable[Rule], name: str) -> Rule | None:
+    """The first rule matching `name`."""
+    return next((r for r in rules if r.regex.fullmatch(name)), None)
+
+
+def split_gate_up(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fused [E, 2I, H] gate_up tensor (gate rows first) into gate and up."""
+    return tuple(t.chunk(2, dim=-2))
+
+
+def hf_rules(moe: str = "mlp", experts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> list[Rule]:
+    """Tensor names of HF-style decoders (Llama, Qwen, OLMoE, DeepSeek-V2/V3, Mixtral via arguments).
+
+    `moe` is the MoE submodule name, `experts` the per-expert (gate, up, down) names. Routed experts
+    are accepted one tensor per expert or already fused ([E, 2I, H] gate_up and [E, H, I] down).
+    """
+    L = r"model\.layers\.(\d+)\."
+    g, u, d = experts
+    return [
+        Rule(r"model\.embed_tokens\.weight", ("embed.weight",)),
+        Rule(r"model\.norm\.weight", ("norm.weight",)),
+        Rule(r"lm_head\.weight", ("lm_head.weight",)),
+        Rule(L + r"input_layernorm\.weight", (r"layers.\1.attn_norm.weight",)),
+        Rule(L + r"post_attention_layernorm\.weight", (r"layers.\1.ffn_norm.weight",)),
+        Rule(L + r"self_attn\.rotary_emb\.inv_freq", ()),
+        Rule(L + r"self_attn\.(.+)", (r"layers.\1.attn.\2",)),
+        Rule(L + rf"{moe}\.gate\.weight", (r"layers.\1.ffn.router.weight",)),
+        Rule(L + rf"{moe}\.gate\.e_score_correction_bias", (r"layers.\1.ffn.router.correction_bias",)),
+        Rule(L + rf"{moe}\.experts\.(\d+)\.{g}\.weight", (r"layers.\1.ffn.experts.gate_proj[\2]",)),
+        Rule(L + rf"{moe}\.experts\.(\d+)\.{u}\.weight", (r"layers.\1.ffn.experts.up_proj[\2]",)),
+        Rule(L + rf"{moe}\.experts\.(\d+)\.{d}\.weight", (r"layers.\1.ffn.experts.down_proj[\2]",)),
+        Rule(L + rf"{moe}\.experts\.gate_up_proj",
+             (r"layers.\1.ffn.experts.gate_proj", r"layers.\1.ffn.experts.up_proj"), split_gate_up),
+        Rule(L + rf"{moe}\.experts\.down_proj", (r"layers.\1.ffn.experts.down_proj",)),
+        Rule(L + rf"{moe}\.shared_experts?\.(\w+)\.weight", (r"layers.\1.ffn.shared.\2.weight",)),
+        Rule(L + rf"{moe}\.shared_expert_gate\.weight", (r"layers.\1.ffn.shared_gate.weight",)),
+        Rule(L + r"mlp\.(gate_proj|up_proj|down_proj)\.weight", (r"layers.\1.ffn.\2.weight",)),
+    ]

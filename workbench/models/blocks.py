@@ -1,0 +1,411 @@
+"""Building blocks shared by the model families: norms, rotary embeddings, attention, MLPs, the MoE block."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from ..errors import CheckpointError
+from ..hooks import HookRegistry
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, scaled by a learned weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu}
+
+
+def activation(cfg: Config, key: str = "hidden_act") -> Any:
+    """The activation function a config names."""
+    return ACTIVATIONS[cfg.choice(key, tuple(ACTIVATIONS), "silu")]
+
+
+# ---------------------------------------------------------------- rotary
+
+
+def rope_frequencies(dim: int, params: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for `dim` rotary dims and the cos/sin scale ("attention factor") of the rope type."""
+    base = float(params["rope_theta"])
+    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
+    kind = params["rope_type"]
+    if kind == "default":
+        return inv, 1.0
+    if kind == "linear":
+        return inv / float(params["factor"]), 1.0
+    if kind == "llama3":
+        factor, lo, hi = float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old = float(params["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mixed = (1 - smooth) * inv / factor + smooth * inv
+        out = torch.where(wavelen > old / lo, inv / factor, inv)
+        return torch.where((wavelen >= old / hi) & (wavelen <= old / lo), mixed, out), 1.0
+    if kind == "yarn":
+        return _yarn(inv, dim, base, params)
+    raise CheckpointError(f"rope type {kind!r} is not supported (default, linear, llama3, yarn)")
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature correction: 0.1 * mscale * ln(scale) + 1 for scale > 1."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(inv: torch.Tensor, dim: int, base: float, p: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv:2309.00071): interpolate low frequencies, keep high ones, blend with a linear ramp."""
+    factor = float(p["factor"])
+    orig = float(p["original_max_position_embeddings"])
+    if p.get("attention_factor") is not None:
+        attn = float(p["attention_factor"])
+    elif p.get("mscale") and p.get("mscale_all_dim"):
+        attn = yarn_mscale(factor, p["mscale"]) / yarn_mscale(factor, p["mscale_all_dim"])
+    else:
+        attn = yarn_mscale(factor)
+    fast, slow = float(p.get("beta_fast") or 32), float(p.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(fast), correction_dim(slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    return inv / factor * ramp + inv * (1 - ramp), attn
+
+
+class Rotary:
+    """Rotary position embedding over the first `dim` channels of each head.
+
+    `interleaved=True` rotates adjacent pairs (DeepSeek's MLA layout); otherwise the two halves are
+    paired (the rotate-half layout of Llama and most HF checkpoints).
+    """
+
+    def __init__(self, dim: int, params: dict[str, Any], interleaved: bool = False):
+        self.dim, self.interleaved = dim, interleaved
+        self.inv_freq, self.scale = rope_frequencies(dim, params)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables [T, dim/2] for absolute positions."""
+        angles = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        return (angles.cos() * self.scale).to(dtype), (angles.sin() * self.scale).to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x [B, heads, T, D]; channels past `dim` pass through unchanged."""
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        if self.interleaved:
+            a, b = rot[..., 0::2], rot[..., 1::2]
+            rot = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+        else:
+            a, b = rot.chunk(2, dim=-1)
+            rot = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+        return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+
+
+# ---------------------------------------------------------------- attention
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention: q [B,Hq,T,D], k/v [B,Hkv,S,*]; GQA by head groups.
+
+    `window` keeps keys with q_pos - k_pos < window; `sinks` [Hq] adds one learned logit per head to the
+    softmax denominator (it absorbs probability mass but contributes no value).
+    """
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    return probs.to(v.dtype) @ v
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with optional QKV/O bias, q/k RMSNorm, sliding window and attention sinks.
+
+    `qk_norm`: None, "head" (per-head RMSNorm over head_dim, Qwen3) or "full" (over the whole
+    projection, OLMoE).
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        rotary: Rotary,
+        *,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm: str | None = None,
+        eps: float = 1e-6,
+        window: int | None = None,
+        sinks: bool = False,
+    ):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.rotary, self.window, self.qk_norm = rotary, window, qk_norm
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=o_bias)
+        if qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
+        elif qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(heads * head_dim, eps), RMSNorm(kv_heads * head_dim, eps)
+        self.sinks = nn.Parameter(torch.empty(heads)) if sinks else None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rotary.cos_sin(positions, q.dtype)
+        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        out = attend(q, k, v, positions, positions, self.head_dim**-0.5, self.window, self.sinks)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+# ---------------------------------------------------------------- feed-forward
+
+
+class MLP(nn.Module):
+    """Dense gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, inter: int, act: Any = F.silu):
+        super().__init__()
+        self.act = act
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DenseFFN(MLP):
+    """A dense MLP block at a layer position, with its `mlp.out` hook."""
+
+    def __init__(self, hidden: int, inter: int, act: Any, hooks: HookRegistry, prefix: str):
+        super().__init__(hidden, inter, act)
+        self.hp_out = hooks.point(f"{prefix}.mlp.out")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hp_out(super().forward(x))
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How a family turns router logits into expert ids and weights (see REFERENCES: routing, per family).
+
+    score: "softmax" | "sigmoid" | "sqrtsoftplus" | "identity" (GPT-OSS selects on raw logits).
+    group_score: how a group is ranked for group-limited routing: "top2sum" (V3) or "max" (V2).
+    weight_softmax: softmax over the k selected values (GPT-OSS) instead of gathering scores.
+    """
+
+    experts: int
+    top_k: int
+    score: str = "softmax"
+    correction_bias: bool = False
+    groups: int = 1
+    topk_groups: int = 1
+    group_score: str = "top2sum"
+    renormalize: bool = False
+    norm_eps: float = 0.0
+    scaling: float = 1.0
+    weight_softmax: bool = False
+    logit_bias: bool = False
+
+
+def _scores(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "softmax":
+        return logits.softmax(dim=-1)
+    if kind == "sigmoid":
+        return logits.sigmoid()
+    if kind == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    return logits
+
+
+class Router(nn.Module):
+    """Linear router with the family's selection rule; fires the `router.*` hooks in the order they are made.
+
+    Selection may use a correction bias and group limits; the weights are then computed for the
+    (possibly hook-edited) ids, so forcing ids yields the weights the router would give those experts.
+    """
+
+    def __init__(self, hidden: int, spec: RouterSpec, hooks: HookRegistry, prefix: str):
+        super().__init__()
+        self.spec = spec
+        self.weight = nn.Parameter(torch.empty(spec.experts, hidden))
+        self.bias = nn.Parameter(torch.empty(spec.experts)) if spec.logit_bias else None
+        self.correction_bias = nn.Parameter(torch.empty(spec.experts)) if spec.correction_bias else None
+        self.hp_logits = hooks.point(f"{prefix}.router.logits")
+        self.hp_scores = hooks.point(f"{prefix}.router.scores")
+        self.hp_ids = hooks.point(f"{prefix}.router.topk_ids")
+        self.hp_weights = hooks.point(f"{prefix}.router.topk_weights")
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Top-k expert ids [N, k] from fp32 scores [N, E]; ties go to the lower expert index."""
+        s = self.spec
+        sel = scores + self.correction_bias.float() if self.correction_bias is not None else scores
+        if s.groups > 1 and s.topk_groups < s.groups:
+            grouped = sel.view(sel.shape[0], s.groups, -1)
+            if s.group_score == "top2sum":
+                rank = grouped.topk(2, dim=-1).values.sum(-1)
+            else:
+                rank = grouped.max(dim=-1).values
+            keep = torch.sort(rank, dim=-1, descending=True, stable=True).indices[:, : s.topk_groups]
+            mask = torch.zeros_like(rank, dtype=torch.bool).scatter_(1, keep, True)
+            sel = grouped.masked_fill(~mask[..., None], float("-inf")).view_as(sel)
+        return torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, : s.top_k]
+
+    def weigh(self, scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Weights [N, k] that multiply the outputs of experts `ids`."""
+        s = self.spec
+        w = scores.gather(1, ids)
+        if s.weight_softmax:
+            w = w.softmax(dim=-1)
+        elif s.renormalize:
+            w = w / (w.sum(dim=-1, keepdim=True) + s.norm_eps)
+        return w * s.scaling
+
+    def forward(self, x: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route flat tokens x [N, H]; hooks see token-major tensors of `shape` [B, T, ...]."""
+        logits = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+        logits = self.hp_logits(logits.view(*shape, -1)).flatten(0, -2)
+        scores = self.hp_scores(_scores(logits, self.spec.score).view(*shape, -1)).flatten(0, -2)
+        ids = self.hp_ids(self.select(scores).view(*shape, -1)).flatten(0, -2)
+        weights = self.weigh(scores, ids).view(*shape, -1)
+        weights = self.hp_weights(weights, topk_ids=ids.view(*shape, -1)).flatten(0, -2)
+        return ids, weights
+
+
+class Experts(nn.Module):
+    """Routed experts stored stacked ([E, I, H] gate/up, [E, H, I] down), computed one expert at a time.
+
+    `limit` selects GPT-OSS's clamped SwiGLU: gate clamped above, up clamped both sides,
+    out = (up + 1) * gate * sigmoid(alpha * gate).
+    """
+
+    def __init__(self, n: int, hidden: int, inter: int, act: Any = F.silu, *, bias: bool = False,
+                 limit: float | None = None, alpha: float = 1.702):
+        super().__init__()
+        self.act, self.limit, self.alpha = act, limit, alpha
+        self.gate_proj = nn.Parameter(torch.empty(n, inter, hidden))
+        self.up_proj = nn.Parameter(torch.empty(n, inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
+        if bias:
+            self.gate_bias = nn.Parameter(torch.empty(n, inter))
+            self.up_bias = nn.Parameter(torch.empty(n, inter))
+            self.down_bias = nn.Parameter(torch.empty(n, hidden))
+        else:
+            self.gate_bias = self.up_bias = self.down_bias = None
+
+    def hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's activated hidden state for rows x [n, H]."""
+        gate = F.linear(x, self.gate_proj[e], None if self.gate_bias is None else self.gate_bias[e])
+        up = F.linear(x, self.up_proj[e], None if self.up_bias is None else self.up_bias[e])
+        if self.limit is None:
+            return self.act(gate) * up
+        gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+
+    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        """Expert e's output for activated hidden rows h [n, I]."""
+        return F.linear(h, self.down_proj[e], None if self.down_bias is None else self.down_bias[e])
+
+
+class MoE(nn.Module):
+    """Router + routed experts + optional (gated) shared expert, with the per-expert hooks.
+
+    Per-expert hidden/out tensors are only materialised (token-major, [B,T,k,*]) while a hook asks
+    for them; otherwise each expert's rows are scattered straight into the output.
+    """
+
+    def __init__(self, hidden: int, spec: RouterSpec, inter: int, hooks: HookRegistry, prefix: str, *,
+                 act: Any = F.silu, shared_inter: int | None = None, shared_gate: bool = False,
+                 expert_bias: bool = False, limit: float | None = None, alpha: float = 1.702):
+        super().__init__()
+        self.router = Router(hidden, spec, hooks, prefix)
+        self.experts = Experts(spec.experts, hidden, inter, act, bias=expert_bias, limit=limit, alpha=alpha)
+        self.shared = MLP(hidden, shared_inter, act) if shared_inter else None
+        self.shared_gate = nn.Linear(hidden, 1, bias=False) if shared_gate else None
+        self.hp_hidden = hooks.point(f"{prefix}.experts.hidden")
+        self.hp_expert_out = hooks.point(f"{prefix}.experts.out")
+        self.hp_shared = hooks.point(f"{prefix}.shared.out") if self.shared is not None else None
+        self.hp_out = hooks.point(f"{prefix}.moe.out")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
+        ids, weights = self.router(flat, shape)
+        y = self.routed(flat, ids, weights.to(x.dtype), shape)
+        if self.shared is not None:
+            s = self.shared(flat)
+            if self.shared_gate is not None:
+                s = torch.sigmoid(self.shared_gate(flat)) * s
+            y = y + self.hp_shared(s.view_as(x)).view_as(flat)
+        return self.hp_out(y.view_as(x))
+
+    def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Sum_k weights[:, k] * expert_{ids[:, k]}(x), one expert at a time (the reference loop)."""
+        N, k = ids.shape
+        groups = [(e, *torch.where(ids == e)) for e in ids.unique().tolist()]
+        hidden = None
+        if self.hp_hidden.active:
+            hidden = x.new_zeros(N, k, self.experts.down_proj.shape[-1])
+            for e, tok, slot in groups:
+                hidden[tok, slot] = self.experts.hidden(e, x[tok])
+            hidden = self.hp_hidden(hidden.view(*shape, k, -1), topk_ids=ids.view(*shape, k)).view(N, k, -1)
+        y = torch.zeros_like(x)
+        outs = x.new_zeros(N, k, x.shape[-1]) if self.hp_expert_out.active else None
+        for e, tok, slot in groups:
+            h = hidden[tok, slot] if hidden is not None else self.experts.hidden(e, x[tok])
+            o = self.experts.down(e, h)
+            if outs is not None:
+                outs[tok, slot] = o
+            else:
+                y.index_add_(0, tok, o * weights[tok, slot, None])
+        if outs is not None:
+            outs = self.hp_expert_out(outs.view(*shape, k, -1), topk_ids=ids.view(*shape, k)).view(N, k, -1)
+            y = (outs * weights[..., None]).sum(dim=1)
+        return y
