@@ -67,6 +67,22 @@ class HookPoint:
         return x
 
 
+# Where each hook sits inside a layer, in forward order; family-specific points (e.g. `attn.*`) fall
+# in by prefix, others right after `resid_pre`.
+_LAYER_ORDER = ("resid_pre", "", "attn.", "attn.out", "resid_mid", "router.logits", "router.scores",
+                "router.topk_ids", "router.topk_weights", "experts.hidden", "experts.out", "shared.out",
+                "moe.out", "mlp.out", "resid_post")
+
+
+def _forward_rank(name: str) -> tuple:
+    parts = name.split(".")
+    if parts[0] != "layers":
+        return (float("inf"), ("final.norm_out", "logits").index(name) if name in ("final.norm_out", "logits") else -1)
+    suffix = ".".join(parts[2:])
+    rank = max(i for i, p in enumerate(_LAYER_ORDER) if suffix == p or (p.endswith(".") or not p) and suffix.startswith(p))
+    return (int(parts[1]), rank)
+
+
 class HookRegistry:
     """All hook points of one model, in the order the forward pass reaches them."""
 
@@ -81,6 +97,10 @@ class HookRegistry:
             raise ValueError(f"hook point {name!r} declared twice")
         hp = self.points[name] = HookPoint(name, self)
         return hp
+
+    def sort(self) -> None:
+        """Put the points in forward order (modules declare them in construction order)."""
+        self.points = dict(sorted(self.points.items(), key=lambda kv: _forward_rank(kv[0])))
 
     def match(self, pattern: str) -> list[str]:
         """Names matching an exact name or a glob; a pattern matching nothing is an error."""

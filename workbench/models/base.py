@@ -52,6 +52,7 @@ class CausalLM(nn.Module):
         self.tied = bool(cfg.get("tie_word_embeddings", False))
         self.lm_head = nn.Linear(hidden, vocab, bias=False)
         self.hp_logits = hooks.point("logits")
+        hooks.sort()
         self.source: str | None = None
         self.revision: str | None = None
         self.commit: str | None = None

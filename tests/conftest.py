@@ -1,0 +1,24 @@
+"""Shared fixtures: one tiny perturbed Mixtral checkpoint reused by loader, hook and intervention tests."""
+
+import pytest
+import transformers as tf
+
+from oracle import make_checkpoint
+
+MIXTRAL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, num_local_experts=6, num_experts_per_tok=2)
+
+
+@pytest.fixture(scope="session")
+def mixtral_ckpt(tmp_path_factory):
+    """(folder, oracle model) of a tiny random Mixtral saved in HF layout."""
+    folder = tmp_path_factory.mktemp("mixtral")
+    hf = make_checkpoint(tf.MixtralConfig(**MIXTRAL), folder)
+    return folder, hf
+
+
+@pytest.fixture(scope="session")
+def mixtral(mixtral_ckpt):
+    import workbench as wb
+
+    return wb.load(mixtral_ckpt[0])

@@ -1,0 +1,94 @@
+"""DeepSeek-V2 / V3 (V3.1, R1) and Kimi-K2: MLA attention, dense first layers, then shared + routed experts.
+
+Routing (REFERENCES: routing, per family): V3 `noaux_tc` selects on sigmoid + correction bias within the
+best groups (group score = sum of its top-2); V2 softmax `greedy` or `group_limited_greedy` (group score = max).
+"""
+
+from __future__ import annotations
+
+from ..config import Config
+from ..errors import CheckpointError
+from ..hooks import HookRegistry
+from .base import CausalLM, DecoderLayer, Rule, hf_rules
+from .blocks import DenseFFN, MoE, RouterSpec, activation
+from .mla import MLA, mla_rotary, mla_softmax_scale
+
+# model_type -> (topk_method, norm_topk_prob, routed_scaling_factor) when config.json leaves them out,
+# as the reference config classes default them
+DEFAULTS = {
+    "deepseek_v2": ("greedy", False, 1.0),
+    "deepseek_v3": ("noaux_tc", True, 2.5),
+    "kimi_k2": ("noaux_tc", True, 2.5),
+}
+
+
+def _flag(cfg: Config, key: str, default: bool) -> bool:
+    """A boolean field; anything else is a config error."""
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise CheckpointError(f"field {key!r} must be true or false, got {value!r}", file=cfg.file)
+    return value
+
+
+def router_spec(cfg: Config) -> RouterSpec:
+    """The routing rule config.json asks for, checked against the expert count."""
+    method, norm, scaling = DEFAULTS[cfg.get("model_type")]
+    method = cfg.choice("topk_method", ("greedy", "group_limited_greedy", "noaux_tc"), method)
+    score = cfg.choice("scoring_func", ("softmax", "sigmoid"), "sigmoid" if method == "noaux_tc" else "softmax")
+    experts, top_k = cfg.int("n_routed_experts"), cfg.int("num_experts_per_tok")
+    groups = topk_groups = 1
+    if method != "greedy":
+        groups = cfg.int("n_group", 1)
+        topk_groups = cfg.int("topk_group", groups)
+        per_group = experts // groups
+        if experts % groups or topk_groups > groups or (method == "noaux_tc" and groups > 1 and per_group < 2):
+            raise CheckpointError(f"n_group={groups}, topk_group={topk_groups} do not fit {experts} experts",
+                                  file=cfg.file)
+        if top_k > topk_groups * per_group:
+            raise CheckpointError(f"num_experts_per_tok={top_k} exceeds the experts of {topk_groups} groups",
+                                  file=cfg.file)
+    if top_k > experts:
+        raise CheckpointError(f"num_experts_per_tok={top_k} exceeds n_routed_experts={experts}", file=cfg.file)
+    return RouterSpec(
+        experts, top_k, score=score, correction_bias=method == "noaux_tc", groups=groups, topk_groups=topk_groups,
+        group_score="top2sum" if method == "noaux_tc" else "max",
+        renormalize=_flag(cfg, "norm_topk_prob", norm), norm_eps=1e-20,
+        scaling=cfg.float("routed_scaling_factor", scaling),
+    )
+
+
+def build(cfg: Config) -> CausalLM:
+    """The model for a DeepSeek-V2/V3-style config.json."""
+    hooks = HookRegistry()
+    hidden, eps = cfg.int("hidden_size"), cfg.float("rms_norm_eps", 1e-6)
+    rotary, scale = mla_rotary(cfg), mla_softmax_scale(cfg)
+    spec = router_spec(cfg)
+    act = activation(cfg)
+    first_moe, freq = cfg.int("first_k_dense_replace", 0, min=0), cfg.int("moe_layer_freq", 1)
+    shared = cfg.int("n_shared_experts", 0, min=0) * cfg.int("moe_intermediate_size")
+
+    def layer(i: int) -> DecoderLayer:
+        p = f"layers.{i}"
+        if i >= first_moe and i % freq == 0:
+            ffn = MoE(hidden, spec, cfg.int("moe_intermediate_size"), hooks, p, act=act, shared_inter=shared or None)
+        else:
+            ffn = DenseFFN(hidden, cfg.int("intermediate_size"), act, hooks, p)
+        return DecoderLayer(MLA(cfg, rotary, scale), ffn, hidden, eps, hooks, p)
+
+    return CausalLM(cfg, hooks, ((i, layer(i)) for i in range(cfg.int("num_hidden_layers"))), eps=eps)
+
+
+def _at_least(n: int) -> str:
+    """A regex matching the decimal integers >= n (no leading zeros)."""
+    s = str(n)
+    alts = [rf"[1-9]\d{{{len(s)},}}", s]
+    for i, d in enumerate(s):
+        if d != "9":
+            alts.append(rf"{s[:i]}[{int(d) + 1}-9]\d{{{len(s) - i - 1}}}")
+    return "(?:" + "|".join(alts) + ")"
+
+
+def rules(cfg: Config) -> list[Rule]:
+    """HF names, plus the multi-token-prediction layers (index >= num_hidden_layers), skipped."""
+    mtp = Rule(rf"model\.layers\.{_at_least(cfg.int('num_hidden_layers'))}\..*", ())
+    return [mtp, *hf_rules()]

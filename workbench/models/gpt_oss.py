@@ -1,0 +1,80 @@
+"""GPT-OSS: biased GQA attention with per-head sinks, alternating sliding/full layers, YaRN rope, and a
+top-k-then-softmax MoE whose experts apply a clamped SwiGLU with biases."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Config
+from ..errors import CheckpointError
+from ..hooks import HookRegistry
+from .base import CausalLM, DecoderLayer, Rule, hf_rules
+from .blocks import Attention, MoE, Rotary, RouterSpec
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def windows(cfg: Config, n_layers: int) -> list[int | None]:
+    """Sliding-window size per layer (None = full attention); without `layer_types`, even layers slide."""
+    types = cfg.get("layer_types") or [LAYER_TYPES[i % 2] for i in range(n_layers)]
+    if len(types) < n_layers or any(t not in LAYER_TYPES for t in types):
+        raise CheckpointError(f"layer_types must list {n_layers} of {', '.join(LAYER_TYPES)}", file=cfg.file)
+    return [cfg.int("sliding_window") if t == "sliding_attention" else None for t in types[:n_layers]]
+
+
+def build(cfg: Config) -> CausalLM:
+    """GPT-OSS with empty weights; refuses MXFP4-quantised checkpoints up front (only float experts load)."""
+    quant = cfg.get("quantization_config") or {}
+    if quant.get("quant_method") == "mxfp4":
+        raise CheckpointError("MXFP4-quantised experts (mlp.experts.*_blocks / *_scales) are not supported; "
+                              "load a BF16/F32 (dequantised) checkpoint", file=cfg.file)
+    hooks = HookRegistry()
+    hidden, heads = cfg.int("hidden_size"), cfg.int("num_attention_heads")
+    kv_heads = cfg.int("num_key_value_heads", heads)
+    head_dim = cfg.int("head_dim", hidden // heads)
+    eps = cfg.float("rms_norm_eps", 1e-5)
+    rotary = Rotary(head_dim, cfg.rope())
+    n_layers = cfg.int("num_hidden_layers")
+    window = windows(cfg, n_layers)
+    bias = bool(cfg.get("attention_bias", True))
+    spec = RouterSpec(cfg.int("num_local_experts"), cfg.int("num_experts_per_tok"), score="identity",
+                      weight_softmax=True, logit_bias=True)
+    limit, alpha = cfg.float("swiglu_limit", 7.0), cfg.float("swiglu_alpha", 1.702)
+
+    def layer(i: int) -> DecoderLayer:
+        p = f"layers.{i}"
+        attn = Attention(hidden, heads, kv_heads, head_dim, rotary, qkv_bias=bias, o_bias=bias, eps=eps,
+                         window=window[i], sinks=True)
+        ffn = MoE(hidden, spec, cfg.int("intermediate_size"), hooks, p, expert_bias=True, limit=limit, alpha=alpha)
+        return DecoderLayer(attn, ffn, hidden, eps, hooks, p)
+
+    return CausalLM(cfg, hooks, ((i, layer(i)) for i in range(n_layers)), eps=eps)
+
+
+def split_interleaved(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused gate_up [E, H, 2I] (gate even, up odd on the last axis) into our gate, up [E, I, H]."""
+    return t[..., 0::2].transpose(-1, -2), t[..., 1::2].transpose(-1, -2)
+
+
+def split_interleaved_bias(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused gate_up bias [E, 2I] (same interleave) into gate and up biases [E, I]."""
+    return t[..., 0::2], t[..., 1::2]
+
+
+def transpose_down(t: torch.Tensor) -> tuple[torch.Tensor]:
+    """down_proj stored [E, I, H] (right-multiplied) into our [E, H, I]."""
+    return (t.transpose(-1, -2),)
+
+
+def rules(cfg: Config) -> list[Rule]:
+    """GPT-OSS expert and router names first, then the HF-style rest (attention incl. sinks, norms, embeddings)."""
+    L, X = r"model\.layers\.(\d+)\.", r"layers.\1.ffn."
+    return [
+        Rule(L + r"mlp\.router\.(weight|bias)", (X + r"router.\2",)),
+        Rule(L + r"mlp\.experts\.gate_up_proj", (X + "experts.gate_proj", X + "experts.up_proj"), split_interleaved),
+        Rule(L + r"mlp\.experts\.gate_up_proj_bias", (X + "experts.gate_bias", X + "experts.up_bias"),
+             split_interleaved_bias),
+        Rule(L + r"mlp\.experts\.down_proj", (X + "experts.down_proj",), transpose_down),
+        Rule(L + r"mlp\.experts\.down_proj_bias", (X + "experts.down_bias",)),
+        *hf_rules(),
+    ]

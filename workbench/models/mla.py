@@ -1,0 +1,72 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3, reused by V3.2): low-rank queries, a compressed KV latent
+and one rope key shared by all heads.
+
+Attribute names follow the checkpoint's `self_attn.*` names so the generic HF rules map them unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import Config
+from .blocks import RMSNorm, Rotary, attend, yarn_mscale
+
+LATENT_EPS = 1e-6  # the q/kv latent norms use their default eps, not the config's rms_norm_eps
+
+
+def mla_rotary(cfg: Config) -> Rotary:
+    """Adjacent-pair (interleaved) RoPE over the `qk_rope_head_dim` channels, shared by every layer."""
+    return Rotary(cfg.int("qk_rope_head_dim"), cfg.rope(), interleaved=True)
+
+
+def mla_softmax_scale(cfg: Config) -> float:
+    """(qk_nope + qk_rope)^-0.5, times mscale^2 when a scaled rope sets `mscale_all_dim` (long-context YaRN)."""
+    scale = (cfg.int("qk_nope_head_dim") + cfg.int("qk_rope_head_dim")) ** -0.5
+    rope = cfg.rope()
+    if rope["rope_type"] != "default" and rope.get("mscale_all_dim"):
+        m = yarn_mscale(float(rope["factor"]), float(rope["mscale_all_dim"]))
+        scale *= m * m
+    return scale
+
+
+class MLA(nn.Module):
+    """q = q_b(norm(q_a x)) (or q_proj x); kv_a x = latent | rope key; kv_b(norm(latent)) = per-head k_nope | v."""
+
+    def __init__(self, cfg: Config, rotary: Rotary, scale: float):
+        super().__init__()
+        hidden, self.heads = cfg.int("hidden_size"), cfg.int("num_attention_heads")
+        self.nope, self.rope = cfg.int("qk_nope_head_dim"), cfg.int("qk_rope_head_dim")
+        self.v_dim, self.kv_rank = cfg.int("v_head_dim"), cfg.int("kv_lora_rank")
+        self.rotary, self.scale = rotary, scale
+        bias = bool(cfg.get("attention_bias", False))
+        q_out = self.heads * (self.nope + self.rope)
+        if "q_lora_rank" in cfg:
+            q_rank = cfg.int("q_lora_rank")
+            self.q_a_proj = nn.Linear(hidden, q_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(q_rank, LATENT_EPS)
+            self.q_b_proj = nn.Linear(q_rank, q_out, bias=False)
+        else:
+            self.q_proj = nn.Linear(hidden, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_rank + self.rope, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, LATENT_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_rank, self.heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.heads * self.v_dim, hidden, bias=bias)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head queries [B, heads, T, nope + rope], before RoPE."""
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_b_proj") else self.q_proj(x)
+        return q.view(*x.shape[:-1], self.heads, -1).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_nope, q_rope = self.queries(x).split([self.nope, self.rope], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, T, self.heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        q_rope = self.rotary.apply(q_rope, cos, sin)
+        k_rope = self.rotary.apply(k_rope[:, None], cos, sin).expand(-1, self.heads, -1, -1)
+        q, k = torch.cat((q_nope, q_rope), dim=-1), torch.cat((k_nope, k_rope), dim=-1)
+        out = attend(q, k, v, positions, positions, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
