@@ -23,6 +23,10 @@ def qwen3(**kw):
     return tf.Qwen3MoeConfig(**COMMON, **MOE, head_dim=16, norm_topk_prob=True, **kw)
 
 
+def olmoe(**kw):
+    return tf.OlmoeConfig(**COMMON, num_experts=6, num_experts_per_tok=2, eos_token_id=None, **kw)
+
+
 def check_layers(model, moe_layers: list[int], shared: bool) -> None:
     """MoE layers expose router hooks (and shared.out when the family has a shared expert); the rest mlp.out."""
     names = set(model.hook_names)
@@ -40,11 +44,10 @@ def check_layers(model, moe_layers: list[int], shared: bool) -> None:
     ("qwen2-mlp-only-1", lambda: qwen2(mlp_only_layers=[1]), [0, 2], True),
     ("qwen2-sliding", lambda: qwen2(use_sliding_window=True, sliding_window=4, max_window_layers=2), [0, 1, 2], True),
     ("qwen3", lambda: qwen3(), [0, 1, 2], False),
+    ("qwen3-sliding", lambda: qwen3(use_sliding_window=True, sliding_window=4), [0, 1, 2], False),
     ("qwen3-mlp-only-sparse-step", lambda: qwen3(mlp_only_layers=[0], decoder_sparse_step=1), [1, 2], False),
-    ("olmoe", lambda: tf.OlmoeConfig(**COMMON, num_experts=6, num_experts_per_tok=2, norm_topk_prob=False),
-     [0, 1, 2], False),
-    ("olmoe-clip-qkv", lambda: tf.OlmoeConfig(**COMMON, num_experts=6, num_experts_per_tok=2, clip_qkv=0.5),
-     [0, 1, 2], False),
+    ("olmoe", lambda: olmoe(norm_topk_prob=False), [0, 1, 2], False),
+    ("olmoe-clip-qkv", lambda: olmoe(clip_qkv=0.5), [0, 1, 2], False),
 ])
 def test_parity(tmp_path, name, config, moe_layers, shared):
     hf = make_checkpoint(config(), tmp_path)

@@ -18,6 +18,8 @@ from .tokenizer import load_tokenizer
 
 BACKENDS = ("auto", "torch")
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
+QUANT_SUFFIXES = ("_blocks", "_scales", "weight_scale_inv", ".scale")
+QUANT_MESSAGE = "quantised weights (MXFP4 / FP8 with scales) are not supported yet; use a bf16 or fp32 checkpoint"
 KEEP_FP32 = ("correction_bias",)  # selection-only biases stay fp32 whatever the model dtype
 
 
@@ -76,6 +78,8 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules) -> 
         targets = map_tensor(rules, name)
         if model.tied and targets == [("lm_head.weight", None)]:
             continue  # a tied head saved alongside the embedding
+        if info.dtype.startswith("F8") or name.endswith(QUANT_SUFFIXES):
+            raise CheckpointError(QUANT_MESSAGE, **where)
         if targets is None or any(t not in params for t, _ in targets):
             raise CheckpointError("unexpected tensor: this model has no parameter for it", **where)
         if not targets:

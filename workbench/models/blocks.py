@@ -157,7 +157,7 @@ class Attention(nn.Module):
     """Grouped-query attention with optional QKV/O bias, q/k RMSNorm, sliding window and attention sinks.
 
     `qk_norm`: None, "head" (per-head RMSNorm over head_dim, Qwen3) or "full" (over the whole
-    projection, OLMoE).
+    projection, OLMoE). `clip` clamps q, k (after a "full" norm) and v to [-clip, clip] (OLMoE's clip_qkv).
     """
 
     def __init__(
@@ -174,10 +174,11 @@ class Attention(nn.Module):
         eps: float = 1e-6,
         window: int | None = None,
         sinks: bool = False,
+        clip: float | None = None,
     ):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.rotary, self.window, self.qk_norm = rotary, window, qk_norm
+        self.rotary, self.window, self.qk_norm, self.clip = rotary, window, qk_norm, clip
         self.q_proj = nn.Linear(hidden, heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
@@ -193,6 +194,8 @@ class Attention(nn.Module):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)

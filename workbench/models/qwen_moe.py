@@ -50,7 +50,10 @@ def build(cfg: Config) -> CausalLM:
     window = windows(cfg, n_layers)
     act = activation(cfg)
     bias = bool(cfg.get("attention_bias", False))
-    attn_args = dict(qkv_bias=bias, o_bias=bias, qk_norm="head") if qwen3 else dict(qkv_bias=bool(cfg.get("qkv_bias", True)))
+    if qwen3:
+        attn_args = dict(qkv_bias=bias, o_bias=bias, qk_norm="head")
+    else:
+        attn_args = dict(qkv_bias=bool(cfg.get("qkv_bias", True)))  # Qwen2-MoE configs predating the field have bias
 
     def layer(i: int) -> DecoderLayer:
         p = f"layers.{i}"
