@@ -11,8 +11,21 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..errors import CheckpointError
 from ..hooks import HookFn, HookRegistry
 from .blocks import RMSNorm
+
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def layer_windows(cfg: Config, default_types: list[str]) -> list[int | None]:
+    """Sliding-window size per layer (None = full attention), from `layer_types` or the family's default."""
+    n = cfg.int("num_hidden_layers")
+    types = cfg.get("layer_types") or default_types
+    if len(types) < n or any(t not in LAYER_TYPES for t in types):
+        raise CheckpointError(f"layer_types must list {n} of {', '.join(LAYER_TYPES)}", file=cfg.file)
+    return [cfg.int("sliding_window") if t == "sliding_attention" else None for t in types[:n]]
 
 
 class DecoderLayer(nn.Module):

@@ -207,6 +207,14 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
+def gqa(cfg: Config, **options: Any) -> Attention:
+    """Attention sized by the standard HF fields (hidden_size, attention/KV heads, head_dim, rope)."""
+    hidden, heads = cfg.int("hidden_size"), cfg.int("num_attention_heads")
+    head_dim = cfg.int("head_dim", hidden // heads)
+    kv_heads = cfg.int("num_key_value_heads", heads)
+    return Attention(hidden, heads, kv_heads, head_dim, Rotary(head_dim, cfg.rope()), **options)
+
+
 # ---------------------------------------------------------------- feed-forward
 
 

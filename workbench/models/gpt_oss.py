@@ -8,19 +8,8 @@ import torch
 from ..config import Config
 from ..errors import CheckpointError
 from ..hooks import HookRegistry
-from .base import CausalLM, DecoderLayer, Rule, hf_rules
-from .blocks import Attention, MoE, Rotary, RouterSpec
-
-LAYER_TYPES = ("sliding_attention", "full_attention")
-
-
-def windows(cfg: Config, n_layers: int) -> list[int | None]:
-    """Sliding-window size per layer (None = full attention); without `layer_types`, even layers slide."""
-    types = cfg.get("layer_types") or [LAYER_TYPES[i % 2] for i in range(n_layers)]
-    if len(types) < n_layers or any(t not in LAYER_TYPES for t in types):
-        raise CheckpointError(f"layer_types must list {n_layers} of {', '.join(LAYER_TYPES)}", file=cfg.file)
-    return [cfg.int("sliding_window") if t == "sliding_attention" else None for t in types[:n_layers]]
-
+from .base import LAYER_TYPES, CausalLM, DecoderLayer, Rule, hf_rules, layer_windows
+from .blocks import MoE, RouterSpec, gqa
 
 def build(cfg: Config) -> CausalLM:
     """GPT-OSS with empty weights; refuses MXFP4-quantised checkpoints up front (only float experts load)."""
@@ -29,13 +18,10 @@ def build(cfg: Config) -> CausalLM:
         raise CheckpointError("MXFP4-quantised experts (mlp.experts.*_blocks / *_scales) are not supported; "
                               "load a BF16/F32 (dequantised) checkpoint", file=cfg.file)
     hooks = HookRegistry()
-    hidden, heads = cfg.int("hidden_size"), cfg.int("num_attention_heads")
-    kv_heads = cfg.int("num_key_value_heads", heads)
-    head_dim = cfg.int("head_dim", hidden // heads)
+    hidden = cfg.int("hidden_size")
     eps = cfg.float("rms_norm_eps", 1e-5)
-    rotary = Rotary(head_dim, cfg.rope())
     n_layers = cfg.int("num_hidden_layers")
-    window = windows(cfg, n_layers)
+    window = layer_windows(cfg, [LAYER_TYPES[i % 2] for i in range(n_layers)])  # even layers slide
     bias = bool(cfg.get("attention_bias", True))
     spec = RouterSpec(cfg.int("num_local_experts"), cfg.int("num_experts_per_tok"), score="identity",
                       weight_softmax=True, logit_bias=True)
@@ -43,8 +29,7 @@ def build(cfg: Config) -> CausalLM:
 
     def layer(i: int) -> DecoderLayer:
         p = f"layers.{i}"
-        attn = Attention(hidden, heads, kv_heads, head_dim, rotary, qkv_bias=bias, o_bias=bias, eps=eps,
-                         window=window[i], sinks=True)
+        attn = gqa(cfg, qkv_bias=bias, o_bias=bias, eps=eps, window=window[i], sinks=True)
         ffn = MoE(hidden, spec, cfg.int("intermediate_size"), hooks, p, expert_bias=True, limit=limit, alpha=alpha)
         return DecoderLayer(attn, ffn, hidden, eps, hooks, p)
 

@@ -4,27 +4,25 @@ from __future__ import annotations
 
 from ..config import Config
 from ..hooks import HookRegistry
-from .base import CausalLM, DecoderLayer, hf_rules
-from .blocks import Attention, MoE, Rotary, RouterSpec, activation
+from .base import CausalLM, DecoderLayer, hf_rules, layer_windows
+from .blocks import MoE, RouterSpec, activation, gqa
 
 
 def build(cfg: Config) -> CausalLM:
     hooks = HookRegistry()
-    hidden, heads = cfg.int("hidden_size"), cfg.int("num_attention_heads")
-    kv_heads = cfg.int("num_key_value_heads", heads)
-    head_dim = cfg.int("head_dim", hidden // heads)
+    hidden = cfg.int("hidden_size")
     eps = cfg.float("rms_norm_eps", 1e-5)
-    rotary = Rotary(head_dim, cfg.rope())
-    window = cfg.int("sliding_window") if "sliding_window" in cfg else None
+    n_layers = cfg.int("num_hidden_layers")
+    window = layer_windows(cfg, [("sliding_attention" if "sliding_window" in cfg else "full_attention")] * n_layers)
     spec = RouterSpec(cfg.int("num_local_experts"), cfg.int("num_experts_per_tok"), score="softmax", renormalize=True)
 
     def layer(i: int) -> DecoderLayer:
         p = f"layers.{i}"
-        attn = Attention(hidden, heads, kv_heads, head_dim, rotary, eps=eps, window=window)
+        attn = gqa(cfg, eps=eps, window=window[i])
         ffn = MoE(hidden, spec, cfg.int("intermediate_size"), hooks, p, act=activation(cfg))
         return DecoderLayer(attn, ffn, hidden, eps, hooks, p)
 
-    return CausalLM(cfg, hooks, ((i, layer(i)) for i in range(cfg.int("num_hidden_layers"))), eps=eps)
+    return CausalLM(cfg, hooks, ((i, layer(i)) for i in range(n_layers)), eps=eps)
 
 
 def rules(cfg: Config):

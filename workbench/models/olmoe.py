@@ -5,17 +5,14 @@ from __future__ import annotations
 from ..config import Config
 from ..hooks import HookRegistry
 from .base import CausalLM, DecoderLayer, Rule, hf_rules
-from .blocks import Attention, MoE, Rotary, RouterSpec, activation
+from .blocks import MoE, RouterSpec, activation, gqa
 
 
 def build(cfg: Config) -> CausalLM:
     """OLMoE with empty weights."""
     hooks = HookRegistry()
-    hidden, heads = cfg.int("hidden_size"), cfg.int("num_attention_heads")
-    kv_heads = cfg.int("num_key_value_heads", heads)
-    head_dim = cfg.int("head_dim", hidden // heads)
+    hidden = cfg.int("hidden_size")
     eps = cfg.float("rms_norm_eps", 1e-5)
-    rotary = Rotary(head_dim, cfg.rope())
     bias = bool(cfg.get("attention_bias", False))
     clip = cfg.float("clip_qkv") if "clip_qkv" in cfg else None
     experts = cfg.int("num_experts", cfg.get("num_local_experts"))  # transformers may save num_local_experts
@@ -24,8 +21,7 @@ def build(cfg: Config) -> CausalLM:
 
     def layer(i: int) -> DecoderLayer:
         p = f"layers.{i}"
-        attn = Attention(hidden, heads, kv_heads, head_dim, rotary, qkv_bias=bias, o_bias=bias, qk_norm="full",
-                         eps=eps, clip=clip)
+        attn = gqa(cfg, qkv_bias=bias, o_bias=bias, qk_norm="full", eps=eps, clip=clip)
         ffn = MoE(hidden, spec, cfg.int("intermediate_size"), hooks, p, act=activation(cfg))
         return DecoderLayer(attn, ffn, hidden, eps, hooks, p)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..config import Config
 from ..hooks import HookRegistry
-from .base import CausalLM, DecoderLayer, Rule, hf_rules
-from .blocks import Attention, DenseFFN, MoE, Rotary, RouterSpec, activation
+from .base import CausalLM, DecoderLayer, Rule, hf_rules, layer_windows
+from .blocks import DenseFFN, MoE, RouterSpec, activation, gqa
 
 
 def num_experts(cfg: Config) -> int:
@@ -19,35 +19,25 @@ def is_sparse(cfg: Config, i: int) -> bool:
     return num_experts(cfg) > 0 and i not in cfg.get("mlp_only_layers", []) and (i + 1) % step == 0
 
 
-def windows(cfg: Config, n_layers: int) -> list[int | None]:
-    """Sliding-window size per layer (None = full attention), from `layer_types` when the config lists them.
-
-    Without `layer_types`, Qwen3-MoE slides every layer when use_sliding_window is set; Qwen2-MoE slides
-    the even layers below max_window_layers, as transformers derives it for such configs.
-    """
-    if not cfg.get("use_sliding_window") and "layer_types" not in cfg:
-        return [None] * n_layers
-    types = cfg.get("layer_types")
-    if types is None:
-        if cfg.get("model_type") == "qwen3_moe":
-            types = ["sliding_attention"] * n_layers
-        else:
-            below = cfg.int("max_window_layers", n_layers, min=0)
-            types = ["sliding_attention" if i % 2 == 0 and i < below else "full_attention" for i in range(n_layers)]
-    return [cfg.int("sliding_window") if t == "sliding_attention" else None for t in types[:n_layers]]
+def default_layer_types(cfg: Config, n_layers: int) -> list[str]:
+    """Without `layer_types`: Qwen3-MoE slides every layer when use_sliding_window is set; Qwen2-MoE slides
+    the even layers below max_window_layers, as transformers derives it for such configs."""
+    if not cfg.get("use_sliding_window"):
+        return ["full_attention"] * n_layers
+    if cfg.get("model_type") == "qwen3_moe":
+        return ["sliding_attention"] * n_layers
+    below = cfg.int("max_window_layers", n_layers, min=0)
+    return ["sliding_attention" if i % 2 == 0 and i < below else "full_attention" for i in range(n_layers)]
 
 
 def build(cfg: Config) -> CausalLM:
     """Qwen2-MoE or Qwen3-MoE (per model_type) with empty weights."""
     hooks = HookRegistry()
     qwen3 = cfg.get("model_type") == "qwen3_moe"
-    hidden, heads = cfg.int("hidden_size"), cfg.int("num_attention_heads")
-    kv_heads = cfg.int("num_key_value_heads", heads)
-    head_dim = cfg.int("head_dim", hidden // heads)
+    hidden = cfg.int("hidden_size")
     eps = cfg.float("rms_norm_eps", 1e-6)
-    rotary = Rotary(head_dim, cfg.rope())
     n_layers = cfg.int("num_hidden_layers")
-    window = windows(cfg, n_layers)
+    window = layer_windows(cfg, default_layer_types(cfg, n_layers))
     act = activation(cfg)
     bias = bool(cfg.get("attention_bias", False))
     if qwen3:
@@ -57,7 +47,7 @@ def build(cfg: Config) -> CausalLM:
 
     def layer(i: int) -> DecoderLayer:
         p = f"layers.{i}"
-        attn = Attention(hidden, heads, kv_heads, head_dim, rotary, eps=eps, window=window[i], **attn_args)
+        attn = gqa(cfg, eps=eps, window=window[i], **attn_args)
         if is_sparse(cfg, i):
             spec = RouterSpec(num_experts(cfg), cfg.int("num_experts_per_tok"), score="softmax",
                               renormalize=bool(cfg.get("norm_topk_prob", False)))
