@@ -170,3 +170,48 @@ def test_shipped_code_is_ignored_with_a_warning(mixtral_ckpt, tmp_path):
 def test_not_a_folder_nor_repo(tmp_path):
     with pytest.raises(wb.CheckpointError, match="no such checkpoint folder"):
         wb.load(tmp_path / "absent")
+
+
+def test_hub_fetches_only_config_weights_and_tokenizer(monkeypatch, mixtral_ckpt):
+    """The hub path asks snapshot_download for safe files only, at the given revision."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from workbench.checkpoint import HUB_ALLOW_PATTERNS
+
+    calls = {}
+
+    def fake_snapshot_download(**kwargs):
+        calls.update(kwargs)
+        return str(mixtral_ckpt[0])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    wb.load("org/model", revision="v1")
+    assert calls["repo_id"] == "org/model" and calls["revision"] == "v1"
+    assert calls["allow_patterns"] == HUB_ALLOW_PATTERNS
+    fetched = lambda f: any(fnmatch.fnmatch(f, p) for p in HUB_ALLOW_PATTERNS)  # noqa: E731
+    assert all(fetched(f) for f in ["config.json", "model-00001-of-00003.safetensors", "tokenizer.json",
+                                    "model.safetensors.index.json"])
+    assert not any(fetched(f) for f in ["pytorch_model.bin", "modeling_deepseek.py", "model.pt", "train.ckpt"])
+    with pytest.raises(ValueError, match="applies to hub repo ids"):
+        wb.load(mixtral_ckpt[0], revision="main")
+
+
+def test_bf16_forward_tracks_fp32(mixtral_ckpt, mixtral):
+    """bf16 runs end to end; tokens routed as in fp32 at every layer keep close logits (flips at near-ties are
+    the only large deviations, as expected of top-k routing in low precision)."""
+    ids = input_ids(96)
+    lo = wb.load(mixtral_ckpt[0], dtype=torch.bfloat16)
+    names = ["layers.*.router.topk_ids"]
+    ref, ref_cache = mixtral.run_with_cache(ids, names=names)
+    got, got_cache = lo.run_with_cache(ids, names=names)
+    assert got.dtype == torch.bfloat16
+    same = torch.stack([(got_cache[n].sort(-1)[0] == ref_cache[n].sort(-1)[0]).all(-1) for n in ref_cache]).all(0)
+    assert same.float().mean() > 0.7
+    err = (got.float() - ref).abs().amax(-1) / ref.abs().amax()
+    # positions before the first flip in each sequence see identical routing upstream too
+    for b in range(ids.shape[0]):
+        flips = (~same[b]).nonzero()
+        stop = int(flips[0]) if len(flips) else ids.shape[1]
+        assert stop == 0 or err[b, :stop].max() < 0.05

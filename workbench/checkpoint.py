@@ -52,6 +52,8 @@ def resolve(source: str | Path, revision: str | None = None) -> tuple[Path, str 
     """
     path = Path(source).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to hub repo ids, not the local folder {path}")
         return path, None
     text = str(source)
     if path.exists() or text.startswith(("/", ".", "~")) or not _REPO_ID.match(text):
