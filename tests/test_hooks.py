@@ -100,3 +100,23 @@ def test_bad_inputs(mixtral):
     with pytest.raises(ValueError, match="non-empty"):
         mixtral(torch.zeros(1, 0, dtype=torch.long))
     assert mixtral(torch.tensor([1, 2, 3])).shape == (1, 3, 96)
+
+
+def test_per_expert_replacements_change_the_block(mixtral):
+    """Editing experts.hidden / experts.out changes what the MoE block outputs, slot by slot."""
+    _, base = mixtral.run_with_cache(IDS, names=["layers.1.*"])
+    with mixtral.hooks({"layers.1.experts.out": lambda x, ctx: 2 * x}):
+        _, doubled = mixtral.run_with_cache(IDS, names=["layers.1.moe.out"])
+    torch.testing.assert_close(doubled["layers.1.moe.out"], 2 * base["layers.1.moe.out"])
+
+    def drop_slot1(h, ctx):
+        assert ctx.extra["topk_ids"].shape == h.shape[:3]
+        h = h.clone()
+        h[:, :, 1] = 0
+        return h
+
+    with mixtral.hooks({"layers.1.experts.hidden": drop_slot1}):
+        _, c = mixtral.run_with_cache(IDS, names=["layers.1.experts.out", "layers.1.moe.out"])
+    assert (c["layers.1.experts.out"][:, :, 1] == 0).all()  # Mixtral experts have no bias
+    w = base["layers.1.router.topk_weights"]
+    torch.testing.assert_close(c["layers.1.moe.out"], w[..., 0:1] * base["layers.1.experts.out"][:, :, 0])
