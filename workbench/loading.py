@@ -13,7 +13,7 @@ from . import checkpoint
 from .config import Config
 from .errors import CheckpointError
 from .models import family
-from .models.base import CausalLM, map_tensor, rule_for
+from .models.base import CausalLM, Split, Targets, map_tensor
 from .tokenizer import load_tokenizer
 
 BACKENDS = ("auto", "torch")
@@ -50,20 +50,20 @@ def load(
     for name, p in model.named_parameters():
         p.data = p.data.to(torch.float32 if name.endswith(KEEP_FP32) else dtype)
     plan = _plan(model, tensors, fam.rules(cfg))
-    model.to_empty(device=device or "cpu")
-    model.tie_weights()
-    _copy(model, tensors, plan, fam.rules(cfg))
-    model.eval().requires_grad_(False)
-    model.source, model.revision, model.commit = str(source), revision, commit
-    model.checkpoint_dir = folder
     try:
-        model.tokenizer = load_tokenizer(folder, model.vocab_size)
+        tokenizer = load_tokenizer(folder, model.vocab_size)
     except Exception as e:  # tokenizers raises its own exception type for malformed files
         raise CheckpointError(f"unreadable tokenizer ({e})", file=str(folder / "tokenizer.json")) from None
+    model.to_empty(device=device or "cpu")
+    model.tie_weights()
+    _copy(model, tensors, plan)
+    model.eval().requires_grad_(False)
+    model.source, model.revision, model.commit = str(source), revision, commit
+    model.checkpoint_dir, model.tokenizer = folder, tokenizer
     return model
 
 
-Plan = dict[str, list[tuple[str, int | None]]]
+Plan = dict[str, tuple[Targets, Split | None]]  # checkpoint tensor -> our (parameter, slot)s and its split
 
 
 def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules) -> Plan:
@@ -75,7 +75,8 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules) -> 
     plan: Plan = {}
     for name, info in tensors.items():
         where = dict(file=str(info.file), tensor=name)
-        targets = map_tensor(rules, name)
+        mapped = map_tensor(rules, name)
+        targets, split = mapped or (None, None)
         if model.tied and targets == [("lm_head.weight", None)]:
             continue  # a tied head saved alongside the embedding
         if info.dtype.startswith("F8") or name.endswith(QUANT_SUFFIXES):
@@ -86,7 +87,6 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules) -> 
             continue
         if info.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"dtype {info.dtype} is not supported here (expected F32, F16 or BF16)", **where)
-        split = rule_for(rules, name).split
         pieces = split(torch.empty(info.shape, device="meta")) if split else (torch.empty(info.shape, device="meta"),)
         for (target, slot), piece in zip(targets, pieces, strict=True):
             p = params[target]
@@ -100,7 +100,7 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules) -> 
             if key in filled[target]:
                 raise CheckpointError(f"a second tensor for {target}", **where)
             filled[target].add(key)
-        plan[name] = targets
+        plan[name] = targets, split
     for target, p in params.items():
         got = filled.get(target, set())
         need = {-1} if not got or -1 in got else set(range(p.shape[0]))
@@ -111,7 +111,7 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules) -> 
     return plan
 
 
-def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan, rules) -> None:
+def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan) -> None:
     """Stream tensors file by file through memory-mapped reads into the model's parameters."""
     params = dict(model.named_parameters())
     by_file: dict[Path, list[str]] = defaultdict(list)
@@ -125,8 +125,8 @@ def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan
                     t = f.get_tensor(name)
                     if not torch.isfinite(t).all():
                         raise CheckpointError("weights contain NaN or Inf", file=str(file), tensor=name)
-                    split = rule_for(rules, name).split
-                    for (target, slot), piece in zip(plan[name], split(t) if split else (t,)):
+                    targets, split = plan[name]
+                    for (target, slot), piece in zip(targets, split(t) if split else (t,)):
                         dst = params[target].data if slot is None else params[target].data[slot]
                         dst.copy_(piece)
                     bar.update(t.numel() * t.element_size())

@@ -143,7 +143,7 @@ class Rule:
 
     pattern: str
     targets: tuple[str, ...]
-    split: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+    split: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None  # one tensor -> one per target
     regex: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -153,8 +153,13 @@ class Rule:
 _SLOT = re.compile(r"^(.*)\[(\d+)\]$")
 
 
-def map_tensor(rules: Iterable[Rule], name: str) -> list[tuple[str, int | None]] | None:
-    """Our (parameter, slot) targets for checkpoint tensor `name`; [] to skip it; None if no rule matches."""
+Targets = list[tuple[str, int | None]]
+Split = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+
+
+def map_tensor(rules: Iterable[Rule], name: str) -> tuple[Targets, Split | None] | None:
+    """Our (parameter, slot) targets for checkpoint tensor `name` and the rule's split ([] targets: skip it);
+    None if no rule matches."""
     for rule in rules:
         m = rule.regex.fullmatch(name)
         if m:
@@ -163,13 +168,8 @@ def map_tensor(rules: Iterable[Rule], name: str) -> list[tuple[str, int | None]]
                 t = m.expand(target)
                 slot = _SLOT.match(t)
                 out.append((slot[1], int(slot[2])) if slot else (t, None))
-            return out
+            return out, rule.split
     return None
-
-
-def rule_for(rules: Iterable[Rule], name: str) -> Rule | None:
-    """The first rule matching `name`."""
-    return next((r for r in rules if r.regex.fullmatch(name)), None)
 
 
 def split_gate_up(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
