@@ -112,6 +112,11 @@ BAD = {
                         "model.norm.weight: dtype I32"),
     "nan weights": (lambda f: _mutate(f, lambda t: t["lm_head.weight"].__setitem__((0, 0), float("nan"))),
                     "lm_head.weight: weights contain NaN"),
+    "fp8 weights": (lambda f: _mutate(f, lambda t: t.update(
+        {"model.norm.weight": torch.ones(32).to(torch.float8_e4m3fn)})), "model.norm.weight: quantised weights"),
+    "mxfp4 scales": (lambda f: _mutate(f, lambda t: t.update(
+        {"model.layers.0.block_sparse_moe.experts.down_proj_scales": torch.ones(6, 32, 2, dtype=torch.uint8)})),
+                     "down_proj_scales: quantised weights"),
     "unknown model_type": (lambda f: _config(f, lambda c: c.update(model_type="mystery")),
                            "model_type 'mystery' is not supported"),
     "config missing field": (lambda f: _config(f, lambda c: c.pop("num_local_experts")),

@@ -77,14 +77,12 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules) -> 
         where = dict(file=str(info.file), tensor=name)
         mapped = map_tensor(rules, name)
         targets, split = mapped or (None, None)
-        if model.tied and targets == [("lm_head.weight", None)]:
-            continue  # a tied head saved alongside the embedding
+        if targets == [] or (model.tied and targets == [("lm_head.weight", None)]):
+            continue  # deliberately skipped (e.g. MTP layers), or a tied head saved beside the embedding
         if info.dtype.startswith("F8") or name.endswith(QUANT_SUFFIXES):
             raise CheckpointError(QUANT_MESSAGE, **where)
         if targets is None or any(t not in params for t, _ in targets):
             raise CheckpointError("unexpected tensor: this model has no parameter for it", **where)
-        if not targets:
-            continue
         if info.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"dtype {info.dtype} is not supported here (expected F32, F16 or BF16)", **where)
         pieces = split(torch.empty(info.shape, device="meta")) if split else (torch.empty(info.shape, device="meta"),)
