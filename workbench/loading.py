@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -14,12 +15,14 @@ from .config import Config
 from .errors import CheckpointError
 from .models import family
 from .models.base import CausalLM, Split, Targets, map_tensor
+from .quant import FP8_SCALE, dequant_fp8, fp8_block, fp8_scale_shape
 from .tokenizer import load_tokenizer
 
 BACKENDS = ("auto", "torch")
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
 QUANT_SUFFIXES = ("_blocks", "_scales", "weight_scale_inv", ".scale")
-QUANT_MESSAGE = "quantised weights (MXFP4 / FP8 with scales) are not supported yet; use a bf16 or fp32 checkpoint"
+QUANT_MESSAGE = ("quantised weights of this kind are not supported yet (FP8 loads only as e4m3 weights with "
+                 "block scales `weight_scale_inv` and quantization_config.quant_method 'fp8'; MXFP4 not at all)")
 KEEP_FP32 = ("correction_bias",)  # selection-only biases stay fp32 whatever the model dtype
 
 
@@ -49,24 +52,26 @@ def load(
     dtype = dtype or cfg.dtype
     for name, p in model.named_parameters():
         p.data = p.data.to(torch.float32 if name.endswith(KEEP_FP32) else dtype)
-    plan = _plan(model, tensors, fam.rules(cfg))
+    block = fp8_block(cfg)
+    plan = _plan(model, tensors, fam.rules(cfg), block)
     try:
         tokenizer = load_tokenizer(folder, model.vocab_size)
     except Exception as e:  # tokenizers raises its own exception type for malformed files
         raise CheckpointError(f"unreadable tokenizer ({e})", file=str(folder / "tokenizer.json")) from None
     model.to_empty(device=device or "cpu")
     model.tie_weights()
-    _copy(model, tensors, plan)
+    _copy(model, tensors, plan, block)
     model.eval().requires_grad_(False)
     model.source, model.revision, model.commit = str(source), revision, commit
     model.checkpoint_dir, model.tokenizer = folder, tokenizer
     return model
 
 
-Plan = dict[str, tuple[Targets, Split | None]]  # checkpoint tensor -> our (parameter, slot)s and its split
+# checkpoint tensor -> our (parameter, slot)s, its split, and its FP8 block-scale tensor if quantised
+Plan = dict[str, tuple[Targets, Split | None, str | None]]
 
 
-def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules) -> Plan:
+def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, block: tuple[int, int] | None) -> Plan:
     """Map every checkpoint tensor onto our parameters and check shapes and coverage, reading no data."""
     params = dict(model.named_parameters())
     if model.tied:
@@ -79,11 +84,19 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules) -> 
         targets, split = mapped or (None, None)
         if targets == [] or (model.tied and targets == [("lm_head.weight", None)]):
             continue  # deliberately skipped (e.g. MTP layers), or a tied head saved beside the embedding
-        if info.dtype.startswith("F8") or name.endswith(QUANT_SUFFIXES):
+        if block and name.endswith(FP8_SCALE) and tensors.get(name[: -len(FP8_SCALE)], info).dtype == "F8_E4M3":
+            continue  # read with its weight
+        scale = name + FP8_SCALE if block and info.dtype == "F8_E4M3" and name + FP8_SCALE in tensors else None
+        if scale:
+            s = tensors[scale]
+            if len(info.shape) != 2 or s.shape != fp8_scale_shape(info.shape, block) or s.dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"FP8 scale {s.dtype}{list(s.shape)} does not fit weight {list(info.shape)} "
+                                      f"with blocks {list(block)}", file=str(s.file), tensor=scale)
+        elif info.dtype.startswith("F8") or name.endswith(QUANT_SUFFIXES):
             raise CheckpointError(QUANT_MESSAGE, **where)
         if targets is None or any(t not in params for t, _ in targets):
             raise CheckpointError("unexpected tensor: this model has no parameter for it", **where)
-        if info.dtype not in FLOAT_DTYPES:
+        if info.dtype not in FLOAT_DTYPES and not scale:
             raise CheckpointError(f"dtype {info.dtype} is not supported here (expected F32, F16 or BF16)", **where)
         pieces = split(torch.empty(info.shape, device="meta")) if split else (torch.empty(info.shape, device="meta"),)
         for (target, slot), piece in zip(targets, pieces, strict=True):
@@ -98,7 +111,7 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules) -> 
             if key in filled[target]:
                 raise CheckpointError(f"a second tensor for {target}", **where)
             filled[target].add(key)
-        plan[name] = targets, split
+        plan[name] = targets, split, scale
     for target, p in params.items():
         got = filled.get(target, set())
         need = {-1} if not got or -1 in got else set(range(p.shape[0]))
@@ -109,22 +122,29 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules) -> 
     return plan
 
 
-def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan) -> None:
-    """Stream tensors file by file through memory-mapped reads into the model's parameters."""
+def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan, block: tuple[int, int] | None) -> None:
+    """Stream tensors file by file through memory-mapped reads into the parameters, dequantising one at a time."""
     params = dict(model.named_parameters())
-    by_file: dict[Path, list[str]] = defaultdict(list)
-    for name in plan:
-        by_file[tensors[name].file].append(name)
-    total = sum(f.stat().st_size for f in by_file)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=total < 2**28) as bar:
-        for file, names in by_file.items():
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in names:
-                    t = f.get_tensor(name)
-                    if not torch.isfinite(t).all():
-                        raise CheckpointError("weights contain NaN or Inf", file=str(file), tensor=name)
-                    targets, split = plan[name]
-                    for (target, slot), piece in zip(targets, split(t) if split else (t,)):
-                        dst = params[target].data if slot is None else params[target].data[slot]
-                        dst.copy_(piece)
-                    bar.update(t.numel() * t.element_size())
+    names = sorted(plan, key=lambda n: str(tensors[n].file))
+    total = sum(f.stat().st_size for f in {tensors[n].file for n in names})
+    with ExitStack() as stack, tqdm(total=total, unit="B", unit_scale=True, desc="loading",
+                                    disable=total < 2**28) as bar:
+        handles: dict[Path, object] = {}
+
+        def read(name: str) -> torch.Tensor:
+            file = tensors[name].file
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+            return handles[file].get_tensor(name)
+
+        for name in names:
+            targets, split, scale = plan[name]
+            t = read(name)
+            bar.update(t.numel() * t.element_size())
+            if scale:
+                t = dequant_fp8(t, read(scale), block)
+            if not torch.isfinite(t).all():
+                raise CheckpointError("weights contain NaN or Inf", file=str(tensors[name].file), tensor=name)
+            for (target, slot), piece in zip(targets, split(t) if split else (t,)):
+                dst = params[target].data if slot is None else params[target].data[slot]
+                dst.copy_(piece)
