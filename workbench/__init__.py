@@ -3,7 +3,8 @@
 from .errors import CheckpointError, HookError
 from .hooks import HookContext
 from .loading import load
+from .models.base import State
 from . import interventions
 
 __version__ = "0.1.0"
-__all__ = ["load", "CheckpointError", "HookError", "HookContext", "interventions", "__version__"]
+__all__ = ["load", "CheckpointError", "HookError", "HookContext", "interventions", "State", "__version__"]

@@ -40,10 +40,19 @@ class DecoderLayer(nn.Module):
         self.ffn_norm, self.ffn = RMSNorm(hidden, eps), ffn
         self.hp_post = hooks.point(f"{prefix}.resid_post")
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         x = self.hp_pre(x)
-        x = self.hp_mid(x + self.hp_attn(self.attn(self.attn_norm(x), positions)))
+        x = self.hp_mid(x + self.hp_attn(self.attn(self.attn_norm(x), positions, state)))
         return self.hp_post(x + self.ffn(self.ffn_norm(x)))
+
+
+@dataclass
+class State:
+    """What a chunk-by-chunk forward carries between chunks of one sequence: the next position and each
+    layer's attention state (keys/values, windowed for sliding layers; MLA's latent and rope key)."""
+
+    offset: int = 0
+    layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class CausalLM(nn.Module):
@@ -81,16 +90,22 @@ class CausalLM(nn.Module):
         """Every hook point, in the order the forward pass reaches it."""
         return list(self._hooks.points)
 
-    def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab] for token ids [B, T] (or [T]); `positions` are absolute (default 0..T-1)."""
+    def forward(self, input_ids: torch.Tensor, *, cache: State | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids [B, T] (or [T]).
+
+        With `cache=State()` the sequence may be fed chunk by chunk: each call continues where the last
+        one stopped, and the logits equal those of one whole-sequence call.
+        """
         input_ids = self._check_ids(input_ids)
         T = input_ids.shape[1]
-        if positions is None:
-            positions = torch.arange(T, device=input_ids.device)
+        start = cache.offset if cache is not None else 0
+        positions = torch.arange(start, start + T, device=input_ids.device)
         self._hooks.positions, self._hooks.input_ids = positions, input_ids
         x = self.embed(input_ids)
-        for layer in self.layers.values():
-            x = layer(x, positions)
+        for i, layer in self.layers.items():
+            x = layer(x, positions, None if cache is None else cache.layers.setdefault(i, {}))
+        if cache is not None:
+            cache.offset += T
         x = self.hp_norm_out(self.norm(x))
         return self.hp_logits(self.lm_head(x))
 

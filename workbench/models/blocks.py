@@ -123,6 +123,24 @@ class Rotary:
 # ---------------------------------------------------------------- attention
 
 
+def remember(state: dict[str, torch.Tensor] | None, window: int | None, positions: torch.Tensor,
+             **new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Append this chunk's keys/values (tensors [B, heads, T, *]) to a layer's state and return all of them.
+
+    The state then keeps only what later chunks can attend to: the last `window - 1` positions for a
+    sliding layer, everything otherwise. With no state (a whole-sequence forward) the chunk is returned.
+    """
+    if state is None:
+        return (positions, *new.values())
+    full = {"pos": torch.cat((state["pos"], positions)) if state else positions}
+    for name, t in new.items():
+        full[name] = torch.cat((state[name], t), dim=2) if state else t
+    keep = full["pos"] > positions[-1] + 1 - window if window is not None else slice(None)
+    state.update(pos=full["pos"][keep], **{n: full[n][:, :, keep] for n in new})
+    return tuple(full.values())
+
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -189,7 +207,7 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(heads * head_dim, eps), RMSNorm(kv_heads * head_dim, eps)
         self.sinks = nn.Parameter(torch.empty(heads)) if sinks else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
@@ -203,7 +221,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rotary.cos_sin(positions, q.dtype)
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
-        out = attend(q, k, v, positions, positions, self.head_dim**-0.5, self.window, self.sinks)
+        k_pos, k, v = remember(state, self.window, positions, k=k, v=v)
+        out = attend(q, k, v, positions, k_pos, self.head_dim**-0.5, self.window, self.sinks)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

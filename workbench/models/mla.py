@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from .blocks import RMSNorm, Rotary, attend, yarn_mscale
+from .blocks import RMSNorm, Rotary, attend, remember, yarn_mscale
 
 LATENT_EPS = 1e-6  # the q/kv latent norms use their default eps, not the config's rms_norm_eps
 
@@ -58,15 +58,20 @@ class MLA(nn.Module):
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_b_proj") else self.q_proj(x)
         return q.view(*x.shape[:-1], self.heads, -1).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q_nope, q_rope = self.queries(x).split([self.nope, self.rope], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, T, self.heads, -1).transpose(1, 2)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         q_rope = self.rotary.apply(q_rope, cos, sin)
-        k_rope = self.rotary.apply(k_rope[:, None], cos, sin).expand(-1, self.heads, -1, -1)
-        q, k = torch.cat((q_nope, q_rope), dim=-1), torch.cat((k_nope, k_rope), dim=-1)
-        out = attend(q, k, v, positions, positions, self.scale)
+        k_rope = self.rotary.apply(k_rope[:, None], cos, sin)
+        # the state keeps only the normed latent and the shared rope key per token
+        k_pos, latent, k_rope = remember(state, None, positions, latent=self.kv_a_layernorm(latent)[:, None],
+                                         k_rope=k_rope)
+        S = latent.shape[2]
+        kv = self.kv_b_proj(latent[:, 0]).view(B, S, self.heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        k = torch.cat((k_nope, k_rope.expand(-1, self.heads, -1, -1)), dim=-1)
+        out = attend(q, k, v, positions, k_pos, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
