@@ -20,6 +20,7 @@ FAMILIES = {
     "deepseek_v2": "deepseek",
     "deepseek_v3": "deepseek",
     "kimi_k2": "deepseek",
+    "deepseek_v32": "deepseek_v32",
 }
 
 

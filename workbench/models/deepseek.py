@@ -19,6 +19,7 @@ DEFAULTS = {
     "deepseek_v2": ("greedy", False, 1.0),
     "deepseek_v3": ("noaux_tc", True, 2.5),
     "kimi_k2": ("noaux_tc", True, 2.5),
+    "deepseek_v32": ("noaux_tc", True, 2.5),
 }
 
 

@@ -1,0 +1,159 @@
+"""DeepSeek-V3.2 (DSA): V3's MLA and MoE, plus a lightning indexer that lets each query attend only to the
+`index_topk` earlier keys it scores highest (REFERENCES: "V3.2 indexer").
+
+Indexer: per-head queries from the normed q latent, one shared key per token (LayerNorm with bias), rotate-half
+RoPE on the first `qk_rope_head_dim` channels of both (unlike MLA's interleaved layout); the score of key s
+for query t is sum_h w_h(t) * ReLU(q_h(t) . k(s)) * D^-0.5 with w = weights_proj(x) * H^-0.5, all in fp32.
+The Hadamard rotation and FP8 scoring of DeepSeek's kernels preserve these dot products (up to rounding)
+and are not reproduced here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from ..errors import CheckpointError
+from ..hooks import HookRegistry
+from . import deepseek
+from .base import CausalLM, DecoderLayer, Rule
+from .blocks import DenseFFN, MoE, Rotary, activation, remember
+from .mla import MLA, mla_rotary, mla_softmax_scale
+
+INDEX_KEY_EPS = 1e-6  # the indexer key LayerNorm's eps (fixed, not the config's rms_norm_eps)
+
+
+class Indexer(nn.Module):
+    """Scores every visible key for every query; names follow the checkpoint's `self_attn.indexer.*`."""
+
+    def __init__(self, cfg: Config, rotary: Rotary):
+        super().__init__()
+        hidden, q_rank = cfg.int("hidden_size"), cfg.int("q_lora_rank")
+        self.heads, self.dim = cfg.int("index_n_heads", 64), cfg.int("index_head_dim", 128)
+        if self.dim < rotary.dim:
+            raise CheckpointError(f"index_head_dim={self.dim} is smaller than qk_rope_head_dim={rotary.dim}",
+                                  file=cfg.file)
+        self.rotary = rotary
+        self.wq_b = nn.Linear(q_rank, self.heads * self.dim, bias=False)
+        self.wk = nn.Linear(hidden, self.dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.dim, eps=INDEX_KEY_EPS)
+        self.weights_proj = nn.Linear(hidden, self.heads, bias=False)
+
+    def key(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The shared indexer key [B, 1, T, D] (rotated), as the layer state keeps it."""
+        return self.rotary.apply(self.k_norm(self.wk(x))[:, None], cos, sin)
+
+    def scores(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               keys: torch.Tensor) -> torch.Tensor:
+        """fp32 index scores [B, T, S] of this chunk's queries against all visible keys [B, 1, S, D]."""
+        B, T, _ = x.shape
+        q = self.wq_b(q_latent).view(B, T, self.heads, self.dim).transpose(1, 2)
+        q = self.rotary.apply(q, cos, sin)
+        per_head = torch.relu(q.float() @ keys.float().transpose(-1, -2)) * self.dim**-0.5  # [B, H, T, S]
+        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.heads**-0.5  # [B, T, H]
+        return torch.einsum("bth,bhts->bts", w, per_head)
+
+
+class SparseMLA(MLA):
+    """MLA where each query sees only the causal keys the indexer selects.
+
+    Hook `{prefix}.attn.indexer_topk` [B, T, index_topk] (int64): the absolute key positions each query
+    attends to, best first; -1 pads rows with fewer visible keys than `index_topk`. A hook may rewrite it
+    to choose the keys (non-causal or unknown positions are ignored).
+    """
+
+    def __init__(self, cfg: Config, rotary: Rotary, scale: float, index_rotary: Rotary, hooks: HookRegistry,
+                 prefix: str):
+        if "q_lora_rank" not in cfg:
+            raise CheckpointError("DeepSeek-V3.2 needs q_lora_rank (the indexer reads the q latent)", file=cfg.file)
+        super().__init__(cfg, rotary, scale)
+        self.topk = cfg.int("index_topk", 2048)
+        self.indexer = Indexer(cfg, index_rotary)
+        self.hp_topk = hooks.point(f"{prefix}.attn.indexer_topk")
+
+    def select(self, scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Top-k causal key positions [B, T, topk] (ties: the earlier key), -1 where too few keys are visible."""
+        causal = k_pos[None, :] <= q_pos[:, None]
+        scores = scores.masked_fill(~causal, float("-inf"))
+        if scores.shape[-1] < self.topk:
+            scores = F.pad(scores, (0, self.topk - scores.shape[-1]), value=float("-inf"))
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : self.topk]
+        picked = scores.gather(-1, order)
+        pos = torch.cat((k_pos, k_pos.new_full((max(self.topk - len(k_pos), 0),), -1)))[order]
+        return pos.masked_fill(picked == float("-inf"), -1)
+
+    @staticmethod
+    def allowed(chosen: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Boolean mask [B, T, S]: key s is chosen for query t and causal."""
+        S = len(k_pos)
+        idx = torch.searchsorted(k_pos, chosen.clamp(min=0)).clamp(max=S - 1)
+        hit = (chosen >= 0) & (k_pos[idx] == chosen)
+        mask = torch.zeros(*chosen.shape[:-1], S + 1, dtype=torch.bool, device=chosen.device)
+        mask.scatter_(-1, idx.masked_fill(~hit, S), True)
+        return mask[..., :S] & (k_pos[None, :] <= q_pos[:, None])
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_latent = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(q_latent).view(B, T, self.heads, -1).transpose(1, 2)
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        q_rope = self.rotary.apply(q_rope, cos, sin)
+        k_rope = self.rotary.apply(k_rope[:, None], cos, sin)
+        icos, isin = self.indexer.rotary.cos_sin(positions, x.dtype)
+        # the state keeps the normed latent, the shared rope key and the indexer key per token
+        k_pos, latent, k_rope, index_k = remember(
+            state, None, positions, latent=self.kv_a_layernorm(latent)[:, None], k_rope=k_rope,
+            index_k=self.indexer.key(x, icos, isin))
+        chosen = self.select(self.indexer.scores(x, q_latent, icos, isin, index_k), positions, k_pos)
+        chosen = self.hp_topk(chosen)
+        S = latent.shape[2]
+        kv = self.kv_b_proj(latent[:, 0]).view(B, S, self.heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        k = torch.cat((k_nope, k_rope.expand(-1, self.heads, -1, -1)), dim=-1)
+        mask = self.allowed(chosen, positions, k_pos)[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def _moe_layers(cfg: Config) -> list[bool]:
+    """Per layer: MoE (True) or dense, from `mlp_layer_types` or `first_k_dense_replace` / `moe_layer_freq`."""
+    n = cfg.int("num_hidden_layers")
+    types = cfg.get("mlp_layer_types")
+    if types is not None:
+        if len(types) < n or any(t not in ("dense", "sparse") for t in types[:n]):
+            raise CheckpointError(f"mlp_layer_types must list {n} of dense, sparse", file=cfg.file)
+        return [t == "sparse" for t in types[:n]]
+    first, freq = cfg.int("first_k_dense_replace", 3, min=0), cfg.int("moe_layer_freq", 1)
+    return [i >= first and i % freq == 0 for i in range(n)]
+
+
+def build(cfg: Config) -> CausalLM:
+    """The model for a DeepSeek-V3.2-style config.json."""
+    hooks = HookRegistry()
+    hidden, eps = cfg.int("hidden_size"), cfg.float("rms_norm_eps", 1e-6)
+    rotary, scale = mla_rotary(cfg), mla_softmax_scale(cfg)
+    index_rotary = Rotary(cfg.int("qk_rope_head_dim"), cfg.rope(), interleaved=False)
+    spec = deepseek.router_spec(cfg)
+    act = activation(cfg)
+    moe = _moe_layers(cfg)
+    shared = cfg.int("n_shared_experts", 0, min=0) * cfg.int("moe_intermediate_size")
+
+    def layer(i: int) -> DecoderLayer:
+        p = f"layers.{i}"
+        if moe[i]:
+            ffn = MoE(hidden, spec, cfg.int("moe_intermediate_size"), hooks, p, act=act, shared_inter=shared or None)
+        else:
+            ffn = DenseFFN(hidden, cfg.int("intermediate_size"), act, hooks, p)
+        return DecoderLayer(SparseMLA(cfg, rotary, scale, index_rotary, hooks, p), ffn, hidden, eps, hooks, p)
+
+    return CausalLM(cfg, hooks, ((i, layer(i)) for i in range(cfg.int("num_hidden_layers"))), eps=eps)
+
+
+def rules(cfg: Config) -> list[Rule]:
+    """V3's names (the indexer's `self_attn.indexer.*` map through the generic attention rule); MTP skipped."""
+    return deepseek.rules(cfg)
