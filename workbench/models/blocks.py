@@ -156,14 +156,16 @@ def attend(
     `window` keeps keys with q_pos - k_pos < window; `sinks` [Hq] adds one learned logit per head to the
     softmax denominator (it absorbs probability mass but contributes no value).
     """
+    gqa = q.shape[1] != k.shape[1]
+    if sinks is None and window is None and torch.equal(q_pos, k_pos):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     allowed = k_pos[None, :] <= q_pos[:, None]
     if window is not None:
         allowed &= k_pos[None, :] > q_pos[:, None] - window
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     if sinks is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-1, -2)).float() * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
     sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
