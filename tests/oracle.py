@@ -103,3 +103,19 @@ def routing_is_nontrivial(cache: dict[str, torch.Tensor]) -> bool:
     """Routing varies across tokens (so the parity check exercises real selection)."""
     return all(cache[n].reshape(-1, cache[n].shape[-1]).sort(-1)[0].unique(dim=0).shape[0] > 1
                for n in cache if n.endswith("topk_ids"))
+
+
+def assert_chunked_equals_whole(model, ids: torch.Tensor, names: list[str], chunks=(5, 1, 7)) -> "wb.State":
+    """Feeding `ids` chunk by chunk with a State gives the whole-sequence logits and identical hooked tensors."""
+    whole, cache = model.run_with_cache(ids, names=names or ["logits"])
+    state, parts, caches, start = wb.State(), [], [], 0
+    for size in chunks:
+        logits, c = model.run_with_cache(ids[:, start:start + size], names=names or ["logits"], cache=state)
+        parts.append(logits)
+        caches.append(c)
+        start += size
+    assert start == ids.shape[1] and state.offset == ids.shape[1]
+    assert_close_scaled(torch.cat(parts, dim=1), whole, 1e-5, "chunked logits")
+    for n in names:
+        assert torch.equal(torch.cat([c[n] for c in caches], dim=1), cache[n]), n
+    return state

@@ -7,7 +7,7 @@ import torch
 import transformers as tf
 
 import workbench as wb
-from oracle import T, assert_close_scaled, assert_parity, input_ids, make_checkpoint, routing_is_nontrivial
+from oracle import T, assert_chunked_equals_whole, assert_parity, input_ids, make_checkpoint, routing_is_nontrivial
 
 VOCAB = 96
 TOPK = 4  # with T = 13 most queries see more keys than the indexer keeps
@@ -102,19 +102,8 @@ def test_indexer_hook_steers_attention(tmp_path):
 def test_chunked_equals_whole(tmp_path):
     make_checkpoint(v32(), tmp_path)
     model = wb.load(tmp_path)
-    ids = input_ids(VOCAB)
     names = [n for n in model.hook_names if n.endswith(("topk_ids", "indexer_topk"))]
-    whole, cache = model.run_with_cache(ids, names=names)
-    state, parts, caches, start = wb.State(), [], [], 0
-    for size in (5, 1, 7):
-        logits, c = model.run_with_cache(ids[:, start:start + size], names=names, cache=state)
-        parts.append(logits)
-        caches.append(c)
-        start += size
-    assert start == T and state.offset == T
-    assert_close_scaled(torch.cat(parts, dim=1), whole, 1e-5, "chunked logits")
-    for n in names:
-        assert torch.equal(torch.cat([c[n] for c in caches], dim=1), cache[n]), n
+    state = assert_chunked_equals_whole(model, input_ids(VOCAB), names)
     assert set(state.layers["1"]) == {"pos", "latent", "k_rope", "index_k"}
     assert state.layers["1"]["index_k"].shape == (2, 1, T, 16)  # index_head_dim, one shared key
 

@@ -5,7 +5,7 @@ import torch
 import transformers as tf
 
 import workbench as wb
-from oracle import T, assert_close_scaled, input_ids, make_checkpoint
+from oracle import T, assert_chunked_equals_whole, input_ids, make_checkpoint
 
 SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256)
@@ -34,18 +34,7 @@ def test_chunked_equals_whole(tmp_path, name):
     model = wb.load(tmp_path)
     ids = input_ids(96)
     routing = [n for n in model.hook_names if n.endswith("topk_ids")]
-    whole, cache = model.run_with_cache(ids, names=routing or ["logits"])
-    state, parts, ids_parts = wb.State(), [], []
-    start = 0
-    for size in (5, 1, 7):
-        logits, c = model.run_with_cache(ids[:, start:start + size], names=routing or ["logits"], cache=state)
-        parts.append(logits)
-        ids_parts.append(c)
-        start += size
-    assert start == T and state.offset == T
-    assert_close_scaled(torch.cat(parts, dim=1), whole, 1e-5, "chunked logits")
-    for n in routing:
-        assert torch.equal(torch.cat([c[n] for c in ids_parts], dim=1), cache[n]), n
+    state = assert_chunked_equals_whole(model, input_ids(96), routing)
     # sliding layers keep only the keys later tokens can see
     for i, layer in model.layers.items():
         window = getattr(layer.attn, "window", None)
