@@ -121,3 +121,19 @@ def test_router_config_fields():
 def test_mtp_pattern_matches_layers_from_n(n):
     rx = re.compile(_at_least(n))
     assert [i for i in range(300) if rx.fullmatch(str(i))] == list(range(n, 300))
+
+
+def test_dense_layer_defaults_follow_the_reference_configs():
+    """Without first_k_dense_replace, V3-style configs start with 3 dense layers and V2 with none."""
+    from workbench.models.deepseek import moe_layers
+
+    base = {"num_hidden_layers": 5}
+    assert moe_layers(Config({**base, "model_type": "deepseek_v3"})) == [False] * 3 + [True] * 2
+    assert moe_layers(Config({**base, "model_type": "deepseek_v2"})) == [True] * 5
+    assert moe_layers(Config({**base, "model_type": "deepseek_v3", "first_k_dense_replace": 1,
+                              "moe_layer_freq": 2})) == [False, False, True, False, True]
+    assert moe_layers(Config({**base, "model_type": "deepseek_v32",
+                              "mlp_layer_types": ["dense", "sparse", "sparse", "dense", "sparse"]})) == \
+        [False, True, True, False, True]
+    with pytest.raises(wb.CheckpointError, match="mlp_layer_types"):
+        moe_layers(Config({**base, "model_type": "deepseek_v32", "mlp_layer_types": ["dense"]}))

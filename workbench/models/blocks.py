@@ -140,7 +140,6 @@ def remember(state: dict[str, torch.Tensor] | None, window: int | None, position
     return tuple(full.values())
 
 
-
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -6,6 +6,10 @@ best groups (group score = sum of its top-2); V2 softmax `greedy` or `group_limi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from torch import nn
+
 from ..config import Config
 from ..errors import CheckpointError
 from ..hooks import HookRegistry
@@ -13,13 +17,13 @@ from .base import CausalLM, DecoderLayer, Rule, hf_rules
 from .blocks import DenseFFN, MoE, RouterSpec, activation
 from .mla import MLA, mla_rotary, mla_softmax_scale
 
-# model_type -> (topk_method, norm_topk_prob, routed_scaling_factor) when config.json leaves them out,
-# as the reference config classes default them
+# model_type -> (topk_method, norm_topk_prob, routed_scaling_factor, first_k_dense_replace) when config.json
+# leaves them out, as the reference config classes default them
 DEFAULTS = {
-    "deepseek_v2": ("greedy", False, 1.0),
-    "deepseek_v3": ("noaux_tc", True, 2.5),
-    "kimi_k2": ("noaux_tc", True, 2.5),
-    "deepseek_v32": ("noaux_tc", True, 2.5),
+    "deepseek_v2": ("greedy", False, 1.0, 0),
+    "deepseek_v3": ("noaux_tc", True, 2.5, 3),
+    "kimi_k2": ("noaux_tc", True, 2.5, 3),
+    "deepseek_v32": ("noaux_tc", True, 2.5, 3),
 }
 
 
@@ -33,7 +37,7 @@ def _flag(cfg: Config, key: str, default: bool) -> bool:
 
 def router_spec(cfg: Config) -> RouterSpec:
     """The routing rule config.json asks for, checked against the expert count."""
-    method, norm, scaling = DEFAULTS[cfg.get("model_type")]
+    method, norm, scaling, _ = DEFAULTS[cfg.get("model_type")]
     method = cfg.choice("topk_method", ("greedy", "group_limited_greedy", "noaux_tc"), method)
     score = cfg.choice("scoring_func", ("softmax", "sigmoid"), "sigmoid" if method == "noaux_tc" else "softmax")
     experts, top_k = cfg.int("n_routed_experts"), cfg.int("num_experts_per_tok")
@@ -58,23 +62,38 @@ def router_spec(cfg: Config) -> RouterSpec:
     )
 
 
-def build(cfg: Config) -> CausalLM:
-    """The model for a DeepSeek-V2/V3-style config.json."""
+def moe_layers(cfg: Config) -> list[bool]:
+    """Per layer: MoE (True) or dense, from `mlp_layer_types` or `first_k_dense_replace` / `moe_layer_freq`."""
+    n = cfg.int("num_hidden_layers")
+    types = cfg.get("mlp_layer_types")
+    if types is not None:
+        if len(types) < n or any(t not in ("dense", "sparse") for t in types[:n]):
+            raise CheckpointError(f"mlp_layer_types must list {n} of dense, sparse", file=cfg.file)
+        return [t == "sparse" for t in types[:n]]
+    first = cfg.int("first_k_dense_replace", DEFAULTS[cfg.get("model_type")][3], min=0)
+    freq = cfg.int("moe_layer_freq", 1)
+    return [i >= first and i % freq == 0 for i in range(n)]
+
+
+def build(cfg: Config, attention: Callable[[HookRegistry, str], nn.Module] | None = None) -> CausalLM:
+    """The model for a DeepSeek-V2/V3-style config.json; `attention(hooks, prefix)` swaps in a variant of MLA."""
     hooks = HookRegistry()
     hidden, eps = cfg.int("hidden_size"), cfg.float("rms_norm_eps", 1e-6)
-    rotary, scale = mla_rotary(cfg), mla_softmax_scale(cfg)
+    if attention is None:
+        rotary, scale = mla_rotary(cfg), mla_softmax_scale(cfg)
+        attention = lambda hooks, prefix: MLA(cfg, rotary, scale)  # noqa: E731
     spec = router_spec(cfg)
     act = activation(cfg)
-    first_moe, freq = cfg.int("first_k_dense_replace", 0, min=0), cfg.int("moe_layer_freq", 1)
+    moe = moe_layers(cfg)
     shared = cfg.int("n_shared_experts", 0, min=0) * cfg.int("moe_intermediate_size")
 
     def layer(i: int) -> DecoderLayer:
         p = f"layers.{i}"
-        if i >= first_moe and i % freq == 0:
+        if moe[i]:
             ffn = MoE(hidden, spec, cfg.int("moe_intermediate_size"), hooks, p, act=act, shared_inter=shared or None)
         else:
             ffn = DenseFFN(hidden, cfg.int("intermediate_size"), act, hooks, p)
-        return DecoderLayer(MLA(cfg, rotary, scale), ffn, hidden, eps, hooks, p)
+        return DecoderLayer(attention(hooks, p), ffn, hidden, eps, hooks, p)
 
     return CausalLM(cfg, hooks, ((i, layer(i)) for i in range(cfg.int("num_hidden_layers"))), eps=eps)
 

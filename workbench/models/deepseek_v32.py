@@ -18,8 +18,8 @@ from ..config import Config
 from ..errors import CheckpointError
 from ..hooks import HookRegistry
 from . import deepseek
-from .base import CausalLM, DecoderLayer, Rule
-from .blocks import DenseFFN, MoE, Rotary, activation, remember
+from .base import CausalLM, Rule
+from .blocks import Rotary
 from .mla import MLA, mla_rotary, mla_softmax_scale
 
 INDEX_KEY_EPS = 1e-6  # the indexer key LayerNorm's eps (fixed, not the config's rms_norm_eps)
@@ -95,63 +95,21 @@ class SparseMLA(MLA):
         return mask[..., :S] & (k_pos[None, :] <= q_pos[:, None])
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q_latent = self.q_a_layernorm(self.q_a_proj(x))
-        q = self.q_b_proj(q_latent).view(B, T, self.heads, -1).transpose(1, 2)
-        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        q_rope = self.rotary.apply(q_rope, cos, sin)
-        k_rope = self.rotary.apply(k_rope[:, None], cos, sin)
+        q_latent = self.q_latent(x)
         icos, isin = self.indexer.rotary.cos_sin(positions, x.dtype)
-        # the state keeps the normed latent, the shared rope key and the indexer key per token
-        k_pos, latent, k_rope, index_k = remember(
-            state, None, positions, latent=self.kv_a_layernorm(latent)[:, None], k_rope=k_rope,
-            index_k=self.indexer.key(x, icos, isin))
+        q, k, v, k_pos, index_k = self.qkv(x, q_latent, positions, state, index_k=self.indexer.key(x, icos, isin))
         chosen = self.select(self.indexer.scores(x, q_latent, icos, isin, index_k), positions, k_pos)
         chosen = self.hp_topk(chosen)
-        S = latent.shape[2]
-        kv = self.kv_b_proj(latent[:, 0]).view(B, S, self.heads, -1).transpose(1, 2)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        q = torch.cat((q_nope, q_rope), dim=-1)
-        k = torch.cat((k_nope, k_rope.expand(-1, self.heads, -1, -1)), dim=-1)
         mask = self.allowed(chosen, positions, k_pos)[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-
-
-def _moe_layers(cfg: Config) -> list[bool]:
-    """Per layer: MoE (True) or dense, from `mlp_layer_types` or `first_k_dense_replace` / `moe_layer_freq`."""
-    n = cfg.int("num_hidden_layers")
-    types = cfg.get("mlp_layer_types")
-    if types is not None:
-        if len(types) < n or any(t not in ("dense", "sparse") for t in types[:n]):
-            raise CheckpointError(f"mlp_layer_types must list {n} of dense, sparse", file=cfg.file)
-        return [t == "sparse" for t in types[:n]]
-    first, freq = cfg.int("first_k_dense_replace", 3, min=0), cfg.int("moe_layer_freq", 1)
-    return [i >= first and i % freq == 0 for i in range(n)]
+        return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
 def build(cfg: Config) -> CausalLM:
-    """The model for a DeepSeek-V3.2-style config.json."""
-    hooks = HookRegistry()
-    hidden, eps = cfg.int("hidden_size"), cfg.float("rms_norm_eps", 1e-6)
+    """The model for a DeepSeek-V3.2-style config.json: V3's layers with indexer-selected sparse MLA."""
     rotary, scale = mla_rotary(cfg), mla_softmax_scale(cfg)
     index_rotary = Rotary(cfg.int("qk_rope_head_dim"), cfg.rope(), interleaved=False)
-    spec = deepseek.router_spec(cfg)
-    act = activation(cfg)
-    moe = _moe_layers(cfg)
-    shared = cfg.int("n_shared_experts", 0, min=0) * cfg.int("moe_intermediate_size")
-
-    def layer(i: int) -> DecoderLayer:
-        p = f"layers.{i}"
-        if moe[i]:
-            ffn = MoE(hidden, spec, cfg.int("moe_intermediate_size"), hooks, p, act=act, shared_inter=shared or None)
-        else:
-            ffn = DenseFFN(hidden, cfg.int("intermediate_size"), act, hooks, p)
-        return DecoderLayer(SparseMLA(cfg, rotary, scale, index_rotary, hooks, p), ffn, hidden, eps, hooks, p)
-
-    return CausalLM(cfg, hooks, ((i, layer(i)) for i in range(cfg.int("num_hidden_layers"))), eps=eps)
+    return deepseek.build(cfg, lambda hooks, prefix: SparseMLA(cfg, rotary, scale, index_rotary, hooks, prefix))
 
 
 def rules(cfg: Config) -> list[Rule]:

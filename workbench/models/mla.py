@@ -53,25 +53,32 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_rank, self.heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.heads * self.v_dim, hidden, bias=bias)
 
-    def queries(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-head queries [B, heads, T, nope + rope], before RoPE."""
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_b_proj") else self.q_proj(x)
-        return q.view(*x.shape[:-1], self.heads, -1).transpose(1, 2)
+    def q_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The normed q latent (q-LoRA), or x itself when queries are projected directly."""
+        return self.q_a_layernorm(self.q_a_proj(x)) if hasattr(self, "q_b_proj") else x
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, state: dict | None,
+            **extra: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q [B,H,T,D] and k, v [B,H,S,*] over every visible key, the keys' positions [S], and any `extra`
+        per-token tensors kept in the state beside the latent (in order)."""
         B, T, _ = x.shape
-        q_nope, q_rope = self.queries(x).split([self.nope, self.rope], dim=-1)
+        q = (self.q_b_proj if hasattr(self, "q_b_proj") else self.q_proj)(q_latent)
+        q_nope, q_rope = q.view(B, T, self.heads, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         q_rope = self.rotary.apply(q_rope, cos, sin)
         k_rope = self.rotary.apply(k_rope[:, None], cos, sin)
-        # the state keeps only the normed latent and the shared rope key per token
-        k_pos, latent, k_rope = remember(state, None, positions, latent=self.kv_a_layernorm(latent)[:, None],
-                                         k_rope=k_rope)
+        # the state keeps only the normed latent and the shared rope key per token (plus `extra`)
+        k_pos, latent, k_rope, *kept = remember(state, None, positions, latent=self.kv_a_layernorm(latent)[:, None],
+                                                k_rope=k_rope, **extra)
         S = latent.shape[2]
         kv = self.kv_b_proj(latent[:, 0]).view(B, S, self.heads, -1).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(-1, self.heads, -1, -1)), dim=-1)
+        return q, k, v, k_pos, *kept
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        q, k, v, k_pos = self.qkv(x, self.q_latent(x), positions, state)
         out = attend(q, k, v, positions, k_pos, self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(out.transpose(1, 2).flatten(2))
