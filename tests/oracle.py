@@ -37,8 +37,8 @@ def make_checkpoint(config, folder: Path, seed: int = 0, scale: float = 0.3):
     return model
 
 
-def input_ids(vocab: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+def input_ids(vocab: int, seed: int = 1, length: int = T) -> torch.Tensor:
+    return torch.randint(0, vocab, (B, length), generator=torch.Generator().manual_seed(seed))
 
 
 @contextmanager
@@ -72,9 +72,10 @@ def assert_close_scaled(ours: torch.Tensor, ref: torch.Tensor, tol: float, what:
     assert err <= tol, f"{what}: max scaled error {err:.3g} > {tol}"
 
 
-def assert_parity(folder: Path, hf_model, vocab: int, *, backend: str = "torch") -> dict:
+def assert_parity(folder: Path, hf_model, vocab: int, *, backend: str = "torch", length: int = T) -> dict:
     """Logits, router logits, top-k sets and weights of `wb.load(folder)` against the oracle."""
-    ids = input_ids(vocab)
+    ids = input_ids(vocab, length=length)
+    N = B * length
     with torch.no_grad(), capture_routing(hf_model) as ref:
         ref_logits = hf_model(ids).logits
     model = wb.load(folder, dtype=torch.float32, backend=backend)
@@ -86,11 +87,11 @@ def assert_parity(folder: Path, hf_model, vocab: int, *, backend: str = "torch")
     assert ours_layers == moe_layers, f"MoE layers differ: ours {ours_layers}, oracle {moe_layers}"
     for i in moe_layers:
         k = cache[f"layers.{i}.router.topk_ids"].shape[-1]
-        torch.testing.assert_close(cache[f"layers.{i}.router.logits"].reshape(B * T, -1), ref[i]["logits"].float(),
+        torch.testing.assert_close(cache[f"layers.{i}.router.logits"].reshape(N, -1), ref[i]["logits"].float(),
                                    atol=1e-5, rtol=1e-5, msg=lambda m: f"layer {i} router logits: {m}")
-        our_ids = cache[f"layers.{i}.router.topk_ids"].reshape(B * T, k)
-        our_w = cache[f"layers.{i}.router.topk_weights"].reshape(B * T, k)
-        ref_ids, ref_w = ref[i]["ids"].reshape(B * T, k), ref[i]["weights"].reshape(B * T, k)
+        our_ids = cache[f"layers.{i}.router.topk_ids"].reshape(N, k)
+        our_w = cache[f"layers.{i}.router.topk_weights"].reshape(N, k)
+        ref_ids, ref_w = ref[i]["ids"].reshape(N, k), ref[i]["weights"].reshape(N, k)
         o_sorted, o_perm = our_ids.sort(dim=-1)
         r_sorted, r_perm = ref_ids.sort(dim=-1)
         assert torch.equal(o_sorted, r_sorted), f"layer {i}: top-k expert sets differ"
@@ -105,8 +106,14 @@ def routing_is_nontrivial(cache: dict[str, torch.Tensor]) -> bool:
                for n in cache if n.endswith("topk_ids"))
 
 
-def assert_chunked_equals_whole(model, ids: torch.Tensor, names: list[str], chunks=(5, 1, 7)) -> "wb.State":
-    """Feeding `ids` chunk by chunk with a State gives the whole-sequence logits and identical hooked tensors."""
+def assert_chunked_equals_whole(model, ids: torch.Tensor, names: list[str], chunks=(5, 1, 7),
+                                tol: float = 1e-5) -> "wb.State":
+    """Feeding `ids` chunk by chunk with a State gives the whole-sequence logits and identical hooked tensors.
+
+    `chunks`: the chunk sizes in order, or one size repeated over the sequence.
+    """
+    if isinstance(chunks, int):
+        chunks = [chunks] * (ids.shape[1] // chunks) + ([ids.shape[1] % chunks] if ids.shape[1] % chunks else [])
     whole, cache = model.run_with_cache(ids, names=names or ["logits"])
     state, parts, caches, start = wb.State(), [], [], 0
     for size in chunks:
@@ -115,7 +122,7 @@ def assert_chunked_equals_whole(model, ids: torch.Tensor, names: list[str], chun
         caches.append(c)
         start += size
     assert start == ids.shape[1] and state.offset == ids.shape[1]
-    assert_close_scaled(torch.cat(parts, dim=1), whole, 1e-5, "chunked logits")
+    assert_close_scaled(torch.cat(parts, dim=1), whole, tol, "chunked logits")
     for n in names:
         assert torch.equal(torch.cat([c[n] for c in caches], dim=1), cache[n]), n
     return state

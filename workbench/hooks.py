@@ -69,15 +69,16 @@ class HookPoint:
 
 # Where each hook sits inside a layer, in forward order; family-specific points (e.g. `attn.*`) fall
 # in by prefix, others right after `resid_pre`.
-_LAYER_ORDER = ("resid_pre", "", "attn.", "attn.out", "resid_mid", "router.logits", "router.scores",
-                "router.topk_ids", "router.topk_weights", "experts.hidden", "experts.out", "shared.out",
-                "moe.out", "mlp.out", "resid_post")
+_LAYER_ORDER = ("resid_pre", "", "hc.attn.", "attn.", "attn.out", "resid_mid", "hc.ffn.", "router.logits",
+                "router.scores", "router.topk_ids", "router.topk_weights", "experts.hidden", "experts.out",
+                "shared.out", "moe.out", "mlp.out", "resid_post")
 
 
 def _forward_rank(name: str) -> tuple:
     parts = name.split(".")
     if parts[0] != "layers":
-        return (float("inf"), ("final.norm_out", "logits").index(name) if name in ("final.norm_out", "logits") else -1)
+        final = ("final.hc_pre", "final.norm_out", "logits")
+        return (float("inf"), final.index(name) if name in final else -1)
     suffix = ".".join(parts[2:])
     rank = max(i for i, p in enumerate(_LAYER_ORDER) if suffix == p or (p.endswith(".") or not p) and suffix.startswith(p))
     return (int(parts[1]), rank)

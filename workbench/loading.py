@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from contextlib import ExitStack
 from pathlib import Path
@@ -23,7 +24,9 @@ FLOAT_DTYPES = {"F32", "F16", "BF16"}
 QUANT_SUFFIXES = ("_blocks", "_scales", "weight_scale_inv", ".scale")
 QUANT_MESSAGE = ("quantised weights of this kind are not supported yet (FP8 loads only as e4m3 weights with "
                  "block scales `weight_scale_inv` and quantization_config.quant_method 'fp8'; MXFP4 not at all)")
-KEEP_FP32 = ("correction_bias",)  # selection-only biases stay fp32 whatever the model dtype
+# kept fp32 whatever the model dtype: selection-only biases, and V4's sinks, pooling biases and stream mixings
+KEEP_FP32 = re.compile(r".*(correction_bias|attn_sink|\.ape|hc_\w+\.(fn|base|scale))")
+INT_DTYPES = {"I64", "I32", "I16", "I8", "U8"}
 
 
 def load(
@@ -51,7 +54,8 @@ def load(
         model = fam.build(cfg)
     dtype = dtype or cfg.dtype
     for name, p in model.named_parameters():
-        p.data = p.data.to(torch.float32 if name.endswith(KEEP_FP32) else dtype)
+        if p.dtype.is_floating_point:
+            p.data = p.data.to(torch.float32 if KEEP_FP32.fullmatch(name) else dtype)
     block = fp8_block(cfg)
     plan = _plan(model, tensors, fam.rules(cfg), block)
     try:
@@ -96,7 +100,10 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, blo
             raise CheckpointError(QUANT_MESSAGE, **where)
         if targets is None or any(t not in params for t, _ in targets):
             raise CheckpointError("unexpected tensor: this model has no parameter for it", **where)
-        if info.dtype not in FLOAT_DTYPES and not scale:
+        integer = not params[targets[0][0]].dtype.is_floating_point
+        if integer and info.dtype not in INT_DTYPES:
+            raise CheckpointError(f"dtype {info.dtype} is not supported here (expected an integer table)", **where)
+        if not integer and info.dtype not in FLOAT_DTYPES and not scale:
             raise CheckpointError(f"dtype {info.dtype} is not supported here (expected F32, F16 or BF16)", **where)
         pieces = split(torch.empty(info.shape, device="meta")) if split else (torch.empty(info.shape, device="meta"),)
         for (target, slot), piece in zip(targets, pieces, strict=True):
@@ -145,6 +152,10 @@ def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan
                 t = dequant_fp8(t, read(scale), block)
             if not torch.isfinite(t).all():
                 raise CheckpointError("weights contain NaN or Inf", file=str(tensors[name].file), tensor=name)
+            bound = model.index_tables.get(targets[0][0])
+            if bound is not None and t.numel() and not 0 <= int(t.min()) <= int(t.max()) < bound:
+                raise CheckpointError(f"values must lie in [0, {bound}), found {int(t.min())}..{int(t.max())}",
+                                      file=str(tensors[name].file), tensor=name)
             for (target, slot), piece in zip(targets, split(t) if split else (t,)):
                 dst = params[target].data if slot is None else params[target].data[slot]
                 dst.copy_(piece)

@@ -21,6 +21,7 @@ FAMILIES = {
     "deepseek_v3": "deepseek",
     "kimi_k2": "deepseek",
     "deepseek_v32": "deepseek_v32",
+    "deepseek_v4": "deepseek_v4",
 }
 
 

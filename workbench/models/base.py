@@ -40,19 +40,29 @@ class DecoderLayer(nn.Module):
         self.ffn_norm, self.ffn = RMSNorm(hidden, eps), ffn
         self.hp_post = hooks.point(f"{prefix}.resid_post")
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor,
+                state: dict | None = None) -> torch.Tensor:
         x = self.hp_pre(x)
         x = self.hp_mid(x + self.hp_attn(self.attn(self.attn_norm(x), positions, state)))
-        return self.hp_post(x + self.ffn(self.ffn_norm(x)))
+        return self.hp_post(x + self.ffn(self.ffn_norm(x), token_ids))
 
 
 @dataclass
 class State:
     """What a chunk-by-chunk forward carries between chunks of one sequence: the next position and each
-    layer's attention state (keys/values, windowed for sliding layers; MLA's latent and rope key)."""
+    layer's attention state (keys/values, windowed for sliding layers; MLA's latent and rope key;
+    DeepSeek-V4's pending tokens and pooled entries of its compressors)."""
 
     offset: int = 0
-    layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    layers: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors (what a long sequence costs in memory beyond the weights)."""
+        def size(d: dict) -> int:
+            return sum(size(v) if isinstance(v, dict) else v.nbytes if isinstance(v, torch.Tensor) else 0
+                       for v in d.values())
+        return size(self.layers)
 
 
 class CausalLM(nn.Module):
@@ -79,6 +89,7 @@ class CausalLM(nn.Module):
         self.revision: str | None = None
         self.commit: str | None = None
         self.tokenizer: Any = None
+        self.index_tables: dict[str, int] = {}  # integer parameter -> exclusive bound of its values
 
     def tie_weights(self) -> None:
         """Share the embedding with the output head when the config says so."""
@@ -96,16 +107,24 @@ class CausalLM(nn.Module):
         With `cache=State()` the sequence may be fed chunk by chunk: each call continues where the last
         one stopped, and the logits equal those of one whole-sequence call.
         """
-        input_ids = self._check_ids(input_ids)
-        T = input_ids.shape[1]
-        start = cache.offset if cache is not None else 0
-        positions = torch.arange(start, start + T, device=input_ids.device)
-        self._hooks.positions, self._hooks.input_ids = positions, input_ids
+        input_ids, positions = self._start(input_ids, cache)
         x = self.embed(input_ids)
         for i, layer in self.layers.items():
-            x = layer(x, positions, None if cache is None else cache.layers.setdefault(i, {}))
+            x = layer(x, positions, input_ids, None if cache is None else cache.layers.setdefault(i, {}))
+        return self._finish(x, cache)
+
+    def _start(self, input_ids: Any, cache: State | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked ids [B, T] and their absolute positions [T] (continuing `cache`); tells the hooks both."""
+        input_ids = self._check_ids(input_ids)
+        start = cache.offset if cache is not None else 0
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        self._hooks.positions, self._hooks.input_ids = positions, input_ids
+        return input_ids, positions
+
+    def _finish(self, x: torch.Tensor, cache: State | None) -> torch.Tensor:
+        """Final norm and head over the last hidden state [B, T, H]; advances `cache` past this chunk."""
         if cache is not None:
-            cache.offset += T
+            cache.offset += x.shape[1]
         x = self.hp_norm_out(self.norm(x))
         return self.hp_logits(self.lm_head(x))
 

@@ -239,17 +239,20 @@ def gqa(cfg: Config, **options: Any) -> Attention:
 
 
 class MLP(nn.Module):
-    """Dense gated MLP: down(act(gate(x)) * up(x))."""
+    """Dense gated MLP: down(act(gate(x)) * up(x)); `limit` clamps gate above and up both sides (DeepSeek-V4)."""
 
-    def __init__(self, hidden: int, inter: int, act: Any = F.silu):
+    def __init__(self, hidden: int, inter: int, act: Any = F.silu, limit: float | None = None):
         super().__init__()
-        self.act = act
+        self.act, self.limit = act, limit
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.limit is not None:
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DenseFFN(MLP):
@@ -259,7 +262,8 @@ class DenseFFN(MLP):
         super().__init__(hidden, inter, act)
         self.hp_out = hooks.point(f"{prefix}.mlp.out")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Same call as MoE; a dense block does not look at the token ids."""
         return self.hp_out(super().forward(x))
 
 
@@ -314,8 +318,8 @@ class Router(nn.Module):
         self.hp_ids = hooks.point(f"{prefix}.router.topk_ids")
         self.hp_weights = hooks.point(f"{prefix}.router.topk_weights")
 
-    def select(self, scores: torch.Tensor) -> torch.Tensor:
-        """Top-k expert ids [N, k] from fp32 scores [N, E]; ties go to the lower expert index."""
+    def select(self, scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Top-k expert ids [N, k] from fp32 scores [N, E] of tokens `token_ids` [N]; ties go to the lower index."""
         s = self.spec
         sel = scores + self.correction_bias.float() if self.correction_bias is not None else scores
         if s.groups > 1 and s.topk_groups < s.groups:
@@ -339,12 +343,13 @@ class Router(nn.Module):
             w = w / (w.sum(dim=-1, keepdim=True) + s.norm_eps)
         return w * s.scaling
 
-    def forward(self, x: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Route flat tokens x [N, H]; hooks see token-major tensors of `shape` [B, T, ...]."""
+    def forward(self, x: torch.Tensor, shape: tuple[int, ...],
+                token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route flat tokens x [N, H] with ids [N]; hooks see token-major tensors of `shape` [B, T, ...]."""
         logits = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         logits = self.hp_logits(logits.view(*shape, -1)).flatten(0, -2)
         scores = self.hp_scores(_scores(logits, self.spec.score).view(*shape, -1)).flatten(0, -2)
-        ids = self.hp_ids(self.select(scores).view(*shape, -1)).flatten(0, -2)
+        ids = self.hp_ids(self.select(scores, token_ids).view(*shape, -1)).flatten(0, -2)
         weights = self.weigh(scores, ids).view(*shape, -1)
         weights = self.hp_weights(weights, topk_ids=ids.view(*shape, -1)).flatten(0, -2)
         return ids, weights
@@ -353,12 +358,12 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """Routed experts stored stacked ([E, I, H] gate/up, [E, H, I] down), computed one expert at a time.
 
-    `limit` selects GPT-OSS's clamped SwiGLU: gate clamped above, up clamped both sides,
-    out = (up + 1) * gate * sigmoid(alpha * gate).
+    `limit` clamps gate above and up both sides before the GLU (DeepSeek-V4, GPT-OSS); `alpha` selects
+    GPT-OSS's variant out = (up + 1) * gate * sigmoid(alpha * gate) instead of act(gate) * up.
     """
 
     def __init__(self, n: int, hidden: int, inter: int, act: Any = F.silu, *, bias: bool = False,
-                 limit: float | None = None, alpha: float = 1.702):
+                 limit: float | None = None, alpha: float | None = None):
         super().__init__()
         self.act, self.limit, self.alpha = act, limit, alpha
         self.gate_proj = nn.Parameter(torch.empty(n, inter, hidden))
@@ -375,9 +380,10 @@ class Experts(nn.Module):
         """Expert e's activated hidden state for rows x [n, H]."""
         gate = F.linear(x, self.gate_proj[e], None if self.gate_bias is None else self.gate_bias[e])
         up = F.linear(x, self.up_proj[e], None if self.up_bias is None else self.up_bias[e])
-        if self.limit is None:
+        if self.limit is not None:
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        if self.alpha is None:
             return self.act(gate) * up
-        gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
         return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
 
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
@@ -394,21 +400,23 @@ class MoE(nn.Module):
 
     def __init__(self, hidden: int, spec: RouterSpec, inter: int, hooks: HookRegistry, prefix: str, *,
                  act: Any = F.silu, shared_inter: int | None = None, shared_gate: bool = False,
-                 expert_bias: bool = False, limit: float | None = None, alpha: float = 1.702):
+                 expert_bias: bool = False, limit: float | None = None, alpha: float | None = None,
+                 router: type[Router] | None = None):
         super().__init__()
-        self.router = Router(hidden, spec, hooks, prefix)
+        self.router = (router or Router)(hidden, spec, hooks, prefix)
         self.experts = Experts(spec.experts, hidden, inter, act, bias=expert_bias, limit=limit, alpha=alpha)
-        self.shared = MLP(hidden, shared_inter, act) if shared_inter else None
+        self.shared = MLP(hidden, shared_inter, act, limit) if shared_inter else None
         self.shared_gate = nn.Linear(hidden, 1, bias=False) if shared_gate else None
         self.hp_hidden = hooks.point(f"{prefix}.experts.hidden")
         self.hp_expert_out = hooks.point(f"{prefix}.experts.out")
         self.hp_shared = hooks.point(f"{prefix}.shared.out") if self.shared is not None else None
         self.hp_out = hooks.point(f"{prefix}.moe.out")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H] of tokens token_ids [B, T] (hash routing selects by token id)."""
         shape = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
-        ids, weights = self.router(flat, shape)
+        ids, weights = self.router(flat, shape, token_ids.reshape(-1))
         y = self.routed(flat, ids, weights.to(x.dtype), shape)
         if self.shared is not None:
             s = self.shared(flat)

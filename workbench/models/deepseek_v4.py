@@ -1,0 +1,471 @@
+"""DeepSeek-V4 (V4-Flash, V4-Pro): hyper-connected residual streams, sliding-window attention with pooled
+long-range entries (CSA / HCA), hash-routed and sqrtsoftplus-routed MoE (REFERENCES: "V4").
+
+- Residual: `hc_mult` streams [B, T, n, H]. Before each block a linear map of the RMS-normalised flattened
+  streams gives three mixings: `pre` (sigmoid + eps) collapses the streams into the block input, `post`
+  (2 sigmoid) spreads the block output back, `comb` (softmax + eps, Sinkhorn-normalised, columns first)
+  mixes the streams: new = post * out + comb^T @ streams. `hc_head` collapses them before the final norm.
+- Attention: one shared KV head used as both key and value, per-head unweighted RMSNorm on queries,
+  interleaved RoPE on the last `qk_rope_head_dim` channels (undone on the output at the query position),
+  a learned sink logit per head, every layer attending to the last `sliding_window` raw tokens. HCA layers
+  add one pooled entry per `m'` tokens (softmax(gate + ape)-weighted sum, RMSNorm, RoPE at the window
+  start); CSA layers pool overlapping windows (width 2m, stride m) and attend only to the `index_topk`
+  entries a lightning indexer (with its own pooled keys) scores highest. Output through a grouped
+  low-rank projection.
+- MoE: sqrtsoftplus scores; learned layers pick the top-k of scores + correction bias, hash layers take
+  `tid2eid[token]`; weights are the picked scores renormalised times `routed_scaling_factor`; experts and
+  the shared expert use a clamped SwiGLU.
+
+Parameter names follow the official checkpoint (`attn.wq_a`, `attn.compressor.ape`, `hc_attn.fn`...).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from ..errors import CheckpointError
+from ..hooks import HookRegistry
+from .base import CausalLM, Rule, State
+from .blocks import MoE, RMSNorm, Rotary, Router, RouterSpec, activation, remember
+
+SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
+LEGACY_RATIOS = {0: SLIDING, 4: CSA, 128: HCA}  # `compress_ratios` of older configs, per layer
+
+
+# ---------------------------------------------------------------- config
+
+
+def layer_types(cfg: Config) -> list[str]:
+    """Attention kind per layer: `layer_types`, legacy `compress_ratios`, or V4-Pro's default schedule."""
+    n = cfg.int("num_hidden_layers")
+    types = cfg.get("layer_types")
+    if types is None and cfg.get("compress_ratios") is not None:
+        ratios = cfg.get("compress_ratios")
+        if not isinstance(ratios, list) or any(r not in LEGACY_RATIOS for r in ratios):
+            raise CheckpointError(f"compress_ratios must list 0, 4 or 128 per layer, got {ratios!r}", file=cfg.file)
+        types = [LEGACY_RATIOS[r] for r in ratios]
+    if types is None:
+        types = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
+    if not isinstance(types, list) or len(types) < n or any(t not in (SLIDING, CSA, HCA) for t in types[:n]):
+        raise CheckpointError(f"layer_types must list {n} of {SLIDING}, {CSA}, {HCA}", file=cfg.file)
+    return types[:n]
+
+
+def compress_rates(cfg: Config) -> dict[str, int]:
+    """Tokens pooled per entry for CSA (m) and HCA (m')."""
+    rates = {CSA: 4, HCA: 128}
+    given = cfg.get("compress_rates") or {}
+    if not isinstance(given, dict):
+        raise CheckpointError("compress_rates must be an object", file=cfg.file)
+    rates.update(given)
+    for kind, legacy in ((CSA, "compress_rate_csa"), (HCA, "compress_rate_hca")):
+        if legacy in cfg:
+            rates[kind] = cfg.int(legacy)
+    for kind, rate in rates.items():
+        if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
+            raise CheckpointError(f"compress rate of {kind} must be a positive integer, got {rate!r}", file=cfg.file)
+    return rates
+
+
+def hash_layers(cfg: Config) -> list[bool]:
+    """Per layer: hash-routed (True) or learned top-k, from `mlp_layer_types` or `num_hash_layers` (default 3)."""
+    n = cfg.int("num_hidden_layers")
+    types = cfg.get("mlp_layer_types")
+    if types is None:
+        k = cfg.int("num_hash_layers", 3, min=0)
+        types = ["hash_moe"] * min(n, k) + ["moe"] * max(0, n - k)
+    if not isinstance(types, list) or len(types) < n or any(t not in ("hash_moe", "moe") for t in types[:n]):
+        raise CheckpointError(f"mlp_layer_types must list {n} of hash_moe, moe", file=cfg.file)
+    return [t == "hash_moe" for t in types[:n]]
+
+
+def rope_dim(cfg: Config) -> int:
+    """Rotary channels per head: head_dim * partial_rotary_factor, else qk_rope_head_dim, else head_dim / 8."""
+    head_dim = cfg.int("head_dim")
+    if "partial_rotary_factor" in cfg:
+        dim = int(head_dim * cfg.float("partial_rotary_factor"))
+    else:
+        dim = cfg.int("qk_rope_head_dim", head_dim // 8)
+    if dim < 2 or dim % 2 or dim > head_dim:
+        raise CheckpointError(f"rotary dims {dim} must be even and within head_dim={head_dim}", file=cfg.file)
+    return dim
+
+
+def rope_params(cfg: Config) -> dict[str, dict]:
+    """RoPE for sliding-only layers ("main": plain, rope_theta) and compressed ones ("compress":
+    compress_rope_theta, YaRN when configured, without YaRN's attention factor)."""
+    given = cfg.get("rope_parameters") or {}
+    if isinstance(given.get("main"), dict) and isinstance(given.get("compress"), dict):
+        return {k: {"rope_type": "default", **given[k]} for k in ("main", "compress")}
+    flat = {k: v for k, v in {**given, **(cfg.get("rope_scaling") or {})}.items() if not isinstance(v, dict)}
+    flat.setdefault("rope_type", flat.pop("type", "default"))
+    main = {"rope_type": "default", "rope_theta": cfg.float("rope_theta", 10000.0)}
+    compress = {**flat, "rope_theta": cfg.float("compress_rope_theta", 160000.0)}
+    if compress["rope_type"] == "yarn":
+        compress.setdefault("attention_factor", 1.0)
+        compress.setdefault("original_max_position_embeddings", cfg.int("max_position_embeddings"))
+    return {"main": main, "compress": compress}
+
+
+# ---------------------------------------------------------------- attention
+
+
+def rope_tail(rotary: Rotary, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the last `rotary.dim` channels of x [..., T, D]; the leading ones pass through."""
+    nope, rot = x.split([x.shape[-1] - rotary.dim, rotary.dim], dim=-1)
+    return torch.cat((nope, rotary.apply(rot, cos, sin)), dim=-1)
+
+
+def _sub(state: dict | None, key: str) -> dict | None:
+    return None if state is None else state.setdefault(key, {})
+
+
+def topk_entries(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., k] of the k highest scores, best first, ties to the lower index; -1 where the pick is -inf.
+
+    Deterministic whatever the number of rows or columns (so chunked and whole-sequence runs agree), in
+    O(N) per row: two top-k passes instead of a full sort.
+    """
+    if scores.shape[-1] < k:
+        scores = F.pad(scores, (0, k - scores.shape[-1]), value=float("-inf"))
+    threshold = scores.topk(k, dim=-1).values[..., -1:]
+    above, tie = scores > threshold, scores == threshold
+    take = above | (tie & (tie.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+    index = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
+    picked = torch.where(take, index, scores.shape[-1]).topk(k, dim=-1, largest=False).values
+    value = scores.gather(-1, picked)
+    order = torch.sort(value, dim=-1, descending=True, stable=True).indices
+    return picked.gather(-1, order).masked_fill(value.gather(-1, order) == float("-inf"), -1)
+
+
+class Compressor(nn.Module):
+    """Pools every `rate` tokens into one entry: softmax over the window of (gate + ape) weighs the projected
+    tokens per channel, then RMSNorm and RoPE at the window's first position.
+
+    `overlap` (CSA): tokens project to two series; entry w pools series A of window w-1 with series B of
+    window w (width 2 * rate, stride rate). Chunked, the state keeps the tokens of the unfinished window,
+    the last window's series A, and the entries so far.
+    """
+
+    def __init__(self, hidden: int, dim: int, rate: int, overlap: bool, rotary: Rotary, eps: float):
+        super().__init__()
+        self.dim, self.rate, self.overlap, self.rotary = dim, rate, overlap, rotary
+        width = 2 * dim if overlap else dim
+        self.wkv = nn.Linear(hidden, width, bias=False)
+        self.wgate = nn.Linear(hidden, width, bias=False)
+        self.ape = nn.Parameter(torch.empty(rate, width))
+        self.norm = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, state: dict | None) -> torch.Tensor:
+        """Every entry pooled so far [B, N, dim] (N = completed windows), given this chunk x [B, T, H]."""
+        B, r, d = x.shape[0], self.rate, self.dim
+        kv, gate = self.wkv(x), self.wgate(x)
+        done = 0
+        if state:
+            kv, gate = torch.cat((state["kv"], kv), 1), torch.cat((state["gate"], gate), 1)
+            done = state["windows"]
+        n = kv.shape[1] // r
+        kv_w = kv[:, : n * r].view(B, n, r, kv.shape[-1])
+        gate_w = gate[:, : n * r].view(B, n, r, kv.shape[-1]) + self.ape
+        pool_kv, pool_gate = kv_w, gate_w
+        if self.overlap:
+            prev_kv = state["prev_kv"] if state and "prev_kv" in state else kv_w.new_zeros(B, 1, r, d)
+            prev_gate = (state["prev_gate"] if state and "prev_gate" in state
+                         else gate_w.new_full((B, 1, r, d), float("-inf")))
+            pool_kv = torch.cat((torch.cat((prev_kv, kv_w[:, :-1, :, :d]), 1)[:, :n], kv_w[..., d:]), dim=2)
+            pool_gate = torch.cat((torch.cat((prev_gate, gate_w[:, :-1, :, :d]), 1)[:, :n], gate_w[..., d:]), dim=2)
+        entries = self.norm((pool_kv * pool_gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(2))
+        cos, sin = self.rotary.cos_sin((done + torch.arange(n, device=x.device)) * r, entries.dtype)
+        entries = rope_tail(self.rotary, entries, cos, sin)
+        if state is None:
+            return entries
+        if n and self.overlap:
+            state["prev_kv"], state["prev_gate"] = kv_w[:, -1:, :, :d], gate_w[:, -1:, :, :d]
+        state["kv"], state["gate"], state["windows"] = kv[:, n * r:], gate[:, n * r:], done + n
+        state["entries"] = torch.cat((state["entries"], entries), 1) if "entries" in state else entries
+        return state["entries"]
+
+
+class Indexer(nn.Module):
+    """Lightning indexer: the score of entry s for query t is sum_h w_h(t) * ReLU(q_h(t) . k(s)) * D^-0.5,
+    with w = weights_proj(x) * H^-0.5, over its own pooled keys (an overlapping compressor)."""
+
+    def __init__(self, cfg: Config, rotary: Rotary, rate: int):
+        super().__init__()
+        hidden, eps = cfg.int("hidden_size"), cfg.float("rms_norm_eps", 1e-6)
+        self.heads, self.dim = cfg.int("index_n_heads", 64), cfg.int("index_head_dim", 128)
+        self.topk, self.rotary = cfg.int("index_topk", 512), rotary
+        if self.dim < rotary.dim:
+            raise CheckpointError(f"index_head_dim={self.dim} is smaller than the {rotary.dim} rotary dims",
+                                  file=cfg.file)
+        self.wq_b = nn.Linear(cfg.int("q_lora_rank"), self.heads * self.dim, bias=False)
+        self.weights_proj = nn.Linear(hidden, self.heads, bias=False)
+        self.compressor = Compressor(hidden, self.dim, rate, True, rotary, eps)
+
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                visible: torch.Tensor, state: dict | None) -> torch.Tensor:
+        """Entry indices [B, T, index_topk] each query attends to, best first, -1 padded."""
+        B, T, _ = x.shape
+        keys = self.compressor(x, state)
+        q = rope_tail(self.rotary, self.wq_b(q_latent).view(B, T, self.heads, self.dim).transpose(1, 2), cos, sin)
+        per_head = torch.relu(q.float() @ keys[:, None].float().transpose(-1, -2)) * self.dim**-0.5  # [B,H,T,N]
+        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.heads**-0.5  # [B, T, H]
+        scores = torch.einsum("bth,bhtn->btn", w, per_head).masked_fill(~visible, float("-inf"))
+        return topk_entries(scores, self.topk)
+
+
+class Attention(nn.Module):
+    """V4 attention of one layer kind (sliding, CSA or HCA); names follow the checkpoint's `attn.*`.
+
+    Hook `{prefix}.attn.indexer_topk` (CSA) [B, T, index_topk] int64: the pooled entries each query attends
+    to (entry w pools tokens from w * m), best first, -1 padded; a hook may rewrite it (entries that are not
+    yet complete for that query are ignored).
+    """
+
+    def __init__(self, cfg: Config, kind: str, rotary: Rotary, rate: int, hooks: HookRegistry, prefix: str):
+        super().__init__()
+        hidden, q_rank = cfg.int("hidden_size"), cfg.int("q_lora_rank")
+        self.heads, self.head_dim = cfg.int("num_attention_heads"), cfg.int("head_dim")
+        self.groups, o_rank = cfg.int("o_groups"), cfg.int("o_lora_rank")
+        self.eps = cfg.float("rms_norm_eps", 1e-6)
+        self.window, self.rate, self.rotary = cfg.int("sliding_window"), rate, rotary
+        if (self.heads * self.head_dim) % self.groups:
+            raise CheckpointError(f"o_groups={self.groups} does not divide {self.heads} heads x {self.head_dim}",
+                                  file=cfg.file)
+        self.wq_a = nn.Linear(hidden, q_rank, bias=False)
+        self.q_norm = RMSNorm(q_rank, self.eps)
+        self.wq_b = nn.Linear(q_rank, self.heads * self.head_dim, bias=False)
+        self.wkv = nn.Linear(hidden, self.head_dim, bias=False)
+        self.norm = RMSNorm(self.head_dim, self.eps)
+        self.wo_a = nn.Linear(self.heads * self.head_dim // self.groups, self.groups * o_rank, bias=False)
+        self.wo_b = nn.Linear(self.groups * o_rank, hidden, bias=False)
+        self.attn_sink = nn.Parameter(torch.empty(self.heads))
+        self.compressor = None if kind == SLIDING else Compressor(hidden, self.head_dim, rate, kind == CSA,
+                                                                   rotary, self.eps)
+        self.indexer = Indexer(cfg, rotary, rate) if kind == CSA else None
+        self.hp_topk = hooks.point(f"{prefix}.attn.indexer_topk") if kind == CSA else None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        scale = self.head_dim**-0.5
+        q_latent = self.q_norm(self.wq_a(x))
+        q = self.wq_b(q_latent).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        q = rope_tail(self.rotary, q, cos, sin)
+        kv = rope_tail(self.rotary, self.norm(self.wkv(x))[:, None], cos, sin)  # [B, 1, T, D]: key = value
+        k_pos, kv = remember(_sub(state, "window"), self.window, positions, kv=kv)
+        local = (k_pos[None, :] <= positions[:, None]) & (k_pos[None, :] > positions[:, None] - self.window)
+        logits = [((q @ kv.transpose(-1, -2)).float() * scale).masked_fill(~local, float("-inf"))]
+        if self.compressor is not None:
+            entries = self.compressor(x, _sub(state, "compressor"))  # [B, N, D]
+            complete = (positions[:, None] + 1) // self.rate  # entries [0, complete) are whole for query t
+            visible = torch.arange(entries.shape[1], device=x.device)[None, :] < complete
+            if self.indexer is None:
+                pooled = entries[:, None]  # every query sees every complete entry: [B, 1, N, D]
+                logits.append(((q @ pooled.transpose(-1, -2)).float() * scale).masked_fill(~visible, float("-inf")))
+            else:
+                chosen = self.hp_topk(self.indexer(x, q_latent, cos, sin, visible, _sub(state, "indexer")))
+                ok = (chosen >= 0) & (chosen < complete[None])  # [B, T, k]
+                pooled = entries[torch.arange(B)[:, None, None], chosen.clamp(0, max(entries.shape[1] - 1, 0))] \
+                    if entries.shape[1] else entries.new_zeros(B, T, chosen.shape[-1], self.head_dim)
+                chosen_logits = torch.einsum("bhtd,btkd->bhtk", q, pooled).float() * scale
+                logits.append(chosen_logits.masked_fill(~ok[:, None], float("-inf")))
+        sink = self.attn_sink.float().view(1, -1, 1, 1).expand(B, -1, T, 1)
+        probs = torch.softmax(torch.cat((*logits, sink), dim=-1), dim=-1).to(kv.dtype)
+        out = probs[..., : kv.shape[2]] @ kv
+        if self.compressor is not None:
+            p = probs[..., kv.shape[2]: -1]
+            out = out + (p @ pooled if self.indexer is None else torch.einsum("bhtk,btkd->bhtd", p, pooled))
+        out = rope_tail(self.rotary, out, cos, -sin).transpose(1, 2).reshape(B, T, self.groups, -1)
+        w = self.wo_a.weight.view(self.groups, -1, out.shape[-1])
+        return self.wo_b(torch.einsum("btgi,goi->btgo", out, w).flatten(2))
+
+
+# ---------------------------------------------------------------- hyper-connections and layers
+
+
+def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
+class HyperConnection(nn.Module):
+    """mHC mixing for one block; parameters are the checkpoint's `hc_{attn,ffn}_{fn,base,scale}`.
+
+    Hooks `{prefix}.pre` [B,T,n], `.post` [B,T,n] and `.comb` [B,T,n,n] (fp32) are the stream weights.
+    """
+
+    def __init__(self, cfg: Config, hooks: HookRegistry, prefix: str):
+        super().__init__()
+        n, hidden = cfg.int("hc_mult", 4), cfg.int("hidden_size")
+        self.n, self.iters = n, cfg.int("hc_sinkhorn_iters", 20)
+        self.eps, self.norm_eps = cfg.float("hc_eps", 1e-6), cfg.float("rms_norm_eps", 1e-6)
+        self.fn = nn.Parameter(torch.empty((2 + n) * n, n * hidden))
+        self.base = nn.Parameter(torch.empty((2 + n) * n))
+        self.scale = nn.Parameter(torch.empty(3))
+        self.hp_pre, self.hp_post = hooks.point(f"{prefix}.pre"), hooks.point(f"{prefix}.post")
+        self.hp_comb = hooks.point(f"{prefix}.comb")
+
+    def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(block input [B,T,H], post [B,T,n], comb [B,T,n,n]) for streams [B,T,n,H]."""
+        n = self.n
+        mix = F.linear(_unit_rms(streams.flatten(2).float(), self.norm_eps), self.fn.float())
+        pre, post, comb = mix.split([n, n, n * n], dim=-1)
+        b_pre, b_post, b_comb = self.base.float().split([n, n, n * n])
+        s = self.scale.float()
+        pre = self.hp_pre(torch.sigmoid(pre * s[0] + b_pre) + self.eps)
+        post = self.hp_post(2 * torch.sigmoid(post * s[1] + b_post))
+        comb = torch.softmax((comb * s[2] + b_comb).unflatten(-1, (n, n)), dim=-1) + self.eps
+        comb = comb / (comb.sum(-2, keepdim=True) + self.eps)
+        for _ in range(self.iters - 1):
+            comb = comb / (comb.sum(-1, keepdim=True) + self.eps)
+            comb = comb / (comb.sum(-2, keepdim=True) + self.eps)
+        comb = self.hp_comb(comb)
+        return (pre[..., None] * streams).sum(2).to(streams.dtype), post, comb
+
+
+def spread(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """New streams: post * block output + comb^T @ old streams."""
+    dtype = streams.dtype
+    return post.to(dtype)[..., None] * out[:, :, None] + comb.to(dtype).transpose(-1, -2) @ streams
+
+
+class HyperHead(nn.Module):
+    """Collapses the streams before the final norm (`hc_head_{fn,base,scale}`); hook `final.hc_pre` [B,T,n]."""
+
+    def __init__(self, cfg: Config, hooks: HookRegistry):
+        super().__init__()
+        n, hidden = cfg.int("hc_mult", 4), cfg.int("hidden_size")
+        self.eps, self.norm_eps = cfg.float("hc_eps", 1e-6), cfg.float("rms_norm_eps", 1e-6)
+        self.fn = nn.Parameter(torch.empty(n, n * hidden))
+        self.base = nn.Parameter(torch.empty(n))
+        self.scale = nn.Parameter(torch.empty(1))
+        self.hp_pre = hooks.point("final.hc_pre")
+
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        mix = F.linear(_unit_rms(streams.flatten(2).float(), self.norm_eps), self.fn.float())
+        pre = self.hp_pre(torch.sigmoid(mix * self.scale.float() + self.base.float()) + self.eps)
+        return (pre[..., None] * streams).sum(2).to(streams.dtype)
+
+
+class HashRouter(Router):
+    """Hash routing: the experts of token t are `tid2eid[t]`; weights still come from the learned scores."""
+
+    def __init__(self, hidden: int, spec: RouterSpec, hooks: HookRegistry, prefix: str, vocab: int):
+        super().__init__(hidden, spec, hooks, prefix)
+        self.tid2eid = nn.Parameter(torch.empty(vocab, spec.top_k, dtype=torch.long), requires_grad=False)
+
+    def select(self, scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.tid2eid[token_ids]
+
+
+class Layer(nn.Module):
+    """One V4 block pair on the streams: mHC-collapsed input -> attention -> spread, then the same for the MoE."""
+
+    def __init__(self, cfg: Config, attn: Attention, ffn: MoE, hooks: HookRegistry, prefix: str):
+        super().__init__()
+        hidden, eps = cfg.int("hidden_size"), cfg.float("rms_norm_eps", 1e-6)
+        self.hp_pre = hooks.point(f"{prefix}.resid_pre")
+        self.hc_attn = HyperConnection(cfg, hooks, f"{prefix}.hc.attn")
+        self.attn_norm, self.attn = RMSNorm(hidden, eps), attn
+        self.hp_attn = hooks.point(f"{prefix}.attn.out")
+        self.hp_mid = hooks.point(f"{prefix}.resid_mid")
+        self.hc_ffn = HyperConnection(cfg, hooks, f"{prefix}.hc.ffn")
+        self.ffn_norm, self.ffn = RMSNorm(hidden, eps), ffn
+        self.hp_post = hooks.point(f"{prefix}.resid_post")
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor,
+                state: dict | None = None) -> torch.Tensor:
+        x = self.hp_pre(x)
+        h, post, comb = self.hc_attn(x)
+        x = self.hp_mid(spread(x, self.hp_attn(self.attn(self.attn_norm(h), positions, state)), post, comb))
+        h, post, comb = self.hc_ffn(x)
+        return self.hp_post(spread(x, self.ffn(self.ffn_norm(h), token_ids), post, comb))
+
+
+class DeepseekV4(CausalLM):
+    """V4's decoder: residual streams [B, T, hc_mult, H] between embedding and `hc_head`."""
+
+    def __init__(self, cfg: Config, hooks: HookRegistry, layers, eps: float):
+        super().__init__(cfg, hooks, layers, eps=eps)
+        self.streams = cfg.int("hc_mult", 4)
+        self.hc_head = HyperHead(cfg, hooks)
+        hooks.sort()
+        # integer tables and the bound their values must stay under (checked on load)
+        self.index_tables = {f"layers.{i}.ffn.router.tid2eid": cfg.int("n_routed_experts")
+                             for i, layer in self.layers.items() if isinstance(layer.ffn.router, HashRouter)}
+
+    def forward(self, input_ids: torch.Tensor, *, cache: State | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab]; with `cache=State()` the sequence may be fed chunk by chunk (state per layer:
+        the sliding window's keys, each compressor's pending tokens and pooled entries)."""
+        input_ids, positions = self._start(input_ids, cache)
+        x = self.embed(input_ids)[:, :, None].expand(-1, -1, self.streams, -1).contiguous()
+        for i, layer in self.layers.items():
+            x = layer(x, positions, input_ids, None if cache is None else cache.layers.setdefault(i, {}))
+        return self._finish(self.hc_head(x), cache)
+
+
+def build(cfg: Config) -> DeepseekV4:
+    """The model for a DeepSeek-V4 config.json (HF `deepseek_v4` or the official inference config)."""
+    hooks = HookRegistry()
+    hidden, eps = cfg.int("hidden_size"), cfg.float("rms_norm_eps", 1e-6)
+    if cfg.int("num_key_value_heads", 1) != 1:
+        raise CheckpointError("DeepSeek-V4 attention has one shared KV head (num_key_value_heads must be 1)",
+                              file=cfg.file)
+    if cfg.int("n_shared_experts", 1) != 1:
+        raise CheckpointError("DeepSeek-V4 has exactly one shared expert (n_shared_experts must be 1)", file=cfg.file)
+    types, rates, hashed = layer_types(cfg), compress_rates(cfg), hash_layers(cfg)
+    dim, ropes = rope_dim(cfg), rope_params(cfg)
+    rotary = {"main": Rotary(dim, ropes["main"], interleaved=True),
+              "compress": Rotary(dim, ropes["compress"], interleaved=True)}
+    experts, top_k = cfg.int("n_routed_experts"), cfg.int("num_experts_per_tok")
+    if top_k > experts:
+        raise CheckpointError(f"num_experts_per_tok={top_k} exceeds n_routed_experts={experts}", file=cfg.file)
+    cfg.choice("scoring_func", ("sqrtsoftplus",), "sqrtsoftplus")
+    scaling = cfg.float("routed_scaling_factor", 1.5)
+    renorm = cfg.get("norm_topk_prob", True)
+    learned = RouterSpec(experts, top_k, score="sqrtsoftplus", correction_bias=True, renormalize=renorm,
+                         norm_eps=1e-20, scaling=scaling)
+    hashed_spec = RouterSpec(experts, top_k, score="sqrtsoftplus", renormalize=renorm, norm_eps=1e-20,
+                             scaling=scaling)
+    limit = cfg.float("swiglu_limit", 10.0)
+    limit = limit if limit > 0 else None
+    inter, act, vocab = cfg.int("moe_intermediate_size"), activation(cfg), cfg.int("vocab_size")
+
+    def layer(i: int) -> Layer:
+        p, kind = f"layers.{i}", types[i]
+        attn = Attention(cfg, kind, rotary["main" if kind == SLIDING else "compress"], rates.get(kind, 1), hooks, p)
+        router = (lambda *a: HashRouter(*a, vocab)) if hashed[i] else None
+        ffn = MoE(hidden, hashed_spec if hashed[i] else learned, inter, hooks, p, act=act, shared_inter=inter,
+                  limit=limit, router=router)
+        return Layer(cfg, attn, ffn, hooks, p)
+
+    return DeepseekV4(cfg, hooks, ((i, layer(i)) for i in range(cfg.int("num_hidden_layers"))), eps)
+
+
+def rules(cfg: Config) -> list[Rule]:
+    """Official names (`embed`, `head`, `layers.N.attn.*`, `ffn.experts.E.w1`...) with or without the `model.`
+    prefix transformers writes; the multi-token-prediction module (`mtp.*`) is skipped."""
+    P = r"(?:model\.)?"
+    L, F_ = P + r"layers\.(\d+)\.", r"layers.\1.ffn."
+    experts = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+    return [
+        Rule(P + r"mtp\..*", ()),
+        Rule(r"(?:embed|model\.embed_tokens)\.weight", ("embed.weight",)),
+        Rule(r"(?:head|lm_head)\.weight", ("lm_head.weight",)),
+        Rule(P + r"norm\.weight", ("norm.weight",)),
+        Rule(P + r"hc_head(?:_|\.hc_)(fn|base|scale)", (r"hc_head.\1",)),
+        Rule(L + r"(attn_norm|ffn_norm)\.weight", (r"layers.\1.\2.weight",)),
+        Rule(L + r"hc_(attn|ffn)_(fn|base|scale)", (r"layers.\1.hc_\2.\3",)),
+        Rule(L + r"attn\.(.+)", (r"layers.\1.attn.\2",)),
+        Rule(L + r"ffn\.gate\.weight", (F_ + "router.weight",)),
+        Rule(L + r"ffn\.gate\.bias", (F_ + "router.correction_bias",)),
+        Rule(L + r"ffn\.gate\.tid2eid", (F_ + "router.tid2eid",)),
+        *(Rule(L + rf"ffn\.experts\.(\d+)\.{w}\.weight", (F_ + rf"experts.{ours}[\2]",))
+          for w, ours in experts.items()),
+        *(Rule(L + rf"ffn\.shared_experts\.{w}\.weight", (F_ + f"shared.{ours}.weight",))
+          for w, ours in experts.items()),
+    ]
