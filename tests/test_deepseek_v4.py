@@ -31,7 +31,7 @@ CONFIGS = {  # name -> (config, sequence length)
     "hc2-every-kind-rates-not-dividing-yarn": (lambda: v4(
         hc_mult=2, layer_types=[S, CSA, HCA, CSA], mlp_layer_types=["hash_moe", "moe", "moe", "hash_moe"],
         compress_rates={CSA: 4, HCA: 8},
-        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}), 13),
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}), 13),
     "hc3-rates-dividing": (lambda: v4(
         hc_mult=3, num_hidden_layers=3, layer_types=[HCA, CSA, S], mlp_layer_types=["hash_moe", "hash_moe", "moe"],
         compress_rates={CSA: 2, HCA: 4}), 16),

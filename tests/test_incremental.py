@@ -51,3 +51,13 @@ def test_mla_state_holds_only_latent_and_rope_key(tmp_path):
     assert set(state.layers["1"]) == {"pos", "latent", "k_rope"}
     assert state.layers["1"]["latent"].shape == (2, 1, 6, 16)  # kv_lora_rank, one shared head
     assert state.layers["1"]["k_rope"].shape == (2, 1, 6, 4)   # qk_rope_head_dim
+
+
+@pytest.mark.parametrize("size", [1, 7, 64])
+@pytest.mark.parametrize("name", ["mixtral-sliding", "gpt-oss-sinks-sliding", "deepseek-v3-mla"])
+def test_chunk_sizes_on_a_longer_sequence(tmp_path, name, size):
+    """Chunks of 1, 7 and 64 tokens over 150 tokens (windows of 4-5 slide many times) equal one pass."""
+    make_checkpoint(CONFIGS[name](), tmp_path)
+    model = wb.load(tmp_path)
+    routing = [n for n in model.hook_names if n.endswith("topk_ids")]
+    assert_chunked_equals_whole(model, input_ids(96, seed=2, length=150), routing, chunks=size, tol=1e-4)

@@ -16,14 +16,15 @@ from .config import Config
 from .errors import CheckpointError
 from .models import family
 from .models.base import CausalLM, Split, Targets, map_tensor
-from .quant import FP8_SCALE, dequant_fp8, fp8_block, fp8_scale_shape
+from . import quant
 from .tokenizer import load_tokenizer
 
 BACKENDS = ("auto", "torch")
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
 QUANT_SUFFIXES = ("_blocks", "_scales", "weight_scale_inv", ".scale")
-QUANT_MESSAGE = ("quantised weights of this kind are not supported yet (FP8 loads only as e4m3 weights with "
-                 "block scales `weight_scale_inv` and quantization_config.quant_method 'fp8'; MXFP4 not at all)")
+QUANT_MESSAGE = ("quantised weights of this kind are not supported yet (FP8 loads as e4m3 weights with block "
+                 "scales `weight_scale_inv` or `scale` under quantization_config.quant_method 'fp8', FP4 experts "
+                 "with expert_dtype 'fp4'; MXFP4 not at all)")
 # kept fp32 whatever the model dtype: selection-only biases, and V4's sinks, pooling biases and stream mixings
 KEEP_FP32 = re.compile(r".*(correction_bias|attn_sink|\.ape|hc_\w+\.(fn|base|scale))")
 INT_DTYPES = {"I64", "I32", "I16", "I8", "U8"}
@@ -56,46 +57,53 @@ def load(
     for name, p in model.named_parameters():
         if p.dtype.is_floating_point:
             p.data = p.data.to(torch.float32 if KEEP_FP32.fullmatch(name) else dtype)
-    block = fp8_block(cfg)
-    plan = _plan(model, tensors, fam.rules(cfg), block)
+    scheme = quant.scheme(cfg)
+    plan = _plan(model, tensors, fam.rules(cfg), scheme)
     try:
         tokenizer = load_tokenizer(folder, model.vocab_size)
     except Exception as e:  # tokenizers raises its own exception type for malformed files
         raise CheckpointError(f"unreadable tokenizer ({e})", file=str(folder / "tokenizer.json")) from None
     model.to_empty(device=device or "cpu")
     model.tie_weights()
-    _copy(model, tensors, plan, block)
+    _copy(model, tensors, plan, scheme)
     model.eval().requires_grad_(False)
     model.source, model.revision, model.commit = str(source), revision, commit
     model.checkpoint_dir, model.tokenizer = folder, tokenizer
     return model
 
 
-# checkpoint tensor -> our (parameter, slot)s, its split, and its FP8 block-scale tensor if quantised
+# checkpoint tensor -> our (parameter, slot)s, its split, and its scale tensor if quantised
 Plan = dict[str, tuple[Targets, Split | None, str | None]]
 
 
-def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, block: tuple[int, int] | None) -> Plan:
+def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, scheme: quant.Scheme | None) -> Plan:
     """Map every checkpoint tensor onto our parameters and check shapes and coverage, reading no data."""
     params = dict(model.named_parameters())
     if model.tied:
         params.pop("lm_head.weight", None)
     filled: dict[str, set] = defaultdict(set)
     plan: Plan = {}
+    paired = {quant.scale_of(n, tensors) for n, i in tensors.items() if _quant_kind(i.dtype, scheme)} - {None}
     for name, info in tensors.items():
         where = dict(file=str(info.file), tensor=name)
         mapped = map_tensor(rules, name)
         targets, split = mapped or (None, None)
         if targets == [] or (model.tied and targets == [("lm_head.weight", None)]):
             continue  # deliberately skipped (e.g. MTP layers), or a tied head saved beside the embedding
-        if block and name.endswith(FP8_SCALE) and tensors.get(name[: -len(FP8_SCALE)], info).dtype == "F8_E4M3":
+        if name in paired:
             continue  # read with its weight
-        scale = name + FP8_SCALE if block and info.dtype == "F8_E4M3" and name + FP8_SCALE in tensors else None
+        kind = _quant_kind(info.dtype, scheme)
+        scale = quant.scale_of(name, tensors) if kind else None
+        shape = list(info.shape)
         if scale:
+            if kind == "fp4" and len(shape) == 2:
+                shape[1] *= 2  # two values per byte
             s = tensors[scale]
-            if len(info.shape) != 2 or s.shape != fp8_scale_shape(info.shape, block) or s.dtype not in FLOAT_DTYPES:
-                raise CheckpointError(f"FP8 scale {s.dtype}{list(s.shape)} does not fit weight {list(info.shape)} "
-                                      f"with blocks {list(block)}", file=str(s.file), tensor=scale)
+            want = quant.fp8_scale_shape(shape, scheme.block) if kind == "fp8" else quant.fp4_scale_shape(shape)
+            if len(shape) != 2 or tuple(s.shape) != want or s.dtype not in quant.SCALE_DTYPES:
+                grid = f"blocks {list(scheme.block)}" if kind == "fp8" else f"groups of {quant.FP4_GROUP} inputs"
+                raise CheckpointError(f"{kind.upper()} scale {s.dtype}{list(s.shape)} does not fit weight {shape} "
+                                      f"with {grid}", file=str(s.file), tensor=scale)
         elif info.dtype.startswith("F8") or name.endswith(QUANT_SUFFIXES):
             raise CheckpointError(QUANT_MESSAGE, **where)
         if targets is None or any(t not in params for t, _ in targets):
@@ -105,7 +113,7 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, blo
             raise CheckpointError(f"dtype {info.dtype} is not supported here (expected an integer table)", **where)
         if not integer and info.dtype not in FLOAT_DTYPES and not scale:
             raise CheckpointError(f"dtype {info.dtype} is not supported here (expected F32, F16 or BF16)", **where)
-        pieces = split(torch.empty(info.shape, device="meta")) if split else (torch.empty(info.shape, device="meta"),)
+        pieces = split(torch.empty(shape, device="meta")) if split else (torch.empty(shape, device="meta"),)
         for (target, slot), piece in zip(targets, pieces, strict=True):
             p = params[target]
             want = p.shape if slot is None else p.shape[1:]
@@ -129,7 +137,15 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, blo
     return plan
 
 
-def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan, block: tuple[int, int] | None) -> None:
+def _quant_kind(dtype: str, scheme: quant.Scheme | None) -> str | None:
+    """"fp8" or "fp4" for a tensor stored quantised under the config's scheme, else None."""
+    if scheme is None:
+        return None
+    return "fp8" if dtype == "F8_E4M3" else "fp4" if dtype == "I8" and scheme.fp4_experts else None
+
+
+def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan,
+          scheme: quant.Scheme | None) -> None:
     """Stream tensors file by file through memory-mapped reads into the parameters, dequantising one at a time."""
     params = dict(model.named_parameters())
     names = sorted(plan, key=lambda n: str(tensors[n].file))
@@ -149,7 +165,14 @@ def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan
             t = read(name)
             bar.update(t.numel() * t.element_size())
             if scale:
-                t = dequant_fp8(t, read(scale), block)
+                s = read(scale)
+                if not (torch.isfinite(s.float()).all() and (s.float() >= 0).all()):
+                    raise CheckpointError("scales must be finite and non-negative",
+                                          file=str(tensors[scale].file), tensor=scale)
+                if t.dtype == torch.float8_e4m3fn:
+                    t = quant.dequant_fp8(t, s, scheme.block)
+                else:
+                    t = quant.dequant_fp4(t, s)
             if not torch.isfinite(t).all():
                 raise CheckpointError("weights contain NaN or Inf", file=str(tensors[name].file), tensor=name)
             bound = model.index_tables.get(targets[0][0])
