@@ -4,7 +4,7 @@ Prints tokens/s for: transformers, workbench unhooked, workbench caching all rou
 caching per-expert activations of every layer; ratios against transformers measured in the same run; and
 the achieved fraction of a measured fp32 matmul roofline (2 x active parameters FLOPs per token).
 
-    .venv/bin/python bench/forward.py [--family mixtral|deepseek_v3] [--tokens 512] [--repeat 3]
+    .venv/bin/python bench/forward.py [--family mixtral|deepseek_v3|deepseek_v4] [--tokens 512] [--repeat 3]
 
 Needs the dev extras (transformers). Random weights: throughput does not depend on what they are.
 """
@@ -30,6 +30,12 @@ CONFIGS = {
         num_attention_heads=8, num_key_value_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=32,
         qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2,
         n_shared_experts=1, first_k_dense_replace=1, max_position_embeddings=4096),
+    "deepseek_v4": lambda: tf.DeepseekV4Config(
+        vocab_size=8192, hidden_size=512, moe_intermediate_size=256, num_hidden_layers=6, num_attention_heads=8,
+        head_dim=128, partial_rotary_factor=0.25, q_lora_rank=192, n_routed_experts=32, num_experts_per_tok=4,
+        hc_mult=4, sliding_window=128, o_groups=4, o_lora_rank=128, index_n_heads=8, index_head_dim=64,
+        index_topk=64, compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+        num_hash_layers=1, max_position_embeddings=4096),
 }
 
 
@@ -74,6 +80,9 @@ def main() -> None:
         hf = tf.AutoModelForCausalLM.from_config(CONFIGS[args.family](), dtype=torch.float32).eval()
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # spread routing over the experts
+        for name, table in hf.named_buffers():
+            if name.endswith("tid2eid"):  # V4 hash layers: distinct random experts per token
+                table.copy_(torch.rand(len(table), hf.config.n_routed_experts).argsort(-1)[:, : table.shape[1]])
         hf.save_pretrained(tmp)
         model = wb.load(Path(tmp))
         ids = torch.randint(0, 8192, (1, args.tokens))

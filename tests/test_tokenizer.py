@@ -6,7 +6,6 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import workbench as wb
-from workbench.cli import DEFAULT_MODEL
 from workbench.tokenizer import ByteTokenizer
 
 
@@ -30,8 +29,3 @@ def test_byte_fallback_roundtrip():
     ids = tok.encode("héllo {1}")
     assert ids[:2] == [104, 195] and max(ids) < 256
     assert tok.decode(ids) == "héllo {1}"
-
-
-def test_embedded_model_uses_bytes():
-    model = wb.load(DEFAULT_MODEL)
-    assert isinstance(model.tokenizer, ByteTokenizer)

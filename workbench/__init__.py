@@ -4,7 +4,9 @@ from .errors import CheckpointError, HookError
 from .hooks import HookContext
 from .loading import load
 from .models.base import State
+from .store import StoreError, open_store, trace
 from . import interventions
 
 __version__ = "0.1.0"
-__all__ = ["load", "CheckpointError", "HookError", "HookContext", "interventions", "State", "__version__"]
+__all__ = ["load", "CheckpointError", "HookError", "HookContext", "interventions", "State", "trace", "open_store",
+           "StoreError", "__version__"]

@@ -1,90 +1,175 @@
-"""Command line: `workbench demo` (more commands arrive with the store and publishing)."""
+"""Command line: `workbench demo` (routing report of the embedded model), `workbench trace` (stream activations
+to a store), `workbench info`."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_MODEL = DATA / "models" / "tiny-random-deepseek-v3"
-
-# A few lines per domain, so the demo shows routing per domain before the corpus ships.
-SAMPLES = {
-    "code": "def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, i * 2))\n",
-    "prose": "The river ran quietly past the old mill, where the miller's daughter sat reading in the sun.",
-    "numbers": "3.14159 2.71828 1.41421 42 1024 65536 7 * 8 = 56; 144 / 12 = 12; 2^10 = 1024",
-    "json": '{"id": 17, "name": "widget", "tags": ["a", "b"], "price": 9.99, "in_stock": true}',
-}
+DEFAULT_MODEL = DATA / "models" / "wb-v4-mini"
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Load the embedded model, route every sample, summarise expert use and one ablation."""
-    import workbench as wb
-    from workbench.interventions import ablate
+    """Trace the embedded model's routing over every corpus domain; summary here, report in HTML."""
+    from .demo import run
 
-    t0 = time.perf_counter()
-    model = wb.load(args.model)
-    tok = model.tokenizer
-    if tok is None:
-        print(f"{args.model}: the model has no tokenizer", file=sys.stderr)
-        return 2
-    routers = [n for n in model.hook_names if n.endswith("router.topk_ids")]
-    print(f"model  {args.model}")
-    print(f"       {model.config.get('model_type')}, {len(model.layers)} layers, {len(routers)} routed, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, loaded in "
-          f"{time.perf_counter() - t0:.2f} s")
-    if "random" in Path(args.model).name:
-        print("       (random weights: routing shows the machinery, not learned structure)")
-    print()
-    usage: dict[str, dict[str, torch.Tensor]] = {}
-    n_tokens = 0
-    for domain, text in SAMPLES.items():
-        ids = torch.tensor(tok.encode(text))[None]
-        n_tokens += ids.shape[1]
-        _, cache = model.run_with_cache(ids, names=routers)
-        usage[domain] = {n: cache[n] for n in routers}
-    print(f"routing of {n_tokens} tokens over {len(SAMPLES)} domains: top-1 expert share per domain")
-    header = "layer  " + "".join(f"{d:>16}" for d in SAMPLES) + "   load MaxVio"
-    print(header)
-    print("-" * len(header))
-    for name in routers:
-        layer = name.split(".")[1]
-        experts = model.layers[layer].ffn.router.spec.experts
-        cells, load = [], torch.zeros(experts)
-        for domain in SAMPLES:
-            ids = usage[domain][name].flatten(0, 1)
-            load += torch.bincount(ids.flatten(), minlength=experts)
-            top1 = torch.bincount(ids[:, 0], minlength=experts)
-            e = int(top1.argmax())
-            cells.append(f"e{e:<3d}{top1[e] / ids.shape[0]:>6.0%}".rjust(16))
-        maxvio = float((load.max() - load.mean()) / load.mean())
-        print(f"{layer:>5}  " + "".join(cells) + f"   {maxvio:11.2f}")
-    # one intervention: drop the busiest expert of the last routed layer
-    name = routers[-1]
-    layer = int(name.split(".")[1])
-    ids = torch.tensor(tok.encode(SAMPLES["prose"]))[None]
-    _, cache = model.run_with_cache(ids, names=[name, "logits"])
-    busiest = int(torch.bincount(cache[name].flatten()).argmax())
-    with model.hooks(ablate(layer, [busiest])):
-        ablated = model(ids)
-    before, after = cache["logits"].argmax(-1), ablated.argmax(-1)
-    print(f"\nablating expert {busiest} at layer {layer} on the prose sample changes the next-token prediction at "
-          f"{int((before != after).sum())}/{ids.shape[1]} positions "
-          f"(mean |delta logit| {float((ablated - cache['logits']).abs().mean()):.4f})")
-    print(f"done in {time.perf_counter() - t0:.2f} s")
+    run(Path(args.model), Path(args.out), args.max_bytes)
+    return 0
+
+
+def user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report a user error (bad argument, file, checkpoint or store) as one line and exit code 2."""
+    from workbench.errors import HookError
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (ValueError, HookError, OSError) as e:
+            message = " ".join(str(e).split()) or type(e).__name__
+            print(f"workbench {args.command}: error: {message}", file=sys.stderr)
+            return 2
+    return run
+
+
+TEXT_BLOCK = 1 << 20  # bytes read at a time from a --text file
+
+
+def text_tokens(tokenizer, path: Path) -> np.ndarray:
+    """Token ids of a UTF-8 text file read in blocks: byte-exact for the byte tokenizer; other tokenizers
+    encode blocks of whole lines (they differ from one whole-file call only if a token would span a line end)."""
+    from workbench.tokenizer import ByteTokenizer
+
+    parts = []
+    if isinstance(tokenizer, ByteTokenizer):
+        with open(path, "rb") as f:
+            while block := f.read(TEXT_BLOCK):
+                parts.append(np.frombuffer(block, np.uint8).astype(np.int64) + tokenizer.offset)
+    else:
+        with open(path, encoding="utf-8") as f:
+            while lines := f.readlines(TEXT_BLOCK):
+                parts.append(np.asarray(tokenizer.encode("".join(lines)), dtype=np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _tokens(args: argparse.Namespace, model) -> tuple[np.ndarray, int | None]:
+    """The token ids to trace and the seed that made them (random tokens only)."""
+    if args.seed is not None and args.random_tokens is None:
+        raise ValueError("--seed applies only to --random-tokens")
+    if args.text is not None:
+        if model.tokenizer is None:
+            raise ValueError(f"{args.model}: the model has no tokenizer; pass --tokens FILE.npy instead")
+        return text_tokens(model.tokenizer, Path(args.text)), None
+    if args.tokens is not None:
+        return np.load(args.tokens, mmap_mode="r", allow_pickle=False), None
+    seed = 0 if args.seed is None else args.seed
+    if args.random_tokens < 1:
+        raise ValueError(f"--random-tokens must be at least 1, got {args.random_tokens}")
+    return np.random.default_rng(seed).integers(0, model.vocab_size, args.random_tokens), seed
+
+
+def _bytes(n: float) -> str:
+    units = ("B", "kB", "MB", "GB", "TB")
+    i = 0
+    while n >= 1000 and i < len(units) - 1:
+        n, i = n / 1000, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+@user_errors
+def trace(args: argparse.Namespace) -> int:
+    """Stream routing (and hooks named by --names) of a token sequence to a zarr store; rerun to resume."""
+    import workbench as wb
+    from workbench.store import open_store, trace as run_trace
+
+    model = wb.load(args.model, backend=args.backend)
+    tokens, seed = _tokens(args, model)
+    try:
+        out = run_trace(model, tokens, args.out, names=args.names, chunk_tokens=args.chunk_tokens,
+                        overwrite=args.overwrite, seed=seed)
+    except KeyboardInterrupt:
+        print(f"workbench trace: interrupted; rerun the same command to resume {args.out}", file=sys.stderr)
+        return 130
+    s = open_store(out).attrs["summary"]
+    resumed = f", resumed at token {s['resumed_at']:,}" if s["resumed_at"] else ""
+    print(f"traced {s['traced_tokens']:,} tokens into {out}{resumed} in {s['wall_s']:.2f} s "
+          f"({s['tokens_per_s']:,.0f} tokens/s)")
+    per_entry = s["bytes_per_routing_entry"]
+    routing = f", {per_entry:.2f} bytes per routing entry (token, layer, k)" if per_entry is not None else ""
+    print(f"{s['tokens']:,} tokens, {s['layers']} layers ({s['routed_layers']} routed, k={s['k']}); "
+          f"{_bytes(s['bytes_on_disk'])} on disk{routing}; peak RSS {_bytes(s['peak_rss_bytes'])}")
+    return 0
+
+
+@user_errors
+def info(args: argparse.Namespace) -> int:
+    """Print a store's dims, variables, sizes, progress and provenance."""
+    from workbench.store import disk_bytes, open_store
+
+    path = Path(args.store)
+    ds = open_store(path)
+    a = ds.attrs
+    status = "complete" if a["complete"] else "incomplete: rerun `workbench trace` with the same arguments to resume"
+    print(f"store      {path} ({_bytes(disk_bytes(path))} on disk)")
+    print(f"tokens     {a['committed_tokens']:,} of {a['tokens_total']:,} committed ({status})")
+    print("dims       " + ", ".join(f"{d} {n:,}" for d, n in ds.sizes.items()))
+    if "layer" in ds.coords:
+        print("layer      " + " ".join(str(int(i)) for i in ds.layer.values))
+    print("variables")
+    names = sorted(ds.data_vars, key=lambda n: (n not in ("input_ids", "topk_ids", "topk_weights"), n))
+    width = max(map(len, names), default=0)
+    for name in names:
+        var = ds[name]
+        dims = "(" + ", ".join(var.dims) + ")"
+        print(f"  {name:<{width}}  {dims:<32} {str(var.dtype):<8} chunks {tuple(var.encoding['chunks'])!s:<20} "
+              f"{_bytes(disk_bytes(path / name)):>9}")
+    print("provenance")
+    for key in ("source", "revision", "commit", "model_type", "dtype", "device", "config_sha256"):
+        print(f"  {key:<18} {a[key]}")
+    for file, sha in a["weights_sha256"].items():
+        print(f"  {'weights_sha256':<18} {file} {sha}")
+    print(f"  {'versions':<18} workbench {a['workbench_version']}, "
+          + ", ".join(f"{k} {v}" for k, v in a["versions"].items()))
+    for key in ("seed", "tokens_sha256", "names", "layers", "windows", "chunk_tokens", "created", "completed"):
+        print(f"  {key:<18} {a.get(key)}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workbench", description="MoE research and interpretability workbench")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="route sample text through the embedded model and summarise expert use")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder or hub repo id")
-    p.set_defaults(func=demo)
+    p = sub.add_parser("demo", help="trace the embedded model's routing by domain; write an HTML report")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder")
+    p.add_argument("--out", default="workbench-demo.html", help="report file to write")
+    p.add_argument("--max-bytes", type=int, default=12288, help="held-out bytes per domain to trace")
+    p.set_defaults(func=user_errors(demo))
+    p = sub.add_parser("trace", help="stream routing and named activations of a long sequence to a zarr store",
+                       description="Rerunning on an incomplete store resumes it; a complete one is refused "
+                                   "unless --overwrite.")
+    p.add_argument("model", help="checkpoint folder or hub repo id")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", metavar="FILE", help="UTF-8 text file, tokenised with the model's tokenizer")
+    src.add_argument("--tokens", metavar="FILE.npy", help="1-D integer array of token ids")
+    src.add_argument("--random-tokens", metavar="N", type=int, help="N uniformly random token ids")
+    p.add_argument("--seed", type=int, help="seed of --random-tokens (default 0)")
+    p.add_argument("--out", required=True, metavar="STORE", help="zarr store directory to write")
+    p.add_argument("--names", nargs="+", action="extend", metavar="GLOB",
+                   help="hook points to record besides routing, e.g. 'layers.*.resid_post'")
+    p.add_argument("--chunk-tokens", type=int, default=8192, metavar="N", help="tokens per forward chunk and commit")
+    p.add_argument("--backend", default="auto", help="model backend (see workbench.load)")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete or different store at --out")
+    p.set_defaults(func=trace)
+    p = sub.add_parser("info", help="describe a store: dims, variables, sizes, progress, provenance")
+    p.add_argument("store", help="zarr store directory written by `workbench trace`")
+    p.set_defaults(func=info)
     args = parser.parse_args(argv)
     return args.func(args)
 

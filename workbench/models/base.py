@@ -147,6 +147,13 @@ class CausalLM(nn.Module):
         """Context manager registering `{name_or_glob: fn}`; fn(tensor, ctx) returns a replacement or None."""
         return self._hooks.attached(hooks)
 
+    def trace(self, tokens: Any, out: Any, **kwargs: Any) -> Any:
+        """Stream the routing (and hooks named in `names`) of one long sequence to a zarr store, chunk by chunk;
+        see `workbench.store.trace`."""
+        from ..store import trace
+
+        return trace(self, tokens, out, **kwargs)
+
     @torch.no_grad()
     def run_with_cache(
         self, input_ids: torch.Tensor, names: Iterable[str] | None = None, **kwargs: Any

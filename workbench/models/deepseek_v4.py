@@ -211,10 +211,12 @@ class Indexer(nn.Module):
         B, T, _ = x.shape
         keys = self.compressor(x, state)
         q = rope_tail(self.rotary, self.wq_b(q_latent).view(B, T, self.heads, self.dim).transpose(1, 2), cos, sin)
-        per_head = torch.relu(q.float() @ keys[:, None].float().transpose(-1, -2)) * self.dim**-0.5  # [B,H,T,N]
-        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.heads**-0.5  # [B, T, H]
-        scores = torch.einsum("bth,bhtn->btn", w, per_head).masked_fill(~visible, float("-inf"))
-        return topk_entries(scores, self.topk)
+        w = F.linear(x.float(), self.weights_proj.weight.float()) * (self.heads**-0.5 * self.dim**-0.5)  # [B,T,H]
+        keys_t = keys.float().transpose(-1, -2)
+        scores = x.new_zeros(B, T, keys.shape[1], dtype=torch.float32)
+        for h in range(self.heads):  # one [B, T, N] score map at a time: memory stays T x N, not H x T x N
+            scores += w[..., h, None] * torch.relu(q[:, h].float() @ keys_t)
+        return topk_entries(scores.masked_fill_(~visible, float("-inf")), self.topk)
 
 
 class Attention(nn.Module):

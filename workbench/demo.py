@@ -1,0 +1,154 @@
+"""The demo behind `workbench demo` / `make demo`: trace the embedded model's routing over held-out text of
+every corpus domain, measure expert load and per-domain specialisation, and write a self-contained HTML
+report (plotly, no network needed to view it) plus a terminal summary.
+
+Specialisation of expert e for domain d in a layer: the share of d's tokens that have e among their top-k
+experts. A router that ignored the domain would give every expert k / E; the report shows each share as a
+multiple of that baseline. Load: each expert's share of all routing slots; MaxVio = max / mean - 1.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+EMBEDDED_MODEL = DATA / "models" / "wb-v4-mini"
+CORPUS = DATA / "corpus"
+
+
+@dataclass
+class Routing:
+    """Routing statistics of one model over several domains (layers in the checkpoint's numbering)."""
+
+    layers: list[int]
+    domains: list[str]
+    experts: int
+    k: int
+    share: np.ndarray  # [layer, domain, expert]: fraction of the domain's tokens routed to the expert
+    load: np.ndarray  # [layer, expert]: fraction of all routing slots
+    tokens: dict[str, int]
+
+    @property
+    def baseline(self) -> float:
+        return self.k / self.experts
+
+    def top(self, layer: int, domain: str) -> tuple[int, float]:
+        """The expert most specialised to `domain` in `layer`, and its share as a multiple of k / E."""
+        row = self.share[self.layers.index(layer), self.domains.index(domain)]
+        e = int(row.argmax())
+        return e, float(row[e] / self.baseline)
+
+    def max_violation(self) -> np.ndarray:
+        return self.load.max(-1) / self.load.mean(-1) - 1
+
+
+def heldout_texts(max_bytes: int) -> dict[str, bytes]:
+    """The first `max_bytes` of each domain's held-out split (cut at a UTF-8 character boundary)."""
+    texts = {}
+    for path in sorted(CORPUS.glob("*.heldout.txt")):
+        data = path.read_bytes()[:max_bytes]
+        texts[path.name.split(".")[0]] = data.decode("utf-8", errors="ignore").encode()
+    return texts
+
+
+def route(model, texts: dict[str, bytes], chunk_tokens: int = 4096) -> Routing:
+    """Trace every text through `model` into a temporary store and count expert use per domain."""
+    import workbench as wb
+
+    per_domain = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for domain, text in texts.items():
+            ids = np.asarray(model.tokenizer.encode(text.decode()), dtype=np.int64)
+            store = model.trace(ids, out=Path(tmp) / f"{domain}.zarr", chunk_tokens=chunk_tokens, progress=False)
+            ds = wb.open_store(store)
+            per_domain[domain] = ds.topk_ids.load()
+    first = next(iter(per_domain.values()))
+    layers = [int(x) for x in first.layer.values if (first.sel(layer=x) >= 0).all()]
+    experts = next(m for n, m in model.named_modules() if n.endswith("ffn.router")).spec.experts
+    k = first.sizes["k"]
+    share = np.zeros((len(layers), len(texts), experts))
+    load = np.zeros((len(layers), experts))
+    for j, ids in enumerate(per_domain.values()):
+        for i, layer in enumerate(layers):
+            sel = ids.sel(layer=layer).values  # [token, k]
+            counts = np.bincount(sel.ravel(), minlength=experts)
+            share[i, j] = counts / sel.shape[0]
+            load[i] += counts
+    load /= load.sum(-1, keepdims=True)
+    return Routing(layers, list(texts), experts, k, share, load, {d: int(v.sizes["token"]) for d, v in per_domain.items()})
+
+
+def report_html(r: Routing, title: str, meta: dict) -> str:
+    """A self-contained page: specialisation heatmaps per layer, expert load, and a summary table."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    cols = min(3, len(r.layers))
+    rows = -(-len(r.layers) // cols)
+    heat = make_subplots(rows=rows, cols=cols, subplot_titles=[f"layer {layer}" for layer in r.layers],
+                         vertical_spacing=0.12, horizontal_spacing=0.05)
+    for i, layer in enumerate(r.layers):
+        heat.add_trace(go.Heatmap(z=r.share[i] / r.baseline, x=list(range(r.experts)), y=r.domains, zmin=0, zmax=4,
+                                  colorscale="Viridis", colorbar=dict(title="x k/E"), showscale=i == 0,
+                                  hovertemplate="expert %{x}<br>%{y}: %{z:.2f} x uniform<extra></extra>"),
+                       row=i // cols + 1, col=i % cols + 1)
+    heat.update_layout(title="Per-domain specialisation: share of a domain's tokens routed to each expert, "
+                             "as a multiple of the uniform k/E", height=300 * rows + 80)
+    load = go.Figure([go.Bar(name=f"layer {layer}", x=list(range(r.experts)), y=r.load[i] * r.experts)
+                      for i, layer in enumerate(r.layers)])
+    load.update_layout(barmode="group", title="Expert load (share of routing slots x E; 1 = balanced)",
+                       xaxis_title="expert", height=380)
+    table = "".join(
+        f"<tr><td>{layer}</td><td>{r.max_violation()[i]:.2f}</td>"
+        + "".join(f"<td>e{r.top(layer, d)[0]} ({r.top(layer, d)[1]:.1f}x)</td>" for d in r.domains) + "</tr>"
+        for i, layer in enumerate(r.layers))
+    head = "".join(f"<th>{html.escape(d)}</th>" for d in r.domains)
+    facts = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in meta.items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head><body>
+<h1>{html.escape(title)}</h1><ul>{facts}</ul>
+<h2>Most specialised expert per layer and domain</h2>
+<table><tr><th>layer</th><th>load MaxVio</th>{head}</tr>{table}</table>
+{heat.to_html(full_html=False, include_plotlyjs=True)}
+{load.to_html(full_html=False, include_plotlyjs=False)}
+</body></html>"""
+
+
+def run(model_path: Path = EMBEDDED_MODEL, out: Path = Path("workbench-demo.html"), max_bytes: int = 12288) -> Routing:
+    """Load, trace, analyse, print the summary and write the report; returns the statistics."""
+    import workbench as wb
+
+    t0 = time.perf_counter()
+    model = wb.load(model_path, dtype=torch.float32)
+    loaded = time.perf_counter() - t0
+    params = sum(p.numel() for p in model.parameters() if p.dtype.is_floating_point)
+    print(f"model   {model_path}\n        {model.config.get('model_type')}, {len(model.layers)} layers, "
+          f"{params / 1e6:.2f}M parameters, loaded in {loaded:.2f} s")
+    card = model_path / "eval.json"
+    bpb = json.loads(card.read_text())["heldout_bits_per_byte"] if card.exists() else {}
+    r = route(model, heldout_texts(max_bytes))
+    print(f"routing {sum(r.tokens.values()):,} held-out tokens of {len(r.domains)} domains "
+          f"({time.perf_counter() - t0 - loaded:.1f} s); uniform share k/E = {r.baseline:.3f}")
+    width = max(len(d) for d in r.domains) + 2
+    print("\nmost specialised expert (share of the domain's tokens / uniform):")
+    print("layer  MaxVio  " + "".join(f"{d:>{max(width, 11)}}" for d in r.domains))
+    for i, layer in enumerate(r.layers):
+        cells = "".join(f"{f'e{r.top(layer, d)[0]} {r.top(layer, d)[1]:.1f}x':>{max(width, 11)}}" for d in r.domains)
+        print(f"{layer:>5}  {r.max_violation()[i]:6.2f}  {cells}")
+    if bpb:
+        print("\nheld-out bits per byte (model card): " + ", ".join(f"{d} {v:.2f}" for d, v in bpb.items()))
+    meta = {"model": str(model_path), "commit": model.commit or "local folder", "tokens per domain": r.tokens,
+            "experts": f"{r.experts} routed, top-{r.k}", "held-out bits per byte": bpb or "n/a"}
+    out.write_text(report_html(r, "moe-workbench demo: routing of the embedded model by domain", meta))
+    print(f"\nreport  {out.resolve()}  ({out.stat().st_size / 1e6:.1f} MB, self-contained)")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return r
