@@ -59,7 +59,7 @@ def heldout_texts(max_bytes: int) -> dict[str, bytes]:
     return texts
 
 
-def route(model, texts: dict[str, bytes], chunk_tokens: int = 4096) -> Routing:
+def route(model, texts: dict[str, bytes], chunk_tokens: int = 512) -> Routing:
     """Trace every text through `model` into a temporary store and count expert use per domain."""
     import workbench as wb
 
