@@ -226,6 +226,8 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--resume", action="store_true", help="continue from --out/.train if present")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="save and stop after this step (continue later with --resume)")
     parser.add_argument("--final-windows", type=int, default=None, help="held-out windows per domain (all)")
     args = parser.parse_args()
     train, heldout = read_corpus("train"), read_corpus("heldout")
@@ -276,8 +278,11 @@ def main() -> None:
                 log["heldout"].append((step, {d: bits_per_byte(model, heldout[d], args.seq, windows=4)
                                               for d in DOMAINS}))
                 model.train()
-            if step % args.save_every == 0 or step == args.steps:
+            if step % args.save_every == 0 or step in (args.steps, args.stop_at):
                 save_state(state_dir, model, opt, step, log)
+            if step == args.stop_at:
+                print(f"\nstopped at step {step}; continue with --resume")
+                return
     bar.close()
     export(model.eval(), args, train, heldout, log)
 
