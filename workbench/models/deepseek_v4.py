@@ -252,7 +252,6 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        scale = self.head_dim**-0.5
         q_latent = self.q_norm(self.wq_a(x))
         q = self.wq_b(q_latent).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
@@ -260,31 +259,52 @@ class Attention(nn.Module):
         q = rope_tail(self.rotary, q, cos, sin)
         kv = rope_tail(self.rotary, self.norm(self.wkv(x))[:, None], cos, sin)  # [B, 1, T, D]: key = value
         k_pos, kv = remember(_sub(state, "window"), self.window, positions, kv=kv)
-        local = (k_pos[None, :] <= positions[:, None]) & (k_pos[None, :] > positions[:, None] - self.window)
-        logits = [((q @ kv.transpose(-1, -2)).float() * scale).masked_fill(~local, float("-inf"))]
+        pooled = visible = None
         if self.compressor is not None:
             entries = self.compressor(x, _sub(state, "compressor"))  # [B, N, D]
             complete = (positions[:, None] + 1) // self.rate  # entries [0, complete) are whole for query t
-            visible = torch.arange(entries.shape[1], device=x.device)[None, :] < complete
+            visible = torch.arange(entries.shape[1], device=x.device)[None, :] < complete  # [T, N]
             if self.indexer is None:
                 pooled = entries[:, None]  # every query sees every complete entry: [B, 1, N, D]
-                logits.append(((q @ pooled.transpose(-1, -2)).float() * scale).masked_fill(~visible, float("-inf")))
             else:
                 chosen = self.hp_topk(self.indexer(x, q_latent, cos, sin, visible, _sub(state, "indexer")))
-                ok = (chosen >= 0) & (chosen < complete[None])  # [B, T, k]
+                visible = (chosen >= 0) & (chosen < complete[None])  # [B, T, k]
                 pooled = entries[torch.arange(B)[:, None, None], chosen.clamp(0, max(entries.shape[1] - 1, 0))] \
                     if entries.shape[1] else entries.new_zeros(B, T, chosen.shape[-1], self.head_dim)
-                chosen_logits = torch.einsum("bhtd,btkd->bhtk", q, pooled).float() * scale
-                logits.append(chosen_logits.masked_fill(~ok[:, None], float("-inf")))
-        sink = self.attn_sink.float().view(1, -1, 1, 1).expand(B, -1, T, 1)
-        probs = torch.softmax(torch.cat((*logits, sink), dim=-1), dim=-1).to(kv.dtype)
-        out = probs[..., : kv.shape[2]] @ kv
-        if self.compressor is not None:
-            p = probs[..., kv.shape[2]: -1]
-            out = out + (p @ pooled if self.indexer is None else torch.einsum("bhtk,btkd->bhtd", p, pooled))
+        block = max(self.window, 128)  # queries per block: each sees at most block + window - 1 raw keys
+        out = torch.cat([self.attend(q[:, :, i:i + block], positions[i:i + block], kv, k_pos, pooled, visible, i)
+                         for i in range(0, T, block)], dim=2)
         out = rope_tail(self.rotary, out, cos, -sin).transpose(1, 2).reshape(B, T, self.groups, -1)
         w = self.wo_a.weight.view(self.groups, -1, out.shape[-1])
         return self.wo_b(torch.einsum("btgi,goi->btgo", out, w).flatten(2))
+
+
+    def attend(self, q: torch.Tensor, q_pos: torch.Tensor, kv: torch.Tensor, k_pos: torch.Tensor,
+               pooled: torch.Tensor | None, visible: torch.Tensor | None, first: int) -> torch.Tensor:
+        """Queries q [B,H,t,D] at q_pos (rows first.. of the chunk) over the raw keys in their window and the
+        pooled entries they may see (HCA: shared [B,1,N,D] with mask [T,N]; CSA: chosen [B,T,k,D], [B,T,k]),
+        one softmax with the sink. Only the keys of this block's window are scored: O(t x window)."""
+        B, t = q.shape[0], q.shape[2]
+        scale = self.head_dim**-0.5
+        lo = int(torch.searchsorted(k_pos, q_pos[0] - self.window + 1))
+        hi = int(torch.searchsorted(k_pos, q_pos[-1], right=True))
+        kv, k_pos = kv[:, :, lo:hi], k_pos[lo:hi]
+        local = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - self.window)
+        logits = [((q @ kv.transpose(-1, -2)).float() * scale).masked_fill(~local, float("-inf"))]
+        if pooled is not None and self.indexer is None:
+            mask = visible[first:first + t]
+            logits.append(((q @ pooled.transpose(-1, -2)).float() * scale).masked_fill(~mask, float("-inf")))
+        elif pooled is not None:
+            pooled, mask = pooled[:, first:first + t], visible[:, first:first + t]
+            chosen = torch.einsum("bhtd,btkd->bhtk", q, pooled).float() * scale
+            logits.append(chosen.masked_fill(~mask[:, None], float("-inf")))
+        sink = self.attn_sink.float().view(1, -1, 1, 1).expand(B, -1, t, 1)
+        probs = torch.softmax(torch.cat((*logits, sink), dim=-1), dim=-1).to(kv.dtype)
+        out = probs[..., : kv.shape[2]] @ kv
+        if pooled is not None:
+            p = probs[..., kv.shape[2]: -1]
+            out = out + (p @ pooled if self.indexer is None else torch.einsum("bhtk,btkd->bhtd", p, pooled))
+        return out
 
 
 # ---------------------------------------------------------------- hyper-connections and layers
