@@ -19,7 +19,7 @@ from ..errors import CheckpointError
 from ..hooks import HookRegistry
 from . import deepseek
 from .base import CausalLM, Rule
-from .blocks import Rotary
+from .blocks import Rotary, topk_entries
 from .mla import MLA, mla_rotary, mla_softmax_scale
 
 INDEX_KEY_EPS = 1e-6  # the indexer key LayerNorm's eps (fixed, not the config's rms_norm_eps)
@@ -76,13 +76,8 @@ class SparseMLA(MLA):
     def select(self, scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """Top-k causal key positions [B, T, topk] (ties: the earlier key), -1 where too few keys are visible."""
         causal = k_pos[None, :] <= q_pos[:, None]
-        scores = scores.masked_fill(~causal, float("-inf"))
-        if scores.shape[-1] < self.topk:
-            scores = F.pad(scores, (0, self.topk - scores.shape[-1]), value=float("-inf"))
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : self.topk]
-        picked = scores.gather(-1, order)
-        pos = torch.cat((k_pos, k_pos.new_full((max(self.topk - len(k_pos), 0),), -1)))[order]
-        return pos.masked_fill(picked == float("-inf"), -1)
+        chosen = topk_entries(scores.masked_fill(~causal, float("-inf")), self.topk)
+        return torch.where(chosen >= 0, k_pos[chosen.clamp(min=0)], -1)
 
     @staticmethod
     def allowed(chosen: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:

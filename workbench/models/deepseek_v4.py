@@ -29,7 +29,7 @@ from ..config import Config
 from ..errors import CheckpointError
 from ..hooks import HookRegistry
 from .base import CausalLM, Rule, State
-from .blocks import MoE, RMSNorm, Rotary, Router, RouterSpec, activation, remember
+from .blocks import MoE, RMSNorm, Rotary, Router, RouterSpec, activation, remember, topk_entries
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 LEGACY_RATIOS = {0: SLIDING, 4: CSA, 128: HCA}  # `compress_ratios` of older configs, per layer
@@ -121,24 +121,6 @@ def rope_tail(rotary: Rotary, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 
 def _sub(state: dict | None, key: str) -> dict | None:
     return None if state is None else state.setdefault(key, {})
-
-
-def topk_entries(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [..., k] of the k highest scores, best first, ties to the lower index; -1 where the pick is -inf.
-
-    Deterministic whatever the number of rows or columns (so chunked and whole-sequence runs agree), in
-    O(N) per row: two top-k passes instead of a full sort.
-    """
-    if scores.shape[-1] < k:
-        scores = F.pad(scores, (0, k - scores.shape[-1]), value=float("-inf"))
-    threshold = scores.topk(k, dim=-1).values[..., -1:]
-    above, tie = scores > threshold, scores == threshold
-    take = above | (tie & (tie.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
-    index = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
-    picked = torch.where(take, index, scores.shape[-1]).topk(k, dim=-1, largest=False).values
-    value = scores.gather(-1, picked)
-    order = torch.sort(value, dim=-1, descending=True, stable=True).indices
-    return picked.gather(-1, order).masked_fill(value.gather(-1, order) == float("-inf"), -1)
 
 
 class Compressor(nn.Module):
