@@ -22,6 +22,7 @@ import torch
 import transformers as tf
 
 import workbench as wb
+from workbench.models.base import tensor_bytes
 
 S, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 
@@ -33,10 +34,6 @@ def config() -> tf.DeepseekV4Config:
         layer_types=[S, CSA, HCA], mlp_layer_types=["hash_moe", "moe", "moe"], compress_rates={CSA: 4, HCA: 128},
         hc_mult=4, sliding_window=128, o_groups=2, o_lora_rank=32, index_n_heads=4, index_head_dim=32,
         index_topk=64, max_position_embeddings=1 << 20)
-
-
-def nbytes(d: dict) -> int:
-    return sum(nbytes(v) if isinstance(v, dict) else v.nbytes for v in d.values() if isinstance(v, (dict, torch.Tensor)))
 
 
 def peak_rss_mib() -> float:
@@ -84,9 +81,9 @@ def main() -> None:
                 start += args.chunk
             layers = state.layers
             csa, hca = layers["1"], layers["2"]
-            print(f"{mark:>8} {1e3 * sum(recent) / len(recent):>9.3f} {nbytes(layers['0']) / 2**10:>8.1f}Ki "
-                  f"{nbytes(csa) / 2**20:>8.2f}Mi {csa['compressor']['entries'].shape[1]:>10} "
-                  f"{nbytes(hca) / 2**10:>8.1f}Ki {hca['compressor']['entries'].shape[1]:>10} "
+            print(f"{mark:>8} {1e3 * sum(recent) / len(recent):>9.3f} {tensor_bytes(layers['0']) / 2**10:>8.1f}Ki "
+                  f"{tensor_bytes(csa) / 2**20:>8.2f}Mi {csa['compressor']['entries'].shape[1]:>10} "
+                  f"{tensor_bytes(hca) / 2**10:>8.1f}Ki {hca['compressor']['entries'].shape[1]:>10} "
                   f"{mark * full_kv / 2**20:>11.1f}Mi {peak_rss_mib():>8.0f}Mi")
     if peer is not None:
         state = wb.State()

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATA = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_MODEL = DATA / "models" / "wb-v4-mini"
+from .demo import EMBEDDED_MODEL as DEFAULT_MODEL
 
 
 def demo(args: argparse.Namespace) -> int:

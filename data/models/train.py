@@ -129,13 +129,13 @@ def save_state(folder: Path, model, opt, step: int, log: dict) -> None:
 def load_state(folder: Path, model, opt) -> tuple[int, dict]:
     tensors = load_file(folder / "state.safetensors")
     meta = json.loads((folder / "state.json").read_text())
-    params = dict(model.named_parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
     with torch.no_grad():
-        for n, p in params.items():
+        for n, p in model.named_parameters():
             p.copy_(tensors[f"model.{n}"])
     for group in opt.param_groups:
         for p in group["params"]:
-            n = next(k for k, v in params.items() if v is p)
+            n = names[id(p)]
             if f"opt.{n}.exp_avg" in tensors:
                 opt.state[p] = {"exp_avg": tensors[f"opt.{n}.exp_avg"], "exp_avg_sq": tensors[f"opt.{n}.exp_avg_sq"],
                                 "step": tensors[f"opt.{n}.step"].reshape(())}

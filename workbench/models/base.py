@@ -59,10 +59,13 @@ class State:
     @property
     def nbytes(self) -> int:
         """Bytes held by the state's tensors (what a long sequence costs in memory beyond the weights)."""
-        def size(d: dict) -> int:
-            return sum(size(v) if isinstance(v, dict) else v.nbytes if isinstance(v, torch.Tensor) else 0
-                       for v in d.values())
-        return size(self.layers)
+        return tensor_bytes(self.layers)
+
+
+def tensor_bytes(d: dict) -> int:
+    """Bytes of the tensors in a (nested) dict, e.g. one layer's entry of `State.layers`."""
+    return sum(tensor_bytes(v) if isinstance(v, dict) else v.nbytes if isinstance(v, torch.Tensor) else 0
+               for v in d.values())
 
 
 class CausalLM(nn.Module):

@@ -145,10 +145,10 @@ class Compressor(nn.Module):
         """Every entry pooled so far [B, N, dim] (N = completed windows), given this chunk x [B, T, H]."""
         B, r, d = x.shape[0], self.rate, self.dim
         kv, gate = self.wkv(x), self.wgate(x)
-        done = 0
+        done = 0  # windows pooled by earlier chunks
         if state:
             kv, gate = torch.cat((state["kv"], kv), 1), torch.cat((state["gate"], gate), 1)
-            done = state["windows"]
+            done = state["entries"].shape[1]
         n = kv.shape[1] // r
         kv_w = kv[:, : n * r].view(B, n, r, kv.shape[-1])
         gate_w = gate[:, : n * r].view(B, n, r, kv.shape[-1]) + self.ape
@@ -166,7 +166,7 @@ class Compressor(nn.Module):
             return entries
         if n and self.overlap:
             state["prev_kv"], state["prev_gate"] = kv_w[:, -1:, :, :d], gate_w[:, -1:, :, :d]
-        state["kv"], state["gate"], state["windows"] = kv[:, n * r:], gate[:, n * r:], done + n
+        state["kv"], state["gate"] = kv[:, n * r:], gate[:, n * r:]
         state["entries"] = torch.cat((state["entries"], entries), 1) if "entries" in state else entries
         return state["entries"]
 
