@@ -77,6 +77,20 @@ def test_wrong_shape_names_the_hook(mixtral):
             mixtral(IDS)
 
 
+def test_wrong_dtype_kind_names_the_hook(mixtral):
+    """A replacement may change precision (cast back) but not kind: float ids or integer activations are refused."""
+    with pytest.raises(wb.HookError, match="hook on 'layers.0.router.topk_ids' returned dtype torch.float32; "
+                                           "expected torch.int64 \\(integer values"):
+        with mixtral.hooks({"layers.0.router.topk_ids": lambda x, ctx: x.float()}):
+            mixtral(IDS)
+    with pytest.raises(wb.HookError, match="'layers.2.resid_post' returned dtype torch.int64; expected torch.float32"):
+        with mixtral.hooks({"layers.2.resid_post": lambda x, ctx: x.long()}):
+            mixtral(IDS)
+    with mixtral.hooks({"layers.2.resid_post": lambda x, ctx: x.double()}):
+        assert mixtral(IDS).dtype == torch.float32
+    assert not any(hp.active for hp in mixtral._hooks.points.values())
+
+
 def test_no_hooks_no_extra_work(mixtral, monkeypatch):
     """Unhooked: no hook context is ever built and no per-expert buffer is allocated."""
     def fail(*a, **k):
@@ -91,6 +105,7 @@ def test_no_hooks_no_extra_work(mixtral, monkeypatch):
 
 
 def test_bad_inputs(mixtral):
+    """A few bad inputs (tests/test_inputs.py has the full table): both ValueError and TypeError catch them."""
     with pytest.raises(ValueError, match="token id 96 is outside"):
         mixtral(torch.tensor([[1, 96]]))
     with pytest.raises(ValueError, match="token id -1"):

@@ -1,6 +1,6 @@
 """moe-workbench: a hookable runtime and research workbench for open-weight Mixture-of-Experts LLMs."""
 
-from .errors import CheckpointError, HookError
+from .errors import CheckpointError, HookError, InputError, NonFiniteError
 from .hooks import HookContext
 from .loading import load
 from .models.base import State
@@ -8,5 +8,5 @@ from .store import StoreError, open_store, trace
 from . import interventions
 
 __version__ = "0.1.0"
-__all__ = ["load", "CheckpointError", "HookError", "HookContext", "interventions", "State", "trace", "open_store",
-           "StoreError", "__version__"]
+__all__ = ["load", "CheckpointError", "HookError", "InputError", "NonFiniteError", "HookContext", "interventions",
+           "State", "trace", "open_store", "StoreError", "__version__"]

@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 
+def shorten(text: str, limit: int = 500) -> str:
+    """Text from a (possibly hostile) file, cut short so that it cannot flood an error message."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 class CheckpointError(ValueError):
     """A checkpoint cannot be loaded safely; the message names the file and, where known, the tensor."""
 
     def __init__(self, message: str, *, file: str | None = None, tensor: str | None = None):
         self.file, self.tensor, self.reason = file, tensor, message
-        where = ": ".join(str(p) for p in (file, tensor) if p)
+        where = ": ".join(shorten(str(p)) for p in (file, tensor) if p)
         super().__init__(f"{where}: {message}" if where else message)
 
 
 class HookError(RuntimeError):
     """A hook function misbehaved (wrong shape, wrong type); the message names the hook point."""
+
+
+class InputError(ValueError, TypeError):
+    """Model input that is not a non-empty [batch, tokens] tensor of ids inside the vocabulary.
+
+    A ValueError, and a TypeError too, so that callers catching either for wrong dtypes keep working.
+    """
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or Inf appeared in the forward pass (see `CausalLM.check_finite`); names the first hook point
+    (in forward order) and the first token position where one was seen."""
+
+    def __init__(self, message: str, *, hook: str, layer: int | None, position: int):
+        self.hook, self.layer, self.position = hook, layer, position
+        super().__init__(message)

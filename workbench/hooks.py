@@ -63,8 +63,20 @@ class HookPoint:
                 raise HookError(
                     f"hook on {self.name!r} returned shape {tuple(out.shape)}; expected {tuple(x.shape)}"
                 )
+            if _kind(out.dtype) != _kind(x.dtype):
+                raise HookError(f"hook on {self.name!r} returned dtype {out.dtype}; expected {x.dtype} "
+                                f"({_kind(x.dtype)} values: a replacement may change precision, not kind)")
             x = out.to(device=x.device, dtype=x.dtype)
         return x
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """A dtype's kind: a hook may change a tensor's precision but not its kind (ids must stay integers)."""
+    if dtype == torch.bool:
+        return "boolean"
+    if dtype.is_complex:
+        return "complex"
+    return "floating" if dtype.is_floating_point else "integer"
 
 
 # Where each hook sits inside a layer, in forward order; family-specific points (e.g. `attn.*`) fall

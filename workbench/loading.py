@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
+from types import ModuleType
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from . import checkpoint
@@ -37,39 +39,81 @@ def load(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     backend: str = "auto",
+    trusted_repos: Iterable[str] | None = None,
+    verify_hashes: bool = True,
 ) -> CausalLM:
     """Load a Hugging Face MoE (or dense) checkpoint from a local folder or a hub repo id.
 
     Every safetensors header and tensor shape is checked against the config before any weight is
     read; anything wrong raises `CheckpointError` naming the file and tensor. Pickle files are never
-    opened and code shipped with a checkpoint is never run.
+    opened and code shipped with a checkpoint is never run. A hub repo id must match a glob of
+    `trusted_repos` (else of $WORKBENCH_TRUSTED_REPOS) where either is set. With `verify_hashes`, files
+    with a recorded sha256 (the folder's SHA256SUMS, the hub cache's blob names) are hashed while loading
+    and a mismatch is refused.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available; choose from {', '.join(BACKENDS)}")
-    folder, commit = checkpoint.resolve(source, revision)
-    cfg = Config.read(folder / "config.json")
-    checkpoint.warn_about_code(folder, cfg.data)
-    fam = family(cfg)
+    folder, commit = checkpoint.resolve(source, revision, trusted_repos)
+    cfg, fam = _config(folder)
     tensors = checkpoint.weight_files(folder)
-    with torch.device("meta"):
-        model = fam.build(cfg)
-    dtype = dtype or cfg.dtype
-    for name, p in model.named_parameters():
-        if p.dtype.is_floating_point:
-            p.data = p.data.to(torch.float32 if KEEP_FP32.fullmatch(name) else dtype)
-    scheme = quant.scheme(cfg)
-    plan = _plan(model, tensors, fam.rules(cfg), scheme)
-    try:
-        tokenizer = load_tokenizer(folder, model.vocab_size)
-    except Exception as e:  # tokenizers raises its own exception type for malformed files
-        raise CheckpointError(f"unreadable tokenizer ({e})", file=str(folder / "tokenizer.json")) from None
-    model.to_empty(device=device or "cpu")
-    model.tie_weights()
-    _copy(model, tensors, plan, scheme)
+    weights = sorted({info.file for info in tensors.values()})
+    read = [folder / n for n in ("config.json", checkpoint.INDEX_FILE, "tokenizer.json") if (folder / n).is_file()]
+    expected = checkpoint.recorded_sha256(folder, read + weights, weights) if verify_hashes else {}
+    with checkpoint.verified(expected):
+        with torch.device("meta"):
+            model = _build(fam, cfg)
+        dtype = dtype or cfg.dtype
+        for name, p in model.named_parameters():
+            if p.dtype.is_floating_point:
+                p.data = p.data.to(torch.float32 if KEEP_FP32.fullmatch(name) else dtype)
+        scheme = quant.scheme(cfg)
+        plan = _plan(model, tensors, fam.rules(cfg), scheme)
+        try:
+            tokenizer = load_tokenizer(folder, model.vocab_size)
+        except Exception as e:  # tokenizers raises its own exception type for malformed files
+            raise CheckpointError(f"unreadable tokenizer ({e})", file=str(folder / "tokenizer.json")) from None
+        model.to_empty(device=device or "cpu")
+        model.tie_weights()
+        _copy(model, tensors, plan, scheme)
     model.eval().requires_grad_(False)
     model.source, model.revision, model.commit = str(source), revision, commit
     model.checkpoint_dir, model.tokenizer = folder, tokenizer
     return model
+
+
+def _config(folder: Path) -> tuple[Config, ModuleType]:
+    """The checked config and its family module; a config that needs its own code (`auto_map`) to build an
+    unsupported `model_type` is refused saying so, and its code is never run."""
+    file = folder / "config.json"
+    try:
+        cfg = Config.read(file)
+    except CheckpointError:
+        raise
+    except (ValueError, RecursionError, OSError) as e:  # nested too deeply, integers past the digit limit, unreadable
+        raise CheckpointError(f"not a readable config ({type(e).__name__}: {e})", file=str(file)) from None
+    checkpoint.warn_about_code(folder, cfg.data)
+    model_type = cfg.data.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise CheckpointError(f"model_type must be a string, got {model_type!r}", file=str(file))
+    try:
+        return cfg, family(cfg)
+    except CheckpointError as e:
+        code = cfg.data.get("auto_map")
+        if not code:
+            raise
+        raise CheckpointError(f"{e.reason}; its auto_map points at the checkpoint's own code ({code}), which "
+                              "workbench never runs", file=e.file) from None
+
+
+def _build(fam: ModuleType, cfg: Config) -> CausalLM:
+    """The family's model for this config (on the current default device); any failure is the config's."""
+    try:
+        return fam.build(cfg)
+    except CheckpointError:
+        raise
+    except Exception as e:  # building reads only the config: a field of the wrong kind or size broke it
+        raise CheckpointError(f"the config does not describe a buildable model ({type(e).__name__}: {e})",
+                              file=cfg.file) from None
 
 
 # checkpoint tensor -> our (parameter, slot)s, its split, and its scale tensor if quantised
@@ -113,7 +157,10 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, sch
             raise CheckpointError(f"dtype {info.dtype} is not supported here (expected an integer table)", **where)
         if not integer and info.dtype not in FLOAT_DTYPES and not scale:
             raise CheckpointError(f"dtype {info.dtype} is not supported here (expected F32, F16 or BF16)", **where)
-        pieces = split(torch.empty(shape, device="meta")) if split else (torch.empty(shape, device="meta"),)
+        try:
+            pieces = split(torch.empty(shape, device="meta")) if split else (torch.empty(shape, device="meta"),)
+        except (RuntimeError, ValueError):
+            raise CheckpointError(f"shape {list(info.shape)} is not a valid tensor shape here", **where) from None
         for (target, slot), piece in zip(targets, pieces, strict=True):
             p = params[target]
             want = p.shape if slot is None else p.shape[1:]
@@ -156,9 +203,12 @@ def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan
 
         def read(name: str) -> torch.Tensor:
             file = tensors[name].file
-            if file not in handles:
-                handles[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-            return handles[file].get_tensor(name)
+            try:
+                if file not in handles:
+                    handles[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                return handles[file].get_tensor(name)
+            except (SafetensorError, OSError) as e:  # the file changed or vanished after its header was checked
+                raise CheckpointError(f"cannot be read ({e})", file=str(file), tensor=name) from None
 
         for name in names:
             targets, split, scale = plan[name]

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import difflib
+import errno
 import fcntl
 import fnmatch
 import hashlib
@@ -161,6 +162,8 @@ def trace(
     _existing_attrs(out)  # refuse a path that holds something else before creating anything there
     with _write_lock(out):
         attrs = _existing_attrs(out)
+        if attrs is not None and not overwrite:
+            _check_format(out, attrs, "pass overwrite=True (CLI: --overwrite) to replace it, or write elsewhere")
         if attrs is not None and attrs.get("complete") and not overwrite:
             raise StoreError(f"{out} already holds a complete trace; pass overwrite=True (CLI: --overwrite) "
                              "to replace it")
@@ -176,9 +179,12 @@ def open_store(path: str | Path) -> xarray.Dataset:
     import xarray as xr
 
     path = Path(path).expanduser()
-    if _existing_attrs(path) is None:
+    attrs = _existing_attrs(path)
+    if attrs is None:
         raise StoreError(f"{path}: no store here")
-    with warnings.catch_warnings():  # temporaries a killed writer left behind, removed when it is resumed
+    _check_format(path, attrs, "open it with a workbench version that reads it")
+    with warnings.catch_warnings(), _io_errors(path, "reading the store"):
+        # temporaries a killed writer left behind, removed when it is resumed
         warnings.filterwarnings("ignore", message=r"Object at .*\.partial is not recognized")
         ds = xr.open_zarr(path, consolidated=False, chunks={})
     return ds.isel(token=slice(0, ds.attrs["committed_tokens"])) if "token" in ds.dims else ds
@@ -412,26 +418,66 @@ def _provenance(model: CausalLM, ids: np.ndarray, seed: int | None, names: list[
 
 def _existing_attrs(out: Path) -> dict | None:
     """Root attrs of the store at `out`; None where there is nothing to keep. Refuses anything else."""
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise StoreError(f"{out} exists and is not a directory")
-    if all(p.name.endswith(".partial") for p in out.iterdir()):
-        return None
-    try:
-        attrs = zarr.open_group(out, mode="r").attrs.asdict()
-    except (FileNotFoundError, ValueError):
-        attrs = {}
+    with _io_errors(out, "reading the store"):
+        if not out.exists():
+            return None
+        if not out.is_dir():
+            raise StoreError(f"{out} exists and is not a directory")
+        if all(p.name.endswith(".partial") for p in out.iterdir()):
+            return None
+        try:
+            attrs = zarr.open_group(out, mode="r").attrs.asdict()
+        except (FileNotFoundError, ValueError):
+            attrs = {}
     if "workbench_store" not in attrs:
         raise StoreError(f"{out} is not empty and is not a workbench store; refusing to touch it")
     return attrs
 
 
+def _check_format(out: Path, attrs: dict, remedy: str) -> None:
+    """Refuse a store written in another format version of this schema than the one this code reads and writes."""
+    version = attrs.get("workbench_store")
+    if version != FORMAT:
+        raise StoreError(f"{out} is a workbench store of format {version!r}; this workbench reads and writes "
+                         f"format {FORMAT}: {remedy}")
+
+
+def _committed_on_disk(out: Path) -> int | None:
+    """The committed-tokens marker as last written, or None where it cannot be read."""
+    try:
+        return int(json.loads((out / "zarr.json").read_text())["attributes"]["committed_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@contextlib.contextmanager
+def _io_errors(out: Path, doing: str) -> Iterator[None]:
+    """Turn an OS error of the block (disk full, permission denied, ...) into a StoreError saying what failed,
+    how far the store got and how to go on; the marker is written last, so the store holds only whole chunks."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, BlockingIOError):
+            raise
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            why, remedy = "no space left on the device", "Free some space (or write elsewhere)"
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            why, remedy = "permission denied", "Make the store's directory writable (or write elsewhere)"
+        else:
+            why, remedy = e.strerror or str(e), "Fix the cause"
+        where = f" at {e.filename}" if e.filename else ""
+        done = _committed_on_disk(out)
+        progress = (f"; {done:,} tokens stay committed, readers see only those, and rerunning the same trace "
+                    "resumes after them" if done else "")
+        raise StoreError(f"{out}: {doing} failed: {why}{where}{progress}. {remedy}, then rerun") from e
+
+
 @contextlib.contextmanager
 def _write_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive flock on the store directory for the block; another holder is another live writer."""
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY)
+    with _io_errors(out, "creating the store"):
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -453,6 +499,12 @@ def _prepare(out: Path, attrs: dict | None, prov: dict, plan: Plan, resume: bool
              overwrite: bool) -> tuple[zarr.Group, int]:
     """Open the incomplete store with root `attrs` to resume it, or create it afresh; returns the root group
     and the first token to trace."""
+    with _io_errors(out, "preparing the store"):
+        return _open_or_create(out, attrs, prov, plan, resume, overwrite)
+
+
+def _open_or_create(out: Path, attrs: dict | None, prov: dict, plan: Plan, resume: bool,
+                    overwrite: bool) -> tuple[zarr.Group, int]:
     if attrs is not None and not overwrite:
         committed = attrs.get("committed_tokens", 0)
         if committed > 0:
@@ -559,17 +611,18 @@ def _run(model: CausalLM, ids: np.ndarray, out: Path, root: zarr.Group, plan: Pl
                 rbar.update(e - s)
                 continue
             _crash_here(crash, i, "forward")
-            for j, v in enumerate(plan.variables):
-                _write(arrays[v.name], v, v.spans(s, e), sink)
-                if j == 0:
-                    _crash_here(crash, i, "write")
-            arrays["input_ids"][s:e] = ids[s:e].astype(np.int32)
-            arrays["token"][s:e] = np.arange(s, e)
-            _crash_here(crash, i, "marker")
-            marker: dict[str, Any] = {"committed_tokens": e}
-            if e == n:
-                marker.update(complete=True, completed=_now(), summary=_summary(out, plan, n, start, t0))
-            root.attrs.update(marker)
+            with _io_errors(out, f"writing tokens {s:,}..{e:,}"):
+                for j, v in enumerate(plan.variables):
+                    _write(arrays[v.name], v, v.spans(s, e), sink)
+                    if j == 0:
+                        _crash_here(crash, i, "write")
+                arrays["input_ids"][s:e] = ids[s:e].astype(np.int32)
+                arrays["token"][s:e] = np.arange(s, e)
+                _crash_here(crash, i, "marker")
+                marker: dict[str, Any] = {"committed_tokens": e}
+                if e == n:
+                    marker.update(complete=True, completed=_now(), summary=_summary(out, plan, n, start, t0))
+                root.attrs.update(marker)
             _crash_here(crash, i, "committed")
             bar.update(e - s)
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..errors import CheckpointError
-from ..hooks import HookFn, HookRegistry
+from ..errors import CheckpointError, InputError, NonFiniteError
+from ..hooks import HookContext, HookFn, HookRegistry
 from .blocks import RMSNorm
 
 
@@ -132,23 +132,40 @@ class CausalLM(nn.Module):
         return self.hp_logits(self.lm_head(x))
 
     def _check_ids(self, ids: Any) -> torch.Tensor:
+        """Token ids as a LongTensor [B, T] on the model's device; anything else raises InputError saying why."""
         if not isinstance(ids, torch.Tensor):
-            ids = torch.as_tensor(ids)
+            try:
+                ids = torch.as_tensor(ids)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise InputError(f"input_ids must be integer token ids [batch, tokens], got {type(ids).__name__} "
+                                 f"({e})") from None
+        if ids.dim() not in (1, 2) or ids.numel() == 0:
+            raise InputError(f"input_ids must be a non-empty [batch, tokens] tensor, got shape {tuple(ids.shape)}")
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-            raise TypeError(f"input_ids must be an integer tensor, got {ids.dtype}")
+            raise InputError(f"input_ids must be an integer tensor of token ids, got {ids.dtype}")
         if ids.dim() == 1:
             ids = ids[None]
-        if ids.dim() != 2 or ids.numel() == 0:
-            raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got shape {tuple(ids.shape)}")
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.vocab_size:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+            b, t = (ids == bad).nonzero()[0].tolist()
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size}) (batch {b}, token {t})")
         return ids.to(device=self.embed.weight.device, dtype=torch.long)
 
     def hooks(self, hooks: Mapping[str, HookFn] | Iterable[tuple[str, HookFn]]):
         """Context manager registering `{name_or_glob: fn}`; fn(tensor, ctx) returns a replacement or None."""
         return self._hooks.attached(hooks)
+
+    def check_finite(self, names: Iterable[str] | str = "*"):
+        """Context manager: within it a forward raises NonFiniteError at the first hook point (of `names`,
+        globs, in forward order) whose tensor holds a NaN or Inf, naming the hook, its layer and the token.
+
+        Opt-in, so a plain forward pays nothing; checking every point also materialises the per-expert
+        tensors (pass e.g. names=["layers.*.resid_*", "logits"] for a cheaper, coarser check). Hooks
+        registered before the block run first, so their replacements are checked too.
+        """
+        patterns = [names] if isinstance(names, str) else list(names)
+        return self.hooks([(p, _finite) for p in patterns])
 
     def trace(self, tokens: Any, out: Any, **kwargs: Any) -> Any:
         """Stream the routing (and hooks named in `names`) of one long sequence to a zarr store, chunk by chunk;
@@ -171,6 +188,22 @@ class CausalLM(nn.Module):
         with self.hooks([(p, keep) for p in patterns]):
             logits = self(input_ids, **kwargs)
         return logits, {n: cache[n] for n in self.hook_names if n in cache}
+
+
+def _finite(x: torch.Tensor, ctx: HookContext) -> None:
+    """Raise NonFiniteError where a floating hook tensor [B, T, ...] holds a NaN or Inf."""
+    if not x.is_floating_point():
+        return
+    bad = ~torch.isfinite(x)
+    if not bad.any():
+        return
+    batch, t = bad.nonzero()[0, :2].tolist()
+    position = int(ctx.positions[t])
+    nan, inf = int(x.isnan().sum()), int(x.isinf().sum())
+    layer = f" (layer {ctx.layer})" if ctx.layer is not None else ""
+    raise NonFiniteError(f"non-finite values first appear at hook {ctx.name}{layer}: {nan} NaN and {inf} Inf, the "
+                         f"first at batch {batch}, token position {position}", hook=ctx.name, layer=ctx.layer,
+                         position=position)
 
 
 # ---------------------------------------------------------------- checkpoint names
