@@ -1,17 +1,23 @@
-"""Long-trace benchmark: stream the routing of N random tokens, plus `layers.{L}.resid_post` over one
-4096-token window, to a zarr store, against the same chunked forward with no hooks in the same run.
+"""Long-trace benchmark: one sequence of N random tokens through the embedded model with all routing recorded
+plus `layers.{L}.resid_post` over one 4096-token window, streamed to a zarr store by the real CLI command.
 
-    .venv/bin/python bench/trace.py [--tokens 1000000] [--model DIR] [--chunk-tokens 8192] [--threads T] [--repeat R]
+    .venv/bin/python bench/trace.py [--tokens 1000000] [--model DIR] [--chunk-tokens 4096] [--out STORE]
+                                    [--overhead-tokens 65536] [--repeat 3]
 
-Prints wall time (best of R alternating runs), tokens/s and peak RSS of both, the trace's overhead over the plain forward, and the
-store's bytes on disk per routing entry (token, layer, k). A full-attention model (the embedded MLA model)
-costs time quadratic in the sequence length, so pick --tokens to suit it.
+1. Overhead, in this process: the chunked forward with no hooks against the same forward traced to a store
+   (routing + the window), over the first --overhead-tokens tokens, alternating R times, best of each.
+2. The long run: `workbench trace` in a child process under `/usr/bin/time -v` (wall time, peak RSS), then
+   the store's bytes per (token, layer, k) routing entry, and a lazy read of one layer's routing over a
+   4096-token slice (`ds.topk_ids.sel(layer=L).isel(token=slice(a, b))`) against reading the whole array.
+3. A roofline for the run: the FLOPs a token costs (matmuls of the active parameters plus the CSA indexer's
+   scoring against every earlier pooled entry) against this machine's measured sgemm FLOP/s.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,15 +27,10 @@ import numpy as np
 import torch
 
 import workbench as wb
-from workbench.store import disk_bytes, open_store, trace
+from workbench.demo import EMBEDDED_MODEL
+from workbench.store import open_store, trace
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "models" / "tiny-random-deepseek-v3"
 WINDOW = 4096
-
-
-def peak_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 def plain_forward(model, ids: np.ndarray, chunk: int) -> float:
@@ -42,48 +43,118 @@ def plain_forward(model, ids: np.ndarray, chunk: int) -> float:
     return time.perf_counter() - t0
 
 
+def overhead(model, ids: np.ndarray, layer: int, chunk: int, repeat: int, tmp: Path) -> tuple[float, float]:
+    """Best-of-R seconds of the plain forward and of the trace (routing + a resid_post window) over `ids`."""
+    start = max(0, len(ids) // 2 - WINDOW // 2)
+    window = (start, min(len(ids), start + WINDOW))
+    t_plain = t_trace = float("inf")
+    for _ in range(repeat):
+        t_plain = min(t_plain, plain_forward(model, ids, chunk))
+        t0 = time.perf_counter()
+        trace(model, ids, tmp / "overhead.zarr", names=[f"layers.{layer}.resid_post"], windows=[window],
+              chunk_tokens=chunk, overwrite=True, progress=False)
+        t_trace = min(t_trace, time.perf_counter() - t0)
+    return t_plain, t_trace
+
+
+def sgemm_flops() -> float:
+    """Measured fp32 matmul FLOP/s (2048^3, best of 5)."""
+    a = torch.randn(2048, 2048)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048**3 / best
+
+
+def flops_per_sequence(model, n: int) -> tuple[float, float]:
+    """(matmul FLOPs of the active parameters, CSA indexer scoring FLOPs) for one n-token sequence."""
+    cfg = model.config
+    H, I, L = cfg.int("hidden_size"), cfg.int("moe_intermediate_size"), cfg.int("num_hidden_layers")
+    expert = 3 * H * I
+    active = sum(p.numel() for name, p in model.named_parameters()
+                 if ".experts." not in name and not name.startswith("embed") and p.dim() == 2)
+    active += L * cfg.int("num_experts_per_tok") * expert
+    rates = cfg.get("compress_rates") or {}
+    csa = sum(kind == "compressed_sparse_attention" for kind in cfg.get("layer_types", []))
+    rate = rates.get("compressed_sparse_attention", 4)
+    # query t scores t // rate entries with index_n_heads dot products of index_head_dim
+    indexer = csa * 2 * cfg.int("index_n_heads") * cfg.int("index_head_dim") * (n * n / (2 * rate))
+    return 2 * active * n, indexer
+
+
+def timed_cli(args: argparse.Namespace, out: Path, layer: int, window: tuple[int, int], tmp: Path) -> dict:
+    """Run `workbench trace` under /usr/bin/time -v; its wall time (s) and peak RSS (bytes)."""
+    report = tmp / "time.txt"
+    cmd = [sys.executable, "-m", "workbench", "trace", args.model, "--random-tokens", str(args.tokens),
+           "--seed", str(args.seed), "--names", f"layers.{layer}.resid_post", "--window", f"{window[0]}:{window[1]}",
+           "--chunk-tokens", str(args.chunk_tokens), "--dtype", args.dtype, "--out", str(out), "--overwrite"]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(["/usr/bin/time", "-v", "-o", str(report), *cmd], check=True)
+    text = report.read_text()
+    h, m, s = ([0] + [float(x) for x in re.search(r"Elapsed .*: ([\d:.]+)", text).group(1).split(":")])[-3:]
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) * 1024
+    return {"wall_s": 3600 * h + 60 * m + s, "peak_rss": rss}
+
+
+def lazy_read(out: Path, layer: int, n: int) -> tuple[float, float]:
+    """Seconds to read one layer's routing over a 4096-token slice, and over the whole sequence."""
+    ds = open_store(out)
+    a = n // 3
+    t0 = time.perf_counter()
+    part = ds.topk_ids.sel(layer=layer).isel(token=slice(a, a + WINDOW)).values
+    t_part = time.perf_counter() - t0
+    assert part.shape[0] == min(WINDOW, n - a)
+    t0 = time.perf_counter()
+    ds.topk_ids.sel(layer=layer).values
+    return t_part, time.perf_counter() - t0
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(EMBEDDED_MODEL))
     ap.add_argument("--tokens", type=int, default=1_000_000)
-    ap.add_argument("--chunk-tokens", type=int, default=8192)
+    ap.add_argument("--chunk-tokens", type=int, default=4096)
+    ap.add_argument("--dtype", default="float32", help="compute dtype (fp32: this CPU has no bf16 matmul units)")
     ap.add_argument("--layer", type=int, help="layer of the recorded resid_post window (default: the last)")
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeat", type=int, default=1, help="alternate both runs R times and keep the best of each")
+    ap.add_argument("--overhead-tokens", type=int, default=65536, help="prefix timed with and without the trace")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating runs of the overhead measurement")
     ap.add_argument("--out", help="store directory to keep (default: a temporary one)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = wb.load(args.model)
+    model = wb.load(args.model, dtype=getattr(torch, args.dtype))
     n, chunk = args.tokens, args.chunk_tokens
-    ids = np.random.default_rng(args.seed).integers(0, model.vocab_size, n)
     layer = args.layer if args.layer is not None else max(int(i) for i in model.layers)
+    ids = np.random.default_rng(args.seed).integers(0, model.vocab_size, n)
     start = max(0, n // 2 - WINDOW // 2)
     window = (start, min(n, start + WINDOW))
-    plain_forward(model, ids[:min(n, 256)], chunk)  # warm-up: one-time initialisation out of both timings
+    print(f"{model.config.get('model_type')} ({args.model}), {args.dtype}, {torch.get_num_threads()} threads; "
+          f"chunks of {chunk:,} tokens")
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(args.out) if args.out else Path(tmp) / "trace.zarr"
-        t_plain = t_trace = float("inf")
-        for _ in range(args.repeat):
-            t_plain = min(t_plain, plain_forward(model, ids, chunk))
-            rss_plain = peak_rss_mb()
-            t0 = time.perf_counter()
-            trace(model, ids, out, names=[f"layers.{layer}.resid_post"], windows=[window], chunk_tokens=chunk,
-                  overwrite=True, progress=False, seed=args.seed)
-            t_trace = min(t_trace, time.perf_counter() - t0)
-            rss_trace = peak_rss_mb()
-        ds = open_store(out)
-        s, resid = ds.attrs["summary"], disk_bytes(out / "resid_post")
-    print(f"{model.config.get('model_type')} ({args.model}): {len(model.layers)} layers, {s['routed_layers']} routed, "
-          f"k={s['k']}; {n:,} random tokens in chunks of {chunk:,}; {torch.get_num_threads()} threads")
-    print(f"{'run':28s} {'wall s':>9s} {'tokens/s':>10s} {'peak RSS MB':>12s}")
-    print(f"{'forward, no hooks':28s} {t_plain:9.2f} {n / t_plain:10.0f} {rss_plain:12.0f}")
-    print(f"{'trace (routing + window)':28s} {t_trace:9.2f} {n / t_trace:10.0f} {rss_trace:12.0f}")
-    print(f"trace overhead vs forward: {t_trace / t_plain - 1:+.1%}")
-    print(f"store: {s['bytes_on_disk'] / 1e6:.2f} MB on disk; routing {s['routing_bytes'] / 1e6:.2f} MB = "
-          f"{s['bytes_per_routing_entry']:.3f} bytes per (token, layer, k) entry (int16 id + float16 weight, "
-          f"4 bytes raw); layers.{layer}.resid_post over tokens {window[0]:,}-{window[1]:,}: {resid / 1e6:.2f} MB")
+        tmp = Path(tmp)
+        prefix = ids[:min(n, args.overhead_tokens)]
+        plain_forward(model, prefix[:256], chunk)  # warm-up: one-time initialisation out of both timings
+        t_plain, t_trace = overhead(model, prefix, layer, chunk, args.repeat, tmp)
+        print(f"overhead over the first {len(prefix):,} tokens (best of {args.repeat}): forward {t_plain:.2f} s, "
+              f"trace {t_trace:.2f} s: {t_trace / t_plain - 1:+.1%}", flush=True)
+        out = Path(args.out) if args.out else tmp / "trace.zarr"
+        run = timed_cli(args, out, layer, window, tmp)
+        s = open_store(out).attrs["summary"]
+        t_part, t_all = lazy_read(out, layer, n)
+    peak = sgemm_flops()
+    dense, indexer = flops_per_sequence(model, n)
+    floor = (dense + indexer) / peak
+    print(f"\n{n:,} tokens: wall {run['wall_s']:.0f} s ({n / run['wall_s']:,.0f} tokens/s), peak RSS "
+          f"{run['peak_rss'] / 2**30:.2f} GiB (/usr/bin/time -v)")
+    print(f"store: {s['bytes_on_disk'] / 1e6:.1f} MB on disk; routing {s['routing_bytes'] / 1e6:.1f} MB = "
+          f"{s['bytes_per_routing_entry']:.3f} bytes per (token, layer, k) entry over {s['routed_layers']} layers, "
+          f"k={s['k']} (int16 id + float16 weight = 4 bytes raw)")
+    print(f"lazy read: layer {layer} routing over {WINDOW:,} tokens in {t_part * 1e3:.1f} ms; "
+          f"the whole layer in {t_all * 1e3:.0f} ms")
+    print(f"roofline: {dense / 1e12:.1f} TFLOP of active-parameter matmuls + {indexer / 1e12:.1f} TFLOP of CSA "
+          f"indexer scoring at the measured {peak / 1e9:.0f} GFLOP/s sgemm = {floor:.0f} s; the run reached "
+          f"{floor / run['wall_s']:.0%} of it")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The streaming activation store: `trace` to zarr, `open_store` back, crash safety, and the CLI commands."""
 
+import errno
 import hashlib
 import json
 import os
@@ -316,6 +317,141 @@ def test_bad_arguments_leave_nothing_behind(model, tmp_path):
         open_store(tmp_path / "missing.zarr")
 
 
+# ---------------------------------------------------------------- faults: disk full, permissions, format, writers
+
+
+@pytest.fixture(scope="module")
+def reference(model, tmp_path_factory):
+    """(tokens, store) of an uninterrupted trace that every faulted run must end up identical to."""
+    tokens = random_tokens(N, seed=3)
+    return tokens, trace(model, tokens, tmp_path_factory.mktemp("ref") / "ref.zarr", progress=False, **TRACE_ARGS)
+
+
+def fail_one_write(monkeypatch, error: int, when) -> list[Path]:
+    """Make the first store write for which when(path, data) holds fail with OSError `error` half way through
+    its temporary file, as a full disk or a denied permission does; returns the path once it has failed."""
+    from zarr.storage import _local
+
+    real, failed = _local._put, []
+
+    def put(path, value, exclusive=False):
+        data = value.to_bytes()
+        if failed or not when(Path(path), data):
+            return real(path, value, exclusive=exclusive)
+        failed.append(Path(path))
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with _local._atomic_write(Path(path), "wb") as f:
+            f.write(data[: len(data) // 2])
+            raise (PermissionError if error == errno.EACCES else OSError)(error, os.strerror(error), str(path))
+
+    monkeypatch.setattr(_local, "_put", put)
+    return failed
+
+
+FAULTS = {
+    # case -> (errno, the write that fails (store-relative path, data), tokens committed before it, message)
+    "disk full in a chunk's arrays": (errno.ENOSPC, lambda p, d: p.parts[-5:] == ("topk_weights", "c", "1", "2", "0"),
+                                      160, "writing tokens 160..240 failed: no space left on the device at .*"
+                                           "topk_weights/c/1/2/0; 160 tokens stay committed.*Free some space"),
+    "disk full writing the marker": (errno.ENOSPC, lambda p, d: p.name == "zarr.json" and
+                                     b'"committed_tokens": 240' in d, 160,
+                                     r"writing tokens 160..240 failed: no space left on the device at .*zarr.json; "
+                                     "160 tokens stay committed"),
+    "permission denied in a chunk": (errno.EACCES, lambda p, d: p.parts[-5:] == ("resid_post", "c", "1", "3", "0"), 240,
+                                     "writing tokens 240..320 failed: permission denied at .*resid_post/c/1/3/0; "
+                                     "240 tokens stay committed.*Make the store's directory writable"),
+    "disk full creating the store": (errno.ENOSPC, lambda p, d: p.parts[-2:] == ("topk_ids", "zarr.json"), 0,
+                                     "preparing the store failed: no space left on the device at .*topk_ids/zarr.json"
+                                     r"\. Free some space"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAULTS))
+def test_write_faults_leave_a_store_that_resumes(model, reference, tmp_path, monkeypatch, case):
+    """A full disk or a denied write at any point: a StoreError saying what failed and how far the store got, a
+    store holding only whole committed chunks, and a rerun that completes it bit-identical to an uninterrupted run."""
+    tokens, ref = reference
+    error, when, done, message = FAULTS[case]
+    out = tmp_path / "run.zarr"
+    failed = fail_one_write(monkeypatch, error, lambda p, d: p.is_relative_to(out) and when(p, d))
+    with pytest.raises(StoreError, match=message) as err:
+        trace(model, tokens, out, progress=False, **TRACE_ARGS)
+    assert len(failed) == 1 and isinstance(err.value.__cause__, OSError) and err.value.__cause__.errno == error
+    assert committed(out) == done and not list(out.rglob("*.partial"))
+    if done:
+        ds, want = open_store(out), open_store(ref)
+        assert ds.sizes["token"] == done and not ds.attrs["complete"]
+        assert np.array_equal(ds.topk_ids.values, want.topk_ids.values[:, :done])
+        assert np.array_equal(ds.resid_post.values, want.resid_post.values[:, :done], equal_nan=True)
+    monkeypatch.undo()
+    trace(model, tokens, out, progress=False, **TRACE_ARGS)
+    assert_same_store(out, ref)
+    assert zarr.open_group(out, mode="r").attrs["summary"]["resumed_at"] == done
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="file permissions do not deny root")
+def test_read_only_store_refused_then_resumed(model, reference, tmp_path):
+    tokens, ref = reference
+    out = tmp_path / "run.zarr"
+    interrupted(model, tokens, out, 240, **TRACE_ARGS)
+    before = files(out)
+    dirs = [out, *(p for p in out.rglob("*") if p.is_dir())]
+    for d in dirs:
+        d.chmod(0o555)
+    try:
+        with pytest.raises(StoreError, match="writing tokens 240..320 failed: permission denied at .*; 240 tokens "
+                                             "stay committed"):
+            trace(model, tokens, out, progress=False, **TRACE_ARGS)
+    finally:
+        for d in dirs:
+            d.chmod(0o755)
+    assert files(out) == before and committed(out) == 240
+    trace(model, tokens, out, progress=False, **TRACE_ARGS)
+    assert_same_store(out, ref)
+
+
+def test_store_of_another_format_refused(model, reference, tmp_path):
+    """A store of another format version is neither read nor resumed (nothing touched); overwrite replaces it."""
+    tokens, ref = reference
+    out = tmp_path / "run.zarr"
+    interrupted(model, tokens, out, 240, **TRACE_ARGS)
+    meta = json.loads((out / "zarr.json").read_text())
+    meta["attributes"]["workbench_store"] = 2
+    (out / "zarr.json").write_text(json.dumps(meta))
+    before = {**files(out), "zarr.json": (out / "zarr.json").read_bytes()}
+    with pytest.raises(StoreError, match="is a workbench store of format 2; this workbench reads and writes format 1: "
+                                         "open it with a workbench version that reads it"):
+        open_store(out)
+    with pytest.raises(StoreError, match="format 2; .*: pass overwrite=True"):
+        trace(model, tokens, out, progress=False, **TRACE_ARGS)
+    assert {**files(out), "zarr.json": (out / "zarr.json").read_bytes()} == before
+    trace(model, tokens, out, progress=False, overwrite=True, **TRACE_ARGS)
+    assert_same_store(out, ref)
+
+
+def test_concurrent_writer_refused(model, reference, tmp_path):
+    """While another process holds the store's lock a writer is refused and changes nothing; then it resumes."""
+    import fcntl
+
+    tokens, ref = reference
+    out = tmp_path / "run.zarr"
+    interrupted(model, tokens, out, 160, **TRACE_ARGS)
+    before = {**files(out), "zarr.json": (out / "zarr.json").read_bytes()}
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(StoreError, match="is being written by another live trace"):
+            trace(model, tokens, out, progress=False, **TRACE_ARGS)
+        with pytest.raises(StoreError, match="another live trace"):
+            trace(model, tokens, out, progress=False, overwrite=True, **TRACE_ARGS)
+    finally:
+        os.close(fd)
+    assert {**files(out), "zarr.json": (out / "zarr.json").read_bytes()} == before
+    assert open_store(out).sizes["token"] == 160  # readers are not blocked
+    trace(model, tokens, out, progress=False, **TRACE_ARGS)
+    assert_same_store(out, ref)
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -377,3 +513,39 @@ def test_cli_resumes_and_reports_user_errors(model, tmp_path, capsys):
     assert not (tmp_path / "e.zarr").exists()
     assert cli.main(["info", str(tmp_path / "missing.zarr")]) == 2
     assert "no store here" in capsys.readouterr().err
+
+
+def test_embedded_model_20k_chunked_trace_equals_whole_forward(tmp_path):
+    """20,000 tokens through the embedded V4 model (sliding, CSA with its indexer, HCA, hash and learned
+    routing) in chunks that do not divide the sequence: the stored routing is the whole forward's."""
+    from workbench.demo import EMBEDDED_MODEL
+
+    v4 = wb.load(EMBEDDED_MODEL, dtype=torch.float32)
+    tokens = random_tokens(20_000, seed=5)
+    ds = open_store(trace(v4, tokens, tmp_path / "run.zarr", chunk_tokens=3000, progress=False))
+    ref = whole(v4, tokens, ["layers.*.router.topk_*"])
+    assert ds.layer.values.tolist() == list(range(6)) and ds.sizes["token"] == 20_000
+    for layer in range(6):
+        assert np.array_equal(ds.topk_ids.sel(layer=layer).values, ref[f"layers.{layer}.router.topk_ids"]), layer
+        np.testing.assert_allclose(ds.topk_weights.sel(layer=layer).values.astype(np.float32),
+                                   ref[f"layers.{layer}.router.topk_weights"], rtol=2**-10, atol=0)
+
+
+def test_cli_trace_restricted_to_layers_windows_and_dtype(model, tmp_path, capsys):
+    out = tmp_path / "some.zarr"
+    argv = ["trace", str(MODEL), "--random-tokens", "500", "--out", str(out), "--chunk-tokens", "128",
+            "--names", "layers.*.resid_post", "--layers", "2", "--window", "10:60", "--window", "300:310",
+            "--dtype", "float32"]
+    assert cli.main(argv) == 0
+    ds = open_store(out)
+    assert ds.attrs["dtype"] == "float32" and ds.attrs["windows"] == [[10, 60], [300, 310]]
+    recorded = ~np.isnan(ds.resid_post.values).any(-1)  # [layer, token]
+    assert ds.resid_post.layer.values.tolist() == ROUTED
+    assert np.flatnonzero(recorded[ROUTED.index(2)]).tolist() == [*range(10, 60), *range(300, 310)]
+    assert recorded.sum() == 60
+    ref = whole(wb.load(MODEL, dtype=torch.float32), random_tokens(500), ["layers.2.resid_post"])
+    np.testing.assert_allclose(ds.resid_post.sel(layer=2).values[10:60], ref["layers.2.resid_post"][10:60],
+                               atol=1e-5)
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--overwrite", "--window", "7"])
+    assert "expected START:END" in capsys.readouterr().err

@@ -75,6 +75,15 @@ def _tokens(args: argparse.Namespace, model) -> tuple[np.ndarray, int | None]:
     return np.random.default_rng(seed).integers(0, model.vocab_size, args.random_tokens), seed
 
 
+def _window(text: str) -> tuple[int, int]:
+    """START:END of a --window argument."""
+    start, _, end = text.partition(":")
+    try:
+        return int(start), int(end)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END token positions, got {text!r}") from None
+
+
 def _bytes(n: float) -> str:
     units = ("B", "kB", "MB", "GB", "TB")
     i = 0
@@ -89,11 +98,12 @@ def trace(args: argparse.Namespace) -> int:
     import workbench as wb
     from workbench.store import open_store, trace as run_trace
 
-    model = wb.load(args.model, backend=args.backend)
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    model = wb.load(args.model, backend=args.backend, dtype=dtype)
     tokens, seed = _tokens(args, model)
     try:
         out = run_trace(model, tokens, args.out, names=args.names, chunk_tokens=args.chunk_tokens,
-                        overwrite=args.overwrite, seed=seed)
+                        layers=args.layers, windows=args.window, overwrite=args.overwrite, seed=seed)
     except KeyboardInterrupt:
         print(f"workbench trace: interrupted; rerun the same command to resume {args.out}", file=sys.stderr)
         return 130
@@ -162,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, metavar="STORE", help="zarr store directory to write")
     p.add_argument("--names", nargs="+", action="extend", metavar="GLOB",
                    help="hook points to record besides routing, e.g. 'layers.*.resid_post'")
+    p.add_argument("--layers", nargs="+", type=int, metavar="L", help="record --names only at these layers")
+    p.add_argument("--window", action="append", type=_window, metavar="START:END",
+                   help="record --names only for tokens [START, END); repeatable")
     p.add_argument("--chunk-tokens", type=int, default=8192, metavar="N", help="tokens per forward chunk and commit")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: the checkpoint's; float32 is the fastest on CPUs without bf16 units)")
     p.add_argument("--backend", default="auto", help="model backend (see workbench.load)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete or different store at --out")
     p.set_defaults(func=trace)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -175,19 +177,86 @@ def attend(
 def topk_entries(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [..., k] of the k highest scores, best first, ties to the lower index; -1 where the pick is -inf.
 
-    Deterministic whatever the number of rows or columns (so chunked and whole-sequence runs agree), in
-    O(N) per row: two top-k passes instead of a full sort.
+    Deterministic whatever the number of rows or columns (so chunked and whole-sequence runs agree): one
+    top-k pass, plus a stable re-pick only for the rows where the k-th score ties with one left out.
     """
     if scores.shape[-1] < k:
         scores = F.pad(scores, (0, k - scores.shape[-1]), value=float("-inf"))
-    threshold = scores.topk(k, dim=-1).values[..., -1:]
-    above, tie = scores > threshold, scores == threshold
-    take = above | (tie & (tie.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
-    index = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
-    picked = torch.where(take, index, scores.shape[-1]).topk(k, dim=-1, largest=False).values
+    value, picked = scores.topk(k, dim=-1)
+    threshold = value[..., -1:]
+    ambiguous = (torch.isfinite(threshold) & ((scores >= threshold).sum(-1, keepdim=True) > k)).squeeze(-1)
+    if ambiguous.any():
+        rows = scores[ambiguous]
+        above, tie = rows > threshold[ambiguous], rows == threshold[ambiguous]
+        take = above | (tie & (tie.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+        index = torch.arange(rows.shape[-1], device=rows.device).expand_as(rows)
+        picked[ambiguous] = torch.where(take, index, rows.shape[-1]).topk(k, dim=-1, largest=False).values
+    picked = picked.sort(dim=-1).values  # best first, equal scores by index: a stable sort on index order
     value = scores.gather(-1, picked)
     order = torch.sort(value, dim=-1, descending=True, stable=True).indices
     return picked.gather(-1, order).masked_fill(value.gather(-1, order) == float("-inf"), -1)
+
+
+def index_topk_reference(dots: torch.Tensor, w: torch.Tensor, limit: torch.Tensor, k: int) -> torch.Tensor:
+    """Lightning-indexer picks: entry s scores sum_h w[t, h] * ReLU(dots[t, h, s]) for s < limit[t]; the top k
+    by `topk_entries` [t, k]. dots [t, H, N] and w [t, H] are fp32."""
+    t, heads, n = dots.shape
+    per_head = dots.relu()
+    scores = per_head[:, 0] * w[:, :1]
+    for h in range(1, heads):
+        scores += per_head[:, h] * w[:, h, None]
+    lo = int(limit.min())  # entries below lo are visible to every query
+    scores[:, lo:].masked_fill_(torch.arange(lo, n, device=dots.device)[None] >= limit[:, None], float("-inf"))
+    return topk_entries(scores, k)
+
+
+def index_topk(dots: torch.Tensor, w: torch.Tensor, limit: torch.Tensor, k: int) -> torch.Tensor:
+    """`index_topk_reference` in one pass per query (numba, CPU tensors): no [t, N] score map is written and
+    read back, which is most of the indexer's time at long contexts. Bit-identical picks."""
+    if dots.device.type != "cpu":
+        return index_topk_reference(dots, w, limit, k)
+    out = torch.empty(dots.shape[0], k, dtype=torch.int64)
+    _index_topk_kernel()(dots.contiguous().numpy(), w.contiguous().numpy(), limit.contiguous().numpy(), out.numpy())
+    return out
+
+
+@functools.cache
+def _index_topk_kernel():
+    import numba  # only V3.2/V4 indexers on CPU need it: imported on first use
+
+    @numba.njit(parallel=True, nogil=True, cache=True)
+    def kernel(dots, w, limit, out):  # pragma: no cover - compiled
+        t, heads, n = dots.shape
+        k = out.shape[1]
+        for i in numba.prange(t):
+            value = np.full(k, -np.inf, dtype=np.float32)
+            index = np.full(k, -1, dtype=np.int64)
+            worst = 0  # slot of the lowest (value, then highest index): the one a better entry replaces
+            score = np.empty(256, dtype=np.float32)
+            m = min(limit[i], n)
+            for start in range(0, m, 256):  # score a strip (vectorised), then scan it for entries that beat the worst
+                size = min(256, m - start)
+                for s in range(size):
+                    score[s] = max(dots[i, 0, start + s], np.float32(0)) * w[i, 0]
+                for h in range(1, heads):
+                    for s in range(size):
+                        score[s] += max(dots[i, h, start + s], np.float32(0)) * w[i, h]
+                for s in range(size):
+                    if score[s] > value[worst] or index[worst] < 0:
+                        value[worst], index[worst] = score[s], start + s
+                        for j in range(k):  # entries come in index order: among equal values the later is worst
+                            if value[j] < value[worst] or (value[j] == value[worst] and index[j] > index[worst]):
+                                worst = j
+            for a in range(1, k):  # best first, equal values by index; empty slots (-1) last
+                v, x, b = value[a], index[a], a
+                while b > 0 and (index[b - 1] < 0 and x >= 0 or index[b - 1] >= 0 and x >= 0 and
+                                 (value[b - 1] < v or value[b - 1] == v and index[b - 1] > x)):
+                    value[b], index[b] = value[b - 1], index[b - 1]
+                    b -= 1
+                value[b], index[b] = v, x
+            out[i] = index
+
+    return kernel
 
 
 class Attention(nn.Module):

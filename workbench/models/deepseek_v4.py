@@ -29,10 +29,11 @@ from ..config import Config
 from ..errors import CheckpointError
 from ..hooks import HookRegistry
 from .base import CausalLM, Rule, State
-from .blocks import MoE, RMSNorm, Rotary, Router, RouterSpec, activation, remember, topk_entries
+from .blocks import MoE, RMSNorm, Rotary, Router, RouterSpec, activation, index_topk, remember
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 LEGACY_RATIOS = {0: SLIDING, 4: CSA, 128: HCA}  # `compress_ratios` of older configs, per layer
+SCORE_BLOCK = 1 << 21  # indexer scores held at once (queries x heads x entries): bounds memory at any length
 
 
 # ---------------------------------------------------------------- config
@@ -188,17 +189,25 @@ class Indexer(nn.Module):
         self.compressor = Compressor(hidden, self.dim, rate, True, rotary, eps)
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                visible: torch.Tensor, state: dict | None) -> torch.Tensor:
-        """Entry indices [B, T, index_topk] each query attends to, best first, -1 padded."""
+                complete: torch.Tensor, state: dict | None) -> torch.Tensor:
+        """Entry indices [B, T, index_topk] each query attends to, best first, -1 padded; query t may pick
+        entries [0, complete[t])."""
         B, T, _ = x.shape
-        keys = self.compressor(x, state)
-        q = rope_tail(self.rotary, self.wq_b(q_latent).view(B, T, self.heads, self.dim).transpose(1, 2), cos, sin)
+        keys = self.compressor(x, state)[:, : int(complete.max())].float()  # later entries are nobody's
+        q = rope_tail(self.rotary, self.wq_b(q_latent).view(B, T, self.heads, self.dim), cos[:, None], sin[:, None])
         w = F.linear(x.float(), self.weights_proj.weight.float()) * (self.heads**-0.5 * self.dim**-0.5)  # [B,T,H]
-        keys_t = keys.float().transpose(-1, -2)
-        scores = x.new_zeros(B, T, keys.shape[1], dtype=torch.float32)
-        for h in range(self.heads):  # one [B, T, N] score map at a time: memory stays T x N, not H x T x N
-            scores += w[..., h, None] * torch.relu(q[:, h].float() @ keys_t)
-        return topk_entries(scores.masked_fill_(~visible, float("-inf")), self.topk)
+        n = keys.shape[1]
+        block = max(1, SCORE_BLOCK // max(1, self.heads * n))  # queries scored at once: bounded memory
+        out = []
+        for b in range(B):
+            keys_t = keys[b].T
+            for i in range(0, T, block):
+                out.append(self.pick(q[b, i:i + block].float(), w[b, i:i + block], keys_t, complete[i:i + block]))
+        return torch.cat(out).view(B, T, -1)
+
+    def pick(self, q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, complete: torch.Tensor) -> torch.Tensor:
+        """Top entries for queries q [t, H, D] with head weights w [t, H] over keys_t [D, N]."""
+        return index_topk((q.flatten(0, 1) @ keys_t).view(q.shape[0], self.heads, -1), w, complete, self.topk)
 
 
 class Attention(nn.Module):
@@ -244,13 +253,13 @@ class Attention(nn.Module):
         pooled = visible = None
         if self.compressor is not None:
             entries = self.compressor(x, _sub(state, "compressor"))  # [B, N, D]
-            complete = (positions[:, None] + 1) // self.rate  # entries [0, complete) are whole for query t
-            visible = torch.arange(entries.shape[1], device=x.device)[None, :] < complete  # [T, N]
+            complete = (positions + 1) // self.rate  # entries [0, complete) are whole for query t
             if self.indexer is None:
                 pooled = entries[:, None]  # every query sees every complete entry: [B, 1, N, D]
+                visible = torch.arange(entries.shape[1], device=x.device)[None, :] < complete[:, None]  # [T, N]
             else:
-                chosen = self.hp_topk(self.indexer(x, q_latent, cos, sin, visible, _sub(state, "indexer")))
-                visible = (chosen >= 0) & (chosen < complete[None])  # [B, T, k]
+                chosen = self.hp_topk(self.indexer(x, q_latent, cos, sin, complete, _sub(state, "indexer")))
+                visible = (chosen >= 0) & (chosen < complete[None, :, None])  # [B, T, k]
                 pooled = entries[torch.arange(B)[:, None, None], chosen.clamp(0, max(entries.shape[1] - 1, 0))] \
                     if entries.shape[1] else entries.new_zeros(B, T, chosen.shape[-1], self.head_dim)
         block = max(self.window, 128)  # queries per block: each sees at most block + window - 1 raw keys
