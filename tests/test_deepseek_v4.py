@@ -10,8 +10,8 @@ import transformers as tf
 from safetensors.torch import load_file, save_file
 
 import workbench as wb
-from workbench.models import deepseek_v4
-from workbench.models.blocks import index_topk, index_topk_reference, topk_entries
+from workbench.models import blocks
+from workbench.models.blocks import topk_entries
 from oracle import (B, assert_chunked_equals_whole, assert_parity, input_ids, make_checkpoint,
                     routing_is_nontrivial)
 
@@ -134,31 +134,39 @@ def test_topk_entries_breaks_ties_by_index(seed):
             assert picks == best + [-1] * (k - len(best))
 
 
-@pytest.mark.parametrize("shape", [(7, 2, 50, 8), (33, 3, 400, 16), (5, 2, 3, 8), (64, 1, 2000, 32)])
-def test_fused_index_topk_equals_reference(shape):
-    """The one-pass CPU kernel picks exactly what the plain-PyTorch reference picks: on integer scores (ties
-    everywhere, zero and negative head weights), on random ones, and with per-query limits including 0."""
+@pytest.mark.parametrize("shape", [(7, 2, 50, 8), (33, 3, 400, 16), (5, 2, 3, 8), (70, 1, 2000, 32)])
+@pytest.mark.parametrize("tiles", [(128, 4096), (4, 16)])
+def test_tiled_index_topk_equals_reference(shape, tiles, monkeypatch):
+    """The tiled CPU path (matmul per tile + fused numba scan) picks exactly what `topk_entries` of the whole
+    score map picks: on integer dot products (ties everywhere, zero and negative head weights), on random
+    ones, with per-query limits including 0, and with tiles smaller than the sequence."""
+    monkeypatch.setattr(blocks, "INDEX_ROWS", tiles[0])
+    monkeypatch.setattr(blocks, "INDEX_TILE", tiles[1])
     t, heads, n, k = shape
     g = torch.Generator().manual_seed(n)
     limit = torch.randint(0, n + 1, (t,), generator=g)
-    for dots, w in ((torch.randint(-3, 4, (t, heads, n), generator=g).float(),
-                     torch.randint(-2, 3, (t, heads), generator=g).float()),
-                    (torch.randn(t, heads, n, generator=g), torch.randn(t, heads, generator=g))):
-        got = index_topk(dots, w, limit, k)
-        assert torch.equal(got, index_topk_reference(dots, w, limit, k))
+    for q, keys_t, w in ((torch.randint(-2, 3, (t, heads, 4), generator=g).float(),
+                          torch.randint(-1, 2, (4, n), generator=g).float(),
+                          torch.randint(-2, 3, (t, heads), generator=g).float()),
+                         (torch.randn(t, heads, 16, generator=g), torch.randn(16, n, generator=g),
+                          torch.randn(t, heads, generator=g))):
+        got = blocks.index_topk(q, w, keys_t, limit, k)
+        assert torch.equal(got, topk_entries(blocks.index_scores(q, w, keys_t, limit), k))
         assert ((got >= 0).sum(-1) == limit.clamp(max=k)).all()
 
 
-def test_indexer_blocking_does_not_change_picks(case, monkeypatch):
-    """Scoring a few queries at a time (bounded memory at 1M tokens) picks the same entries as all at once."""
+def test_indexer_tiling_does_not_change_picks(case, monkeypatch):
+    """Scoring a few queries against a few entries at a time (bounded memory at 1M tokens) picks the same
+    entries as all at once."""
     folder, _, _ = case
     ids = input_ids(VOCAB, seed=5, length=150)
     names = [n for n in wb.load(folder).hook_names if n.endswith(("topk_ids", "indexer_topk"))]
     whole = wb.load(folder).run_with_cache(ids, names=names)
-    monkeypatch.setattr(deepseek_v4, "SCORE_BLOCK", 20)
-    blocked = wb.load(folder).run_with_cache(ids, names=names)
-    assert torch.equal(whole[0], blocked[0])
-    assert all(torch.equal(whole[1][n], blocked[1][n]) for n in names) and any("indexer" in n for n in names)
+    monkeypatch.setattr(blocks, "INDEX_ROWS", 8)
+    monkeypatch.setattr(blocks, "INDEX_TILE", 5)
+    tiled = wb.load(folder).run_with_cache(ids, names=names)
+    assert torch.equal(whole[0], tiled[0])
+    assert all(torch.equal(whole[1][n], tiled[1][n]) for n in names) and any("indexer" in n for n in names)
 
 
 def test_state_is_bounded_by_the_architecture(tmp_path):

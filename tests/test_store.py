@@ -323,8 +323,12 @@ def test_bad_arguments_leave_nothing_behind(model, tmp_path):
 @pytest.fixture(scope="module")
 def reference(model, tmp_path_factory):
     """(tokens, store) of an uninterrupted trace that every faulted run must end up identical to."""
-    tokens = random_tokens(N, seed=3)
-    return tokens, trace(model, tokens, tmp_path_factory.mktemp("ref") / "ref.zarr", progress=False, **TRACE_ARGS)
+    tokens, threads = random_tokens(N, seed=3), torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped: set up before the per-test one_thread fixture
+    try:
+        return tokens, trace(model, tokens, tmp_path_factory.mktemp("ref") / "ref.zarr", progress=False, **TRACE_ARGS)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def fail_one_write(monkeypatch, error: int, when) -> list[Path]:

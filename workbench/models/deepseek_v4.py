@@ -33,7 +33,6 @@ from .blocks import MoE, RMSNorm, Rotary, Router, RouterSpec, activation, index_
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 LEGACY_RATIOS = {0: SLIDING, 4: CSA, 128: HCA}  # `compress_ratios` of older configs, per layer
-SCORE_BLOCK = 1 << 21  # indexer scores held at once (queries x heads x entries): bounds memory at any length
 
 
 # ---------------------------------------------------------------- config
@@ -196,18 +195,7 @@ class Indexer(nn.Module):
         keys = self.compressor(x, state)[:, : int(complete.max())].float()  # later entries are nobody's
         q = rope_tail(self.rotary, self.wq_b(q_latent).view(B, T, self.heads, self.dim), cos[:, None], sin[:, None])
         w = F.linear(x.float(), self.weights_proj.weight.float()) * (self.heads**-0.5 * self.dim**-0.5)  # [B,T,H]
-        n = keys.shape[1]
-        block = max(1, SCORE_BLOCK // max(1, self.heads * n))  # queries scored at once: bounded memory
-        out = []
-        for b in range(B):
-            keys_t = keys[b].T
-            for i in range(0, T, block):
-                out.append(self.pick(q[b, i:i + block].float(), w[b, i:i + block], keys_t, complete[i:i + block]))
-        return torch.cat(out).view(B, T, -1)
-
-    def pick(self, q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, complete: torch.Tensor) -> torch.Tensor:
-        """Top entries for queries q [t, H, D] with head weights w [t, H] over keys_t [D, N]."""
-        return index_topk((q.flatten(0, 1) @ keys_t).view(q.shape[0], self.heads, -1), w, complete, self.topk)
+        return torch.stack([index_topk(q[b].float(), w[b], keys[b].T, complete, self.topk) for b in range(B)])
 
 
 class Attention(nn.Module):
