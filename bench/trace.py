@@ -68,20 +68,24 @@ def sgemm_flops() -> float:
     return 2 * 2048**3 / best
 
 
-def flops_per_sequence(model, n: int) -> tuple[float, float]:
-    """(matmul FLOPs of the active parameters, CSA indexer scoring FLOPs) for one n-token sequence."""
+def flops_per_sequence(model, n: int) -> dict[str, float]:
+    """FLOPs one n-token sequence costs, by part: matmuls of the active parameters, attention (sliding window
+    in every layer, plus each CSA query's index_topk entries and every complete HCA entry), and the CSA
+    indexer's scoring of every complete pooled entry."""
     cfg = model.config
     H, I, L = cfg.int("hidden_size"), cfg.int("moe_intermediate_size"), cfg.int("num_hidden_layers")
-    expert = 3 * H * I
     active = sum(p.numel() for name, p in model.named_parameters()
                  if ".experts." not in name and not name.startswith("embed") and p.dim() == 2)
-    active += L * cfg.int("num_experts_per_tok") * expert
+    active += L * cfg.int("num_experts_per_tok") * 3 * H * I
+    kinds = cfg.get("layer_types", [])
     rates = cfg.get("compress_rates") or {}
-    csa = sum(kind == "compressed_sparse_attention" for kind in cfg.get("layer_types", []))
-    rate = rates.get("compressed_sparse_attention", 4)
-    # query t scores t // rate entries with index_n_heads dot products of index_head_dim
-    indexer = csa * 2 * cfg.int("index_n_heads") * cfg.int("index_head_dim") * (n * n / (2 * rate))
-    return 2 * active * n, indexer
+    csa, hca = kinds.count("compressed_sparse_attention"), kinds.count("heavily_compressed_attention")
+    m_csa, m_hca = rates.get("compressed_sparse_attention", 4), rates.get("heavily_compressed_attention", 128)
+    per_key = 4 * cfg.int("num_attention_heads") * cfg.int("head_dim")  # q.k and p.v, multiply-adds
+    window = min(n, cfg.int("sliding_window"))
+    attention = per_key * n * (L * window + csa * cfg.int("index_topk")) + per_key * hca * n * n / (2 * m_hca)
+    indexer = csa * 2 * cfg.int("index_n_heads") * cfg.int("index_head_dim") * n * n / (2 * m_csa)
+    return {"parameters": 2 * active * n, "attention": attention, "indexer": indexer}
 
 
 def timed_cli(args: argparse.Namespace, out: Path, layer: int, window: tuple[int, int], tmp: Path) -> dict:
@@ -143,8 +147,8 @@ def main() -> None:
         s = open_store(out).attrs["summary"]
         t_part, t_all = lazy_read(out, layer, n)
     peak = sgemm_flops()
-    dense, indexer = flops_per_sequence(model, n)
-    floor = (dense + indexer) / peak
+    parts = flops_per_sequence(model, n)
+    floor = sum(parts.values()) / peak
     print(f"\n{n:,} tokens: wall {run['wall_s']:.0f} s ({n / run['wall_s']:,.0f} tokens/s), peak RSS "
           f"{run['peak_rss'] / 2**30:.2f} GiB (/usr/bin/time -v)")
     print(f"store: {s['bytes_on_disk'] / 1e6:.1f} MB on disk; routing {s['routing_bytes'] / 1e6:.1f} MB = "
@@ -152,10 +156,9 @@ def main() -> None:
           f"k={s['k']} (int16 id + float16 weight = 4 bytes raw)")
     print(f"lazy read: layer {layer} routing over {WINDOW:,} tokens in {t_part * 1e3:.1f} ms; "
           f"the whole layer in {t_all * 1e3:.0f} ms")
-    print(f"roofline: {dense / 1e12:.1f} TFLOP of active-parameter matmuls + {indexer / 1e12:.1f} TFLOP of CSA "
-          f"indexer scoring at the measured {peak / 1e9:.0f} GFLOP/s sgemm = {floor:.0f} s; the run reached "
-          f"{floor / run['wall_s']:.0%} of it")
-
+    print("roofline: " + " + ".join(f"{v / 1e12:.1f} TFLOP {k}" for k, v in parts.items()) +
+          f" at the measured {peak / 1e9:.0f} GFLOP/s sgemm = {floor:.0f} s; the run took "
+          f"{run['wall_s'] / floor:.1f}x that")
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,10 @@
 that do and do not divide T, both tensor-name styles; chunked forward, state size, hooks, bad tables."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,6 +156,28 @@ def test_tiled_index_topk_equals_reference(shape, tiles, monkeypatch):
         got = blocks.index_topk(q, w, keys_t, limit, k)
         assert torch.equal(got, topk_entries(blocks.index_scores(q, w, keys_t, limit), k))
         assert ((got >= 0).sum(-1) == limit.clamp(max=k)).all()
+
+
+def test_numba_kernels_keep_torch_thread_count():
+    """numba's OpenMP layer shares torch's thread count: the indexer kernel (and the analyses) must leave it
+    as set, or later forwards change their summation order (and training stops being reproducible)."""
+    code = """
+import numpy as np, torch, xarray as xr
+from workbench import analysis
+from workbench.models import blocks
+torch.set_num_threads(1)
+q, w, keys_t = torch.randn(9, 2, 8), torch.randn(9, 2), torch.randn(8, 40)
+for _ in range(2):
+    blocks.index_topk(q, w, keys_t, torch.full((9,), 40), 4)
+    print(torch.get_num_threads())
+ids = np.random.default_rng(0).integers(0, 8, (2, 500, 2)).astype(np.int16)
+analysis.expert_load(xr.Dataset({"topk_ids": (("layer", "token", "k"), ids)}, attrs={"n_experts": 8, "k": 2}))
+print(torch.get_num_threads())
+"""
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "1", "1"]
 
 
 def test_indexer_tiling_does_not_change_picks(case, monkeypatch):

@@ -97,7 +97,7 @@ def test_routing_of_a_chunked_trace_equals_the_whole_forward(model, tmp_path):
     assert a["workbench_version"] == wb.__version__ and a["versions"]["torch"] == torch.__version__
     assert set(a["versions"]) >= {"torch", "zarr", "xarray", "numpy"}
     assert a["seed"] == 0 and a["chunk_tokens"] == 512 and a["names"] == [] and a["routed_layers"] == ROUTED
-    assert a["chunks"]["topk_ids"] == [1, 512, 4] and a["k"] == 4 and a["n_experts"] == 16
+    assert a["chunks"]["topk_ids"] == [3, 512, 4] and a["k"] == 4 and a["n_experts"] == 16  # all layers per chunk
     s = a["summary"]
     assert (s["tokens"], s["traced_tokens"], s["resumed_at"], s["layers"], s["k"]) == (3072, 3072, 0, 3, 4)
     assert s["bytes_per_routing_entry"] == s["routing_bytes"] / (3072 * 3 * 4)
@@ -143,19 +143,19 @@ def test_named_hooks_restricted_to_layers_and_windows(model, tmp_path):
     stored = {str(p.relative_to(out / "resid_post" / "c")) for p in (out / "resid_post" / "c").rglob("*")
               if p.is_file()}
     assert stored == {f"{i}/{t}/0" for i in (0, 2) for t in (0, 2, 3)}
-    assert not (out / "topk_ids" / "c" / "0").exists()
+    assert sorted(p.name for p in (out / "topk_ids" / "c" / "0").iterdir()) == ["0", "1", "2", "3"]  # all layers
 
 
 def test_open_store_is_lazy(model, tmp_path):
     tokens = random_tokens(1024, seed=2)
     out = trace(model, tokens, tmp_path / "run.zarr", chunk_tokens=128, progress=False)
     ds = open_store(out)
-    assert ds.topk_ids.chunks == ((1, 1, 1), (128,) * 8, (4,))
+    assert ds.topk_ids.chunks == ((3,), (128,) * 8, (4,))  # a routing chunk holds every layer
     sel = ds.topk_ids.sel(layer=2).isel(token=slice(10, 300))
-    assert sel.data.numblocks == (3, 1)  # token chunks 0..2 of layer 2 only
+    assert sel.data.numblocks == (3, 1)  # token chunks 0..2 only
     want = sel.values.copy()
     # a chunk outside the selection that cannot be decoded: the selection still reads, the whole array not
-    (out / "topk_ids" / "c" / "2" / "5" / "0").write_bytes(b"not a blosc chunk")
+    (out / "topk_ids" / "c" / "0" / "5" / "0").write_bytes(b"not a blosc chunk")
     ds = open_store(out)
     assert np.array_equal(ds.topk_ids.sel(layer=2).isel(token=slice(10, 300)).values, want)
     with pytest.raises(RuntimeError, match="blosc"):
@@ -354,9 +354,9 @@ def fail_one_write(monkeypatch, error: int, when) -> list[Path]:
 
 FAULTS = {
     # case -> (errno, the write that fails (store-relative path, data), tokens committed before it, message)
-    "disk full in a chunk's arrays": (errno.ENOSPC, lambda p, d: p.parts[-5:] == ("topk_weights", "c", "1", "2", "0"),
+    "disk full in a chunk's arrays": (errno.ENOSPC, lambda p, d: p.parts[-5:] == ("topk_weights", "c", "0", "2", "0"),
                                       160, "writing tokens 160..240 failed: no space left on the device at .*"
-                                           "topk_weights/c/1/2/0; 160 tokens stay committed.*Free some space"),
+                                           "topk_weights/c/0/2/0; 160 tokens stay committed.*Free some space"),
     "disk full writing the marker": (errno.ENOSPC, lambda p, d: p.name == "zarr.json" and
                                      b'"committed_tokens": 240' in d, 160,
                                      r"writing tokens 160..240 failed: no space left on the device at .*zarr.json; "
@@ -480,7 +480,7 @@ def test_cli_trace_and_info(model, tmp_path, capsys, monkeypatch):
     assert f"tokens     {n:,} of {n:,} committed (complete)" in info
     assert f"dims       layer 3, token {n:,}, k 4, hidden 64" in info
     assert "layer      1 2 3" in info
-    assert "topk_ids      (layer, token, k)" in info and "int16" in info and "chunks (1, 256, 4)" in info
+    assert "topk_ids      (layer, token, k)" in info and "int16" in info and "chunks (3, 256, 4)" in info
     sha = hashlib.sha256((MODEL / "model.safetensors").read_bytes()).hexdigest()
     assert f"weights_sha256     model.safetensors {sha}" in info
     assert f"source             {MODEL}" in info and "names              ['layers.1.resid_post']" in info

@@ -328,11 +328,13 @@ def _plan(model: CausalLM, ids: np.ndarray, chosen: list[str], windows: list[tup
         raise StoreError(f"{experts} experts do not fit the int16 topk_ids")
     if routed:
         sizes["k"] = k
-        rows = _rows(k * 2, chunk_tokens)
+        # a routing chunk holds every layer: analyses read all layers of a token block at once (one chunk
+        # instead of L), and a single layer's slice still decodes only a few kB per 1,000 tokens
+        rows = _rows(L * k * 2, chunk_tokens)
         for kind, var, dtype in ((TOPK_IDS, "topk_ids", np.dtype(np.int16)),
                                  (TOPK_WEIGHTS, "topk_weights", np.dtype(np.float16))):
             variables.append(Variable(var, {h: index[_layer(h)] for h in routing[kind]}, ("layer", "token", "k"),
-                                      (L, n, k), (1, rows, k), dtype, _fill(dtype), None, f"layers.{{layer}}.{kind}"))
+                                      (L, n, k), (L, rows, k), dtype, _fill(dtype), None, f"layers.{{layer}}.{kind}"))
     groups: dict[str, list[str]] = {}
     for hook in chosen:
         groups.setdefault(_var_name(hook)[0], []).append(hook)

@@ -15,6 +15,7 @@ from torch import nn
 from ..config import Config
 from ..errors import CheckpointError
 from ..hooks import HookRegistry
+from ..parallel import torch_threads
 
 
 class RMSNorm(nn.Module):
@@ -219,6 +220,7 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, limit: to
     entries, then one fused pass (numba) that scores the tile and keeps a running top-k per query, so no
     [t, N] score map is written and read back. Elsewhere, `topk_entries` of `index_scores` a few queries
     at a time. Both give the same picks bit for bit."""
+    q, w, keys_t = q.detach(), w.detach(), keys_t.detach()  # picks are indices: no gradient flows through them
     t, heads, n = q.shape[0], q.shape[1], keys_t.shape[1]
     queries = max(1, INDEX_ROWS // heads)
     if q.device.type != "cpu":
@@ -236,8 +238,9 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, limit: to
             tile = keys_t[:, start:start + INDEX_TILE]
             out = dots[: rows.shape[0], : tile.shape[1]]
             torch.mm(rows, tile, out=out)
-            scan(out.numpy().reshape(-1, heads, tile.shape[1]), w_np[i:i + queries], limit_np[i:i + queries], start,
-                 value[i:i + queries], index[i:i + queries])
+            with torch_threads():
+                scan(out.numpy().reshape(-1, heads, tile.shape[1]), w_np[i:i + queries], limit_np[i:i + queries],
+                     start, value[i:i + queries], index[i:i + queries])
     _order(value, index)
     return torch.from_numpy(index)
 
