@@ -1,7 +1,6 @@
 """Chunk-by-chunk forward with `cache=State()` equals one whole-sequence forward, for every attention kind."""
 
 import pytest
-import torch
 import transformers as tf
 
 import workbench as wb
@@ -34,7 +33,7 @@ def test_chunked_equals_whole(tmp_path, name):
     model = wb.load(tmp_path)
     ids = input_ids(96)
     routing = [n for n in model.hook_names if n.endswith("topk_ids")]
-    state = assert_chunked_equals_whole(model, input_ids(96), routing)
+    state = assert_chunked_equals_whole(model, ids, routing)
     # sliding layers keep only the keys later tokens can see
     for i, layer in model.layers.items():
         window = getattr(layer.attn, "window", None)

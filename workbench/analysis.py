@@ -33,7 +33,7 @@ import zarr
 from numba import njit, prange
 
 from .parallel import torch_threads
-from .store import TRAILING_DIMS, _layer, _var_name
+from .store import TRAILING_DIMS, _layer, _var_name, trailing_dims
 
 BLOCK_BYTES = 64 << 20  # uncompressed bytes of one scanned token block (all variables read together)
 HASH_PROBE_TOKENS = 8192  # tokens inspected to tell hash-routed layers
@@ -87,12 +87,7 @@ def from_cache(cache: Mapping[str, Any], input_ids: ArrayLike, *, n_experts: int
         var = {"router_topk_ids": "topk_ids", "router_topk_weights": "topk_weights"}.get(var, var)
         trailing = first.shape[2:]
         names = TRAILING_DIMS.get(key, ("k",) if var in ("topk_ids", "topk_weights") else ())
-        dims = list(names[len(names) - len(trailing):] if len(trailing) <= len(names)
-                    else [f"{var}_dim{j}" for j in range(len(trailing))])
-        for j, (d, size) in enumerate(zip(dims, trailing)):
-            if sizes.setdefault(d, size) != size:
-                dims[j] = f"{var}_{d}"
-                sizes[dims[j]] = size
+        dims = trailing_dims(var, names, trailing, sizes)
         if _layer(hooks[0]) is None:
             data[var] = (("token", *dims), first[0].astype(dtype))
             continue

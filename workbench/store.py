@@ -64,6 +64,7 @@ import zarr
 from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec
 
+from .checkpoint import sha256
 from .errors import HookError
 from .models.base import CausalLM, State
 
@@ -281,6 +282,18 @@ def _select(model: CausalLM, patterns: list[str], layers: list[int] | None) -> l
 # ---------------------------------------------------------------- plan and provenance
 
 
+def trailing_dims(var: str, names: tuple[str, ...], trailing: tuple[int, ...], sizes: dict[str, int]) -> list[str]:
+    """Dim names of variable `var`'s trailing axes: the last of `names` (the hook kind's), else `{var}_dim{j}`; a
+    name already sized differently in `sizes` becomes `{var}_{name}`. Records the sizes it uses in `sizes`."""
+    dims = list(names[len(names) - len(trailing):] if len(trailing) <= len(names) else
+                [f"{var}_dim{j}" for j in range(len(trailing))])
+    for j, (d, size) in enumerate(zip(dims, trailing)):
+        if sizes.setdefault(d, size) != size:
+            dims[j] = f"{var}_{d}"
+            sizes[dims[j]] = size
+    return dims
+
+
 def _var_name(hook: str) -> tuple[str, str]:
     """(variable name, hook key without the layer prefix) of a hook point."""
     key = hook.split(".", 2)[2] if _layer(hook) is not None else hook
@@ -345,13 +358,7 @@ def _plan(model: CausalLM, ids: np.ndarray, chosen: list[str], windows: list[tup
             raise StoreError(f"hook points {hooks} differ in shape or dtype; name them in separate traces")
         trailing = tuple(seen[hooks[0]].shape[2:])
         dtype = _numpy_dtype(seen[hooks[0]].dtype)
-        names = TRAILING_DIMS.get(key, ())
-        dims = list(names[len(names) - len(trailing):] if len(trailing) <= len(names) else
-                    [f"{var}_dim{j}" for j in range(len(trailing))])
-        for j, (d, size) in enumerate(zip(dims, trailing)):
-            if sizes.setdefault(d, size) != size:
-                dims[j] = f"{var}_{d}"
-                sizes[dims[j]] = size
+        dims = trailing_dims(var, TRAILING_DIMS.get(key, ()), trailing, sizes)
         rows = _rows(int(np.prod(trailing, dtype=np.int64)) * dtype.itemsize, chunk_tokens)
         layered = _layer(hooks[0]) is not None
         lead = ("layer", "token") if layered else ("token",)
@@ -360,15 +367,6 @@ def _plan(model: CausalLM, ids: np.ndarray, chosen: list[str], windows: list[tup
             ((L,) if layered else ()) + (n, *trailing), ((1,) if layered else ()) + (rows, *trailing),
             dtype, _fill(dtype), windows, f"layers.{{layer}}.{key}" if layered else key))
     return Plan(layer_coord, routed, k, experts, chunk_tokens, _rows(8, chunk_tokens), variables)
-
-
-def _sha256(path: Path, bar: tqdm) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            h.update(block)
-            bar.update(len(block))
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -390,7 +388,10 @@ def _provenance(model: CausalLM, ids: np.ndarray, seed: int | None, names: list[
     total = sum(f.stat().st_size for f in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc="hashing weights",
               disable=not progress or total < 2**30) as bar:
-        weights = {f.name: _sha256(f, bar) for f in files}
+        weights = {}
+        for f in files:  # the loader's digests, remembered per file: a checkpoint verified on load is not reread
+            weights[f.name] = sha256(f)
+            bar.update(f.stat().st_size)
     attrs = {
         "workbench_store": FORMAT,
         "source": model.source, "revision": model.revision, "commit": model.commit,
