@@ -93,19 +93,29 @@ def _bytes(n: float) -> str:
 
 @user_errors
 def trace(args: argparse.Namespace) -> int:
-    """Stream routing (and hooks named by --names) of a token sequence to a zarr store; rerun to resume."""
+    """Stream routing (and hooks named by --names) of a token sequence to a zarr store; rerun to resume.
+    Under torchrun (WORLD_SIZE > 1) the ranks run it expert-parallel and rank 0 writes the store."""
     import workbench as wb
+    from workbench import distributed
     from workbench.store import open_store, trace as run_trace
 
-    dtype = None if args.dtype is None else getattr(torch, args.dtype)
-    model = wb.load(args.model, backend=args.backend, dtype=dtype)
-    tokens, seed = _tokens(args, model)
+    rank, world = distributed.init()
     try:
-        out = run_trace(model, tokens, args.out, names=args.names, chunk_tokens=args.chunk_tokens,
-                        layers=args.layers, windows=args.window, overwrite=args.overwrite, seed=seed)
-    except KeyboardInterrupt:
-        print(f"workbench trace: interrupted; rerun the same command to resume {args.out}", file=sys.stderr)
-        return 130
+        dtype = None if args.dtype is None else getattr(torch, args.dtype)
+        device = f"cuda:{torch.cuda.current_device()}" if world > 1 and torch.cuda.is_available() else None
+        model = wb.load(args.model, backend=args.backend, dtype=dtype, device=device)
+        tokens, seed = _tokens(args, model)
+        try:
+            out = run_trace(model, tokens, args.out, names=args.names, chunk_tokens=args.chunk_tokens,
+                            layers=args.layers, windows=args.window, overwrite=args.overwrite, seed=seed)
+        except KeyboardInterrupt:
+            print(f"workbench trace: interrupted; rerun the same command to resume {args.out}", file=sys.stderr)
+            return 130
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    if rank != 0:
+        return 0
     s = open_store(out).attrs["summary"]
     resumed = f", resumed at token {s['resumed_at']:,}" if s["resumed_at"] else ""
     print(f"traced {s['traced_tokens']:,} tokens into {out}{resumed} in {s['wall_s']:.2f} s "
@@ -151,6 +161,26 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+@user_errors
+def plan(args: argparse.Namespace) -> int:
+    """Memory per rank and disk reads per rank under expert parallelism, from the model's config alone."""
+    from workbench.plan import GiB, census, fit_report, report
+
+    if args.world_size is None and args.gpu_memory is None:
+        raise ValueError("give --world-size N, or --gpu-memory GiB to find the smallest world size that fits")
+    if args.gpu_memory is not None and not args.gpu_memory > 0:
+        raise ValueError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory}")
+    c = census(args.model, dtype=args.dtype)
+    budget = None if args.gpu_memory is None else int(args.gpu_memory * GiB)
+    world_size = args.world_size
+    if world_size is None:
+        world_size = c.smallest_world_size(budget, args.context) or max(c.experts, 1)
+    print(report(c.at(world_size, args.context)))
+    if budget is not None:
+        print(fit_report(c, budget, args.context))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workbench", description="MoE research and interpretability workbench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("info", help="describe a store: dims, variables, sizes, progress, provenance")
     p.add_argument("store", help="zarr store directory written by `workbench trace`")
     p.set_defaults(func=info)
+    p = sub.add_parser("plan", help="memory and disk reads per rank under expert parallelism, from the config alone",
+                       description="Rank r of N holds routed experts [r*E//N, (r+1)*E//N) of every MoE layer; "
+                                   "everything else is replicated. Memory counts parameters as loaded "
+                                   "(dequantised to --dtype); disk counts the bytes each rank reads from the "
+                                   "checkpoint as its quantization_config stores it.")
+    p.add_argument("model", help="checkpoint folder, config.json file, or hub repo id (only config.json is fetched)")
+    p.add_argument("--world-size", type=int, metavar="N", help="ranks (default with --gpu-memory: the fewest that fit)")
+    p.add_argument("--dtype", help="dtype of the loaded parameters: bf16, fp16 or fp32 (default: the config's)")
+    p.add_argument("--context", type=int, metavar="TOKENS", help="add one sequence's attention state for TOKENS tokens")
+    p.add_argument("--gpu-memory", type=float, metavar="GiB",
+                   help="memory per rank: report the smallest world size whose per-rank total fits")
+    p.set_defaults(func=plan)
     args = parser.parse_args(argv)
     return args.func(args)
 

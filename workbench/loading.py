@@ -13,11 +13,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import Config
 from .errors import CheckpointError
 from .models import family
 from .models.base import CausalLM, Split, Targets, map_tensor
+from .models.blocks import MoE
 from . import quant
 from .tokenizer import load_tokenizer
 
@@ -30,6 +31,7 @@ QUANT_MESSAGE = ("quantised weights of this kind are not supported yet (FP8 load
 # kept fp32 whatever the model dtype: selection-only biases, and V4's sinks, pooling biases and stream mixings
 KEEP_FP32 = re.compile(r".*(correction_bias|attn_sink|\.ape|hc_\w+\.(fn|base|scale))")
 INT_DTYPES = {"I64", "I32", "I16", "I8", "U8"}
+EXPERT_PARAM = re.compile(r".*\.experts\.(gate|up|down)_(proj|bias)")  # stacked routed-expert parameters
 
 
 def load(
@@ -41,6 +43,7 @@ def load(
     backend: str = "auto",
     trusted_repos: Iterable[str] | None = None,
     verify_hashes: bool = True,
+    expert_parallel: bool | None = None,
 ) -> CausalLM:
     """Load a Hugging Face MoE (or dense) checkpoint from a local folder or a hub repo id.
 
@@ -50,31 +53,48 @@ def load(
     `trusted_repos` (else of $WORKBENCH_TRUSTED_REPOS) where either is set. With `verify_hashes`, files
     with a recorded sha256 (the folder's SHA256SUMS, the hub cache's blob names) are hashed while loading
     and a mismatch is refused.
+
+    `expert_parallel` (default: whenever torch.distributed is initialised with more than one rank, e.g. under
+    torchrun after `workbench.distributed.init()`) makes this rank read and hold only its own range of every
+    MoE layer's routed experts (see workbench.distributed); files with recorded hashes are then hashed by one
+    rank each, and a failure on any rank is raised on every rank. `model.load_report` says what was read.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available; choose from {', '.join(BACKENDS)}")
-    folder, commit = checkpoint.resolve(source, revision, trusted_repos)
-    cfg, fam = _config(folder)
-    tensors = checkpoint.weight_files(folder)
-    weights = sorted({info.file for info in tensors.values()})
-    read = [folder / n for n in ("config.json", checkpoint.INDEX_FILE, "tokenizer.json") if (folder / n).is_file()]
-    expected = checkpoint.recorded_sha256(folder, read + weights, weights) if verify_hashes else {}
-    with checkpoint.verified(expected):
-        with torch.device("meta"):
-            model = _build(fam, cfg)
-        dtype = dtype or cfg.dtype
-        for name, p in model.named_parameters():
-            if p.dtype.is_floating_point:
-                p.data = p.data.to(torch.float32 if KEEP_FP32.fullmatch(name) else dtype)
-        scheme = quant.scheme(cfg)
-        plan = _plan(model, tensors, fam.rules(cfg), scheme)
-        try:
-            tokenizer = load_tokenizer(folder, model.vocab_size)
-        except Exception as e:  # tokenizers raises its own exception type for malformed files
-            raise CheckpointError(f"unreadable tokenizer ({e})", file=str(folder / "tokenizer.json")) from None
-        model.to_empty(device=device or "cpu")
-        model.tie_weights()
-        _copy(model, tensors, plan, scheme)
+    rank, world = distributed.rank_and_world()
+    parallel = world > 1 if expert_parallel is None else expert_parallel
+    if parallel and world == 1:
+        raise ValueError("expert_parallel=True needs torch.distributed initialised with more than one rank "
+                         "(launch with torchrun and call workbench.distributed.init())")
+    with distributed.agreed(parallel):
+        folder, commit = checkpoint.resolve(source, revision, trusted_repos)
+        cfg, fam = _config(folder)
+        tensors = checkpoint.weight_files(folder)
+        weights = sorted({info.file for info in tensors.values()})
+        read = [folder / n for n in ("config.json", checkpoint.INDEX_FILE, "tokenizer.json") if (folder / n).is_file()]
+        expected = checkpoint.recorded_sha256(folder, read + weights, weights) if verify_hashes else {}
+        if parallel:  # each file hashed once, by one rank
+            expected = {f: v for i, (f, v) in enumerate(sorted(expected.items())) if i % world == rank}
+        with checkpoint.verified(expected):
+            with torch.device("meta"):
+                model = _build(fam, cfg)
+            shards = _shard_experts(model, rank, world) if parallel else {}
+            dtype = dtype or cfg.dtype
+            for name, p in model.named_parameters():
+                if p.dtype.is_floating_point:
+                    p.data = p.data.to(torch.float32 if KEEP_FP32.fullmatch(name) else dtype)
+            scheme = quant.scheme(cfg)
+            plan = _plan(model, tensors, fam.rules(cfg), scheme, shards)
+            try:
+                tokenizer = load_tokenizer(folder, model.vocab_size)
+            except Exception as e:  # tokenizers raises its own exception type for malformed files
+                raise CheckpointError(f"unreadable tokenizer ({e})", file=str(folder / "tokenizer.json")) from None
+            model.to_empty(device=device or "cpu")
+            model.tie_weights()
+            model.load_report = _copy(model, tensors, plan, scheme, shards)
+            model.load_report.update(rank=rank, world=world if parallel else 1,
+                                     bytes_total=sum(_nbytes(i) for i in tensors.values()),
+                                     expert_bytes_total=_expert_bytes(tensors, fam.rules(cfg)))
     model.eval().requires_grad_(False)
     model.source, model.revision, model.commit = str(source), revision, commit
     model.checkpoint_dir, model.tokenizer = folder, tokenizer
@@ -116,12 +136,31 @@ def _build(fam: ModuleType, cfg: Config) -> CausalLM:
                               file=cfg.file) from None
 
 
-# checkpoint tensor -> our (parameter, slot)s, its split, and its scale tensor if quantised
-Plan = dict[str, tuple[Targets, Split | None, str | None]]
+# checkpoint tensor -> our (parameter, slot)s, its split, its scale tensor if quantised, and the expert rows
+# [start, stop) to read of a stacked experts tensor under expert parallelism (None: all of it)
+Plan = dict[str, tuple[Targets, Split | None, str | None, tuple[int, int] | None]]
 
 
-def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, scheme: quant.Scheme | None) -> Plan:
-    """Map every checkpoint tensor onto our parameters and check shapes and coverage, reading no data."""
+def _shard_experts(model: CausalLM, rank: int, world: int) -> dict[str, distributed.ExpertParallel]:
+    """Give every MoE block this rank's range of its routed experts (still on meta: nothing allocated yet);
+    returns {stacked expert parameter: its block's ExpertParallel}."""
+    moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+    if not moes:
+        raise ValueError("expert parallelism needs a model with routed experts; this one has none")
+    shards = {}
+    for name, moe in moes:
+        ep = distributed.ExpertParallel(rank, world, moe.experts.gate_proj.shape[0])
+        moe.parallel = model.parallel = ep
+        for pname, p in moe.experts.named_parameters():
+            p.data = torch.empty(len(ep.owned), *p.shape[1:], dtype=p.dtype, device="meta")
+            shards[f"{name}.experts.{pname}"] = ep
+    return shards
+
+
+def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, scheme: quant.Scheme | None,
+          shards: dict[str, distributed.ExpertParallel]) -> Plan:
+    """Map every checkpoint tensor onto our parameters and check shapes and coverage, reading no data;
+    under expert parallelism (`shards`) other ranks' experts are checked but left out of the plan."""
     params = dict(model.named_parameters())
     if model.tied:
         params.pop("lm_head.weight", None)
@@ -161,11 +200,14 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, sch
             pieces = split(torch.empty(shape, device="meta")) if split else (torch.empty(shape, device="meta"),)
         except (RuntimeError, ValueError):
             raise CheckpointError(f"shape {list(info.shape)} is not a valid tensor shape here", **where) from None
+        rows = None
         for (target, slot), piece in zip(targets, pieces, strict=True):
             p = params[target]
-            want = p.shape if slot is None else p.shape[1:]
-            if slot is not None and slot >= p.shape[0]:
-                raise CheckpointError(f"expert {slot} is out of range (config has {p.shape[0]})", **where)
+            ep = shards.get(target)
+            full = p.shape[0] if ep is None else ep.experts  # expert slots of the whole model
+            want = p.shape[1:] if slot is not None else (p.shape if ep is None else (full, *p.shape[1:]))
+            if slot is not None and slot >= full:
+                raise CheckpointError(f"expert {slot} is out of range (config has {full})", **where)
             if tuple(piece.shape) != tuple(want):
                 raise CheckpointError(f"shape {list(info.shape)} does not match the config "
                                       f"(expects {list(want)} for {target})", **where)
@@ -173,10 +215,17 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, sch
             if key in filled[target]:
                 raise CheckpointError(f"a second tensor for {target}", **where)
             filled[target].add(key)
-        plan[name] = targets, split, scale
+            if ep is not None and slot is None:
+                rows = ep.owned.start, ep.owned.stop
+        if shards:
+            if any(t in shards and slot is not None and slot not in shards[t].owned for t, slot in targets):
+                continue  # another rank's expert: checked, not read
+            targets = [(t, slot - shards[t].owned.start if t in shards and slot is not None else slot)
+                       for t, slot in targets]
+        plan[name] = targets, split, scale, rows
     for target, p in params.items():
         got = filled.get(target, set())
-        need = {-1} if not got or -1 in got else set(range(p.shape[0]))
+        need = {-1} if not got or -1 in got else set(range(shards[target].experts if target in shards else p.shape[0]))
         if got != need:
             missing = "all" if not got else sorted(need - got)
             raise CheckpointError(f"missing weights for parameter {target} (slots: {missing})",
@@ -191,31 +240,52 @@ def _quant_kind(dtype: str, scheme: quant.Scheme | None) -> str | None:
     return "fp8" if dtype == "F8_E4M3" else "fp4" if dtype == "I8" and scheme.fp4_experts else None
 
 
+def _nbytes(info: checkpoint.TensorInfo) -> int:
+    return info.offsets[1] - info.offsets[0]
+
+
+def _expert_bytes(tensors: dict[str, checkpoint.TensorInfo], rules) -> int:
+    """Bytes the checkpoint stores for routed experts (their weights, biases and scales), all ranks together."""
+    total = 0
+    for name, info in tensors.items():
+        mapped = map_tensor(rules, name)
+        if mapped and mapped[0] and EXPERT_PARAM.fullmatch(mapped[0][0][0]):
+            scale = quant.scale_of(name, tensors)
+            total += _nbytes(info) + (_nbytes(tensors[scale]) if scale else 0)
+    return total
+
+
 def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan,
-          scheme: quant.Scheme | None) -> None:
-    """Stream tensors file by file through memory-mapped reads into the parameters, dequantising one at a time."""
+          scheme: quant.Scheme | None, shards: dict[str, distributed.ExpertParallel]) -> dict[str, int]:
+    """Stream tensors file by file through memory-mapped reads into the parameters, dequantising one at a time;
+    returns the bytes read, in all and of routed experts, beside the checkpoint's totals."""
     params = dict(model.named_parameters())
     names = sorted(plan, key=lambda n: str(tensors[n].file))
-    total = sum(f.stat().st_size for f in {tensors[n].file for n in names})
+    report = {"bytes_read": 0, "expert_bytes_read": 0}
+    total = sum(_nbytes(tensors[n]) for n in names)
     with ExitStack() as stack, tqdm(total=total, unit="B", unit_scale=True, desc="loading",
                                     disable=total < 2**28) as bar:
         handles: dict[Path, object] = {}
 
-        def read(name: str) -> torch.Tensor:
+        def read(name: str, expert: bool, rows: tuple[int, int] | None = None) -> torch.Tensor:
             file = tensors[name].file
             try:
                 if file not in handles:
                     handles[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-                return handles[file].get_tensor(name)
+                t = handles[file].get_tensor(name) if rows is None else handles[file].get_slice(name)[rows[0]:rows[1]]
             except (SafetensorError, OSError) as e:  # the file changed or vanished after its header was checked
                 raise CheckpointError(f"cannot be read ({e})", file=str(file), tensor=name) from None
+            report["bytes_read"] += t.numel() * t.element_size()
+            report["expert_bytes_read"] += t.numel() * t.element_size() if expert else 0
+            return t
 
         for name in names:
-            targets, split, scale = plan[name]
-            t = read(name)
+            targets, split, scale, rows = plan[name]
+            expert = targets[0][0] in shards or EXPERT_PARAM.fullmatch(targets[0][0]) is not None
+            t = read(name, expert, rows)
             bar.update(t.numel() * t.element_size())
             if scale:
-                s = read(scale)
+                s = read(scale, expert)
                 if not (torch.isfinite(s.float()).all() and (s.float() >= 0).all()):
                     raise CheckpointError("scales must be finite and non-negative",
                                           file=str(tensors[scale].file), tensor=scale)
@@ -232,3 +302,4 @@ def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan
             for (target, slot), piece in zip(targets, split(t) if split else (t,)):
                 dst = params[target].data if slot is None else params[target].data[slot]
                 dst.copy_(piece)
+    return report

@@ -64,6 +64,7 @@ import zarr
 from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec
 
+from . import distributed
 from .checkpoint import sha256
 from .errors import HookError
 from .models.base import CausalLM, State
@@ -153,24 +154,33 @@ def trace(
     The run's summary lands in the store's attrs (`open_store(out).attrs["summary"]`).
     """
     t0 = time.perf_counter()
-    ids = _check_tokens(tokens, model.vocab_size)
-    chunk_tokens = _positive_int(chunk_tokens, "chunk_tokens")
-    windows = _check_windows(windows, len(ids))
-    patterns = [names] if isinstance(names, str) else list(names or [])
-    layers = None if layers is None else sorted({_integer(x, "a layer number") for x in layers})
-    plan = _plan(model, ids, _select(model, patterns, layers), windows, chunk_tokens)
-    out = Path(out).expanduser()
-    _existing_attrs(out)  # refuse a path that holds something else before creating anything there
-    with _write_lock(out):
-        attrs = _existing_attrs(out)
-        if attrs is not None and not overwrite:
-            _check_format(out, attrs, "pass overwrite=True (CLI: --overwrite) to replace it, or write elsewhere")
-        if attrs is not None and attrs.get("complete") and not overwrite:
-            raise StoreError(f"{out} already holds a complete trace; pass overwrite=True (CLI: --overwrite) "
-                             "to replace it")
-        prov = _provenance(model, ids, seed, patterns, layers, windows, chunk_tokens, plan, progress)
-        root, start = _prepare(out, attrs, prov, plan, resume, overwrite)
-        _run(model, ids, out, root, plan, start, progress, t0)
+    parallel = model.parallel is not None
+    writer = not parallel or model.parallel.rank == 0  # expert-parallel ranks run the forward, rank 0 writes
+    with contextlib.ExitStack() as stack:
+        with distributed.agreed(parallel):
+            ids = _check_tokens(tokens, model.vocab_size)
+            chunk_tokens = _positive_int(chunk_tokens, "chunk_tokens")
+            windows = _check_windows(windows, len(ids))
+            patterns = [names] if isinstance(names, str) else list(names or [])
+            layers = None if layers is None else sorted({_integer(x, "a layer number") for x in layers})
+            plan = _plan(model, ids, _select(model, patterns, layers), windows, chunk_tokens)
+            out = Path(out).expanduser()
+            root, start = None, 0
+            if writer:
+                _existing_attrs(out)  # refuse a path that holds something else before creating anything there
+                stack.enter_context(_write_lock(out))
+                attrs = _existing_attrs(out)
+                if attrs is not None and not overwrite:
+                    _check_format(out, attrs, "pass overwrite=True (CLI: --overwrite) to replace it, or write "
+                                  "elsewhere")
+                if attrs is not None and attrs.get("complete") and not overwrite:
+                    raise StoreError(f"{out} already holds a complete trace; pass overwrite=True (CLI: "
+                                     "--overwrite) to replace it")
+                prov = _provenance(model, ids, seed, patterns, layers, windows, chunk_tokens, plan, progress)
+                root, start = _prepare(out, attrs, prov, plan, resume, overwrite)
+        if parallel:
+            start = distributed.broadcast_int(start)
+        _run(model, ids, out, root, plan, start, progress and writer, t0)
     return out
 
 
@@ -401,6 +411,7 @@ def _provenance(model: CausalLM, ids: np.ndarray, seed: int | None, names: list[
         "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
         "device": str(model.embed.weight.device),
         "torch_threads": torch.get_num_threads(),
+        "world_size": 1 if model.parallel is None else model.parallel.world,
         "workbench_version": workbench.__version__,
         "versions": _versions(),
         "seed": seed,
@@ -518,7 +529,8 @@ def _open_or_create(out: Path, attrs: dict | None, prov: dict, plan: Plan, resum
             if differ:
                 raise StoreError(f"{out} was started by a different trace (its {', '.join(differ)} differ); "
                                  "pass overwrite=True (CLI: --overwrite) to replace it, or write elsewhere")
-            changed = [key for key in ("versions", "device", "torch_threads") if attrs.get(key) != prov[key]]
+            changed = [key for key in ("versions", "device", "torch_threads", "world_size")
+                       if attrs.get(key, 1 if key == "world_size" else None) != prov[key]]
             if changed:
                 warnings.warn(f"{out}: resuming with a different {' and '.join(changed)} than the trace started "
                               "with; the result may differ from an uninterrupted run", stacklevel=3)
@@ -595,11 +607,13 @@ def _write(array: zarr.Array, v: Variable, spans: list[tuple[int, int]], sink: d
             array[a:b] = _as_numpy(sink[hook][j], v.dtype)
 
 
-def _run(model: CausalLM, ids: np.ndarray, out: Path, root: zarr.Group, plan: Plan, start: int,
+def _run(model: CausalLM, ids: np.ndarray, out: Path, root: zarr.Group | None, plan: Plan, start: int,
          progress: bool, t0: float) -> None:
-    """The chunked forward: replay up to `start`, then record and commit chunk by chunk."""
+    """The chunked forward: replay up to `start`, then record and commit chunk by chunk (no root: a rank that
+    only computes)."""
     n, size = len(ids), plan.chunk_tokens
-    arrays = {name: root[name] for name in ("token", "input_ids", *(v.name for v in plan.variables))}
+    names = ("token", "input_ids", *(v.name for v in plan.variables))
+    arrays = {name: root[name] for name in names} if root is not None else {}
     crash = _crash_point()
     state = State()
     with torch.no_grad(), \
@@ -614,18 +628,20 @@ def _run(model: CausalLM, ids: np.ndarray, out: Path, root: zarr.Group, plan: Pl
                 rbar.update(e - s)
                 continue
             _crash_here(crash, i, "forward")
-            with _io_errors(out, f"writing tokens {s:,}..{e:,}"):
-                for j, v in enumerate(plan.variables):
-                    _write(arrays[v.name], v, v.spans(s, e), sink)
-                    if j == 0:
-                        _crash_here(crash, i, "write")
-                arrays["input_ids"][s:e] = ids[s:e].astype(np.int32)
-                arrays["token"][s:e] = np.arange(s, e)
-                _crash_here(crash, i, "marker")
-                marker: dict[str, Any] = {"committed_tokens": e}
-                if e == n:
-                    marker.update(complete=True, completed=_now(), summary=_summary(out, plan, n, start, t0))
-                root.attrs.update(marker)
+            # under expert parallelism only rank 0 writes, and a failed write stops every rank
+            with distributed.agreed(model.parallel is not None), _io_errors(out, f"writing tokens {s:,}..{e:,}"):
+                if root is not None:
+                    for j, v in enumerate(plan.variables):
+                        _write(arrays[v.name], v, v.spans(s, e), sink)
+                        if j == 0:
+                            _crash_here(crash, i, "write")
+                    arrays["input_ids"][s:e] = ids[s:e].astype(np.int32)
+                    arrays["token"][s:e] = np.arange(s, e)
+                    _crash_here(crash, i, "marker")
+                    marker: dict[str, Any] = {"committed_tokens": e}
+                    if e == n:
+                        marker.update(complete=True, completed=_now(), summary=_summary(out, plan, n, start, t0))
+                    root.attrs.update(marker)
             _crash_here(crash, i, "committed")
             bar.update(e - s)
 

@@ -93,6 +93,8 @@ class CausalLM(nn.Module):
         self.commit: str | None = None
         self.tokenizer: Any = None
         self.index_tables: dict[str, int] = {}  # integer parameter -> exclusive bound of its values
+        self.parallel: Any = None  # workbench.distributed.ExpertParallel when loaded expert-parallel
+        self.load_report: dict[str, Any] = {}  # what loading read, set by `workbench.load`
 
     def tie_weights(self) -> None:
         """Share the embedding with the output head when the config says so."""
@@ -121,6 +123,8 @@ class CausalLM(nn.Module):
         input_ids = self._check_ids(input_ids)
         start = cache.offset if cache is not None else 0
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        if self.parallel is not None:
+            self.parallel.check_forward(self._hooks, input_ids)
         self._hooks.positions, self._hooks.input_ids = positions, input_ids
         return input_ids, positions
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
+from ..distributed import moe_forward
 from ..errors import CheckpointError
 from ..hooks import HookRegistry
 from ..parallel import torch_threads
@@ -510,7 +511,8 @@ class MoE(nn.Module):
     """Router + routed experts + optional (gated) shared expert, with the per-expert hooks.
 
     Per-expert hidden/out tensors are only materialised (token-major, [B,T,k,*]) while a hook asks
-    for them; otherwise each expert's rows are scattered straight into the output.
+    for them; otherwise each expert's rows are scattered straight into the output. With `parallel` set
+    (expert parallelism, see workbench.distributed) `experts` holds only this rank's range of experts.
     """
 
     def __init__(self, hidden: int, spec: RouterSpec, inter: int, hooks: HookRegistry, prefix: str, *,
@@ -526,11 +528,14 @@ class MoE(nn.Module):
         self.hp_expert_out = hooks.point(f"{prefix}.experts.out")
         self.hp_shared = hooks.point(f"{prefix}.shared.out") if self.shared is not None else None
         self.hp_out = hooks.point(f"{prefix}.moe.out")
+        self.parallel: Any = None  # workbench.distributed.ExpertParallel under expert parallelism
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """x [B, T, H] of tokens token_ids [B, T] (hash routing selects by token id)."""
         shape = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
+        if self.parallel is not None:
+            return self.hp_out(moe_forward(self, flat, token_ids.reshape(-1), shape).view_as(x))
         ids, weights = self.router(flat, shape, token_ids.reshape(-1))
         y = self.routed(flat, ids, weights.to(x.dtype), shape)
         if self.shared is not None:

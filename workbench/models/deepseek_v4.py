@@ -164,9 +164,10 @@ class Compressor(nn.Module):
         entries = rope_tail(self.rotary, entries, cos, sin)
         if state is None:
             return entries
+        # copies, not views: a view would keep the whole chunk's projections alive until the next chunk
         if n and self.overlap:
-            state["prev_kv"], state["prev_gate"] = kv_w[:, -1:, :, :d], gate_w[:, -1:, :, :d]
-        state["kv"], state["gate"] = kv[:, n * r:], gate[:, n * r:]
+            state["prev_kv"], state["prev_gate"] = kv_w[:, -1:, :, :d].clone(), gate_w[:, -1:, :, :d].clone()
+        state["kv"], state["gate"] = kv[:, n * r:].clone(), gate[:, n * r:].clone()
         state["entries"] = torch.cat((state["entries"], entries), 1) if "entries" in state else entries
         return state["entries"]
 

@@ -1,0 +1,171 @@
+"""Expert parallelism with torch.distributed (gloo, 2 and 3 processes under torchrun) against one process: logits,
+every routing and per-expert hook, chunked and hook-edited forwards, the trace store; each rank reads only its
+experts; failures on one rank reach every rank."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import workbench as wb
+from workbench.distributed import ExpertParallel, expert_bounds
+from oracle import assert_close_scaled, make_checkpoint, routing_is_nontrivial
+from test_deepseek import v3
+from test_deepseek_v4 import CSA, HCA, make_v4, v4
+
+sys.path.insert(0, str(Path(__file__).parent))
+from distributed_worker import run  # noqa: E402
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+LENGTH = 17
+
+
+def torchrun(n: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run the worker (or `-m workbench ...`) on n local gloo processes; single-threaded ranks."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+CASES = {
+    "v3-grouped": lambda: v3(n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=3,
+                             first_k_dense_replace=1),
+    "v4-hash-csa-hca": lambda: v4(hc_mult=2, layer_types=[CSA, HCA, CSA, HCA],
+                                  mlp_layer_types=["hash_moe", "moe", "moe", "moe"], compress_rates={CSA: 2, HCA: 4}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def reference(request, tmp_path_factory):
+    """A perturbed checkpoint and what one process computes on it."""
+    folder = tmp_path_factory.mktemp(request.param)
+    config = CASES[request.param]()
+    (make_v4 if request.param.startswith("v4") else make_checkpoint)(config, folder)
+    out = tmp_path_factory.mktemp(request.param + "-single")
+    torch.set_num_threads(1)
+    model = wb.load(folder, dtype=torch.float32)
+    assert model.parallel is None and model.load_report["world"] == 1
+    got = run(model, out, LENGTH, 0)
+    assert routing_is_nontrivial({k.removeprefix("cache."): v for k, v in got.items() if k.endswith("topk_ids")})
+    return folder, out, got, model.load_report
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_expert_parallel_equals_one_process(reference, world, tmp_path):
+    folder, single, want, report = reference
+    r = torchrun(world, str(WORKER), str(folder), str(tmp_path), str(LENGTH))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in range(world):
+        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        assert got.keys() == want.keys()
+        for name, ref in want.items():
+            if ref.dtype.is_floating_point:
+                assert_close_scaled(got[name], ref, 1e-5, f"rank {rank} {name}")
+            else:
+                assert torch.equal(got[name], ref), f"rank {rank}: {name} differs"
+        # each rank read the non-expert tensors and exactly its own share of the experts
+        loaded = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        experts = int(want["cache.layers.1.router.scores"].shape[-1])
+        owned = expert_bounds(experts, world)[rank + 1] - expert_bounds(experts, world)[rank]
+        assert loaded["world"] == world and loaded["rank"] == rank
+        assert loaded["experts_held"] and set(loaded["experts_held"].values()) == {owned}
+        assert loaded["expert_bytes_total"] == report["expert_bytes_total"] > 0
+        assert loaded["expert_bytes_read"] == report["expert_bytes_total"] * owned // experts
+        assert loaded["bytes_read"] - loaded["expert_bytes_read"] == report["bytes_read"] - report["expert_bytes_read"]
+    # the store rank 0 wrote is the single-process one
+    a, b = wb.open_store(single / "store.zarr"), wb.open_store(tmp_path / "store.zarr")
+    assert set(a.data_vars) == set(b.data_vars) and a.attrs["complete"] and b.attrs["complete"]
+    assert b.attrs["world_size"] == world and a.attrs["world_size"] == 1
+    np.testing.assert_array_equal(b.topk_ids.values, a.topk_ids.values)
+    np.testing.assert_allclose(b.topk_weights.values, a.topk_weights.values, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(b.input_ids.values, a.input_ids.values)
+    # activations pass through several layers of sums taken in another order (a rank's shared expert runs on its
+    # share of a 6-token chunk): close, not bit-identical
+    for name in ("resid_post", "experts_out"):  # NaN: layers without experts
+        x, y = a[name].values, b[name].values
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(x))
+        assert_close_scaled(torch.from_numpy(np.nan_to_num(y)), torch.from_numpy(np.nan_to_num(x)), 1e-4, name)
+    assert not list((tmp_path).glob("store.zarr/**/*.partial"))
+
+
+def test_expert_ranges():
+    assert expert_bounds(8, 3) == (0, 2, 5, 8)
+    assert expert_bounds(6, 4) == (0, 1, 3, 4, 6)
+    ep = ExpertParallel(rank=1, world=3, experts=8)
+    assert ep.owned == range(2, 5)
+    assert ep.owner(torch.arange(8)).tolist() == [0, 0, 1, 1, 1, 2, 2, 2]
+    assert [ep.rows(10, r) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    assert [ExpertParallel(r, 3, 8).rows(1) for r in range(3)] == [(0, 0), (0, 0), (0, 1)]
+
+
+def test_one_rank_more_than_experts_and_single_token(tmp_path):
+    """More ranks than tokens in a forward (decode-like) and ranks without experts still agree."""
+    folder = tmp_path / "ckpt"
+    make_checkpoint(v3(n_routed_experts=2, num_experts_per_tok=1, first_k_dense_replace=0), folder)
+    script = tmp_path / "one.py"
+    script.write_text(
+        "import sys, torch, workbench as wb\n"
+        "from workbench import distributed\n"
+        "from safetensors.torch import save_file\n"
+        "rank, world = distributed.init()\n"
+        f"m = wb.load({str(folder)!r}, dtype=torch.float32)\n"
+        "ids = torch.tensor([[3]])\n"
+        "logits, cache = m.run_with_cache(ids, names=['layers.*.experts.out'])\n"
+        f"save_file({{'logits': logits, **cache}}, {str(tmp_path)!r} + f'/r{{rank}}.safetensors')\n")
+    r = torchrun(3, str(script))
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = wb.load(folder, dtype=torch.float32)
+    logits, cache = model.run_with_cache(torch.tensor([[3]]), names=["layers.*.experts.out"])
+    for rank in range(3):
+        got = load_file(str(tmp_path / f"r{rank}.safetensors"))
+        assert_close_scaled(got["logits"], logits, 1e-5, "logits")
+        for name, t in cache.items():
+            assert_close_scaled(got[name], t, 1e-5, name)
+
+
+def test_different_hooks_on_ranks_fail_everywhere(reference, tmp_path):
+    folder = reference[0]
+    r = torchrun(2, str(WORKER), str(folder), str(tmp_path), str(LENGTH), "--mismatch-hooks", timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.count("different hooks registered") >= 2, r.stderr[-3000:]
+
+
+def test_a_corrupt_file_found_by_one_rank_fails_every_rank(tmp_path):
+    folder = tmp_path / "ckpt"
+    make_checkpoint(v3(first_k_dense_replace=0), folder)
+    (folder / "SHA256SUMS").write_text(f"{'0' * 64}  model.safetensors\n")
+    r = torchrun(2, str(WORKER), str(folder), str(tmp_path), str(LENGTH), timeout=120)
+    assert r.returncode != 0
+    err = r.stderr
+    assert "sha256" in err and "rank 0 failed: CheckpointError" in err, err[-3000:]
+
+
+def test_cli_trace_under_torchrun_equals_one_process(tmp_path):
+    folder = tmp_path / "ckpt"
+    make_v4(v4(num_hidden_layers=2, layer_types=[CSA, HCA], mlp_layer_types=["hash_moe", "moe"],
+               compress_rates={CSA: 2, HCA: 4}), folder)
+    args = ["trace", str(folder), "--random-tokens", "40", "--seed", "3", "--chunk-tokens", "16", "--dtype", "float32",
+            "--names", "layers.1.experts.hidden"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "workbench", *args, "--out", str(tmp_path / "one.zarr")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, "-m", "workbench", *args, "--out", str(tmp_path / "two.zarr"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("traced 40 tokens") == 1  # rank 0 reports
+    a, b = wb.open_store(tmp_path / "one.zarr"), wb.open_store(tmp_path / "two.zarr")
+    np.testing.assert_array_equal(b.topk_ids.values, a.topk_ids.values)
+    np.testing.assert_allclose(b.topk_weights.values, a.topk_weights.values, rtol=1e-3)
+    np.testing.assert_allclose(b.experts_hidden.values, a.experts_hidden.values, rtol=1e-5, atol=1e-5)
+    assert b.attrs["world_size"] == 2
+
+
+def test_expert_parallel_needs_a_process_group(reference):
+    with pytest.raises(ValueError, match="torchrun"):
+        wb.load(reference[0], expert_parallel=True)

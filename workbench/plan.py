@@ -1,0 +1,373 @@
+"""Memory per rank under expert parallelism, from a config alone: `workbench plan`.
+
+The model is built on the `meta` device by its family's `build`, so every count is our runtime's own. Rank r
+of N holds routed experts [r * E // N, (r + 1) * E // N) of every MoE layer; every other parameter is
+replicated. Two byte counts per rank:
+
+- in memory, as loaded: floating parameters in the runtime dtype (FP8/FP4 weights are dequantised on load),
+  those matching `loading.KEEP_FP32` in fp32, integer tables in their integer dtype;
+- read from disk, as the config's `quantization_config` declares the checkpoint: FP8 e4m3 with one scale
+  per block for the linear layers DeepSeek quantises, FP4 e2m1 (two per byte) with one ue8m0 scale per 32
+  inputs for routed experts under `expert_dtype: fp4`, every other tensor in the checkpoint dtype (fp32 where
+  the runtime keeps fp32).
+
+With a context of T tokens, each rank also holds one sequence's attention state (attention is replicated),
+computed from the architecture exactly as `State.nbytes` counts it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint, quant
+from .config import Config
+from .errors import CheckpointError
+from .loading import KEEP_FP32, _build
+from .models import blocks, deepseek_v4, family
+from .models.deepseek_v32 import SparseMLA
+from .models.mla import MLA
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+EXPERT = re.compile(r"layers\.(\d+)\.ffn\.experts\.\w+")  # routed experts, stacked [E, ...]
+# linear weights the published FP8 checkpoints keep unquantised: the output head, V4's compressor projections
+# and the indexers' head weights (the embedding, norms and routers are not nn.Linear)
+UNQUANTISED = re.compile(r"lm_head\.weight|.*\.(compressor\.wkv|compressor\.wgate|weights_proj)\.weight")
+POSITION_BYTES = 8  # each cached key's int64 position
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Bytes:
+    """One rank's bytes: the replicated parameters and the routed experts of the fullest rank."""
+
+    replicated: int
+    experts: int
+
+    @property
+    def total(self) -> int:
+        return self.replicated + self.experts
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Parameters and bytes per rank of one model at one world size (and optionally one context length)."""
+
+    source: str
+    model_type: str
+    world_size: int
+    dtype: torch.dtype  # floating parameters in memory (fp32-kept ones aside)
+    quantization: str  # how the checkpoint stores them on disk
+    params: int  # every parameter, all ranks together
+    active: int  # per token: replicated + top-k experts of every MoE layer
+    replicated_params: int
+    experts: int  # routed experts per MoE layer (the fewest, if layers differ)
+    moe_layers: int
+    experts_per_rank: int  # experts per MoE layer on the fullest rank
+    memory: Bytes  # held in memory per rank, as loaded
+    disk: Bytes  # read from disk per rank, as stored
+    context: int | None
+    state: int  # one sequence's attention state for `context` tokens (every rank holds it)
+
+    @property
+    def per_rank(self) -> int:
+        """Bytes in memory per rank: parameters plus the attention state."""
+        return self.memory.total + self.state
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Cached keys (and values) of one attention layer: `per_token` bytes per kept token, the last
+    `window - 1` tokens for a sliding layer, every token otherwise."""
+
+    window: int | None
+    per_token: int
+
+    def bytes(self, tokens: int) -> int:
+        kept = tokens if self.window is None else min(tokens, self.window - 1)
+        return kept * self.per_token
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """A V4 compressor's state: T // rate pooled entries, the projections (kv and gate, `width` wide) of the
+    T % rate tokens of the unfinished window and, overlapping (CSA), the last window's first series."""
+
+    rate: int
+    dim: int
+    width: int
+    overlap: bool
+    size: int  # bytes per value in the model dtype
+    gate_size: int  # bytes per kept gate value (gate + ape, promoted to the ape's fp32)
+
+    def bytes(self, tokens: int) -> int:
+        done, pending = divmod(tokens, self.rate)
+        out = done * self.dim * self.size + 2 * pending * self.width * self.size
+        if self.overlap and done:
+            out += self.rate * self.dim * (self.size + self.gate_size)
+        return out
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """MoE layers with the same expert count: what one expert slot costs summed over those layers."""
+
+    experts: int
+    layers: int
+    top_k: int
+    params: int  # parameters of one expert slot, summed over the layers
+    memory: int
+    disk: int
+
+
+@dataclass(frozen=True)
+class Census:
+    """A model's parameters split into replicated ones and routed experts, in memory and on disk, and the
+    terms of its per-sequence attention state: everything a plan needs, for any world size."""
+
+    source: str
+    model_type: str
+    dtype: torch.dtype
+    quantization: str
+    replicated_params: int
+    replicated_memory: int
+    replicated_disk: int
+    groups: tuple[ExpertGroup, ...]
+    state_terms: tuple[Keys | Pooled, ...]
+
+    @property
+    def experts(self) -> int:
+        """Routed experts per MoE layer (the fewest, if layers differ); 0 for a dense model."""
+        return min((g.experts for g in self.groups), default=0)
+
+    def state(self, tokens: int) -> int:
+        """Bytes of one sequence's attention state after `tokens` tokens."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"context must be a positive number of tokens, got {tokens!r}")
+        return sum(term.bytes(tokens) for term in self.state_terms)
+
+    def at(self, world_size: int, context: int | None = None) -> Plan:
+        """The plan at `world_size` ranks (refused where some rank would hold no expert of a layer)."""
+        self._check(world_size)
+        held = [[_held(r, world_size, g.experts) for g in self.groups] for r in range(world_size)]
+        fullest = max(held, key=lambda counts: sum(n * g.memory for n, g in zip(counts, self.groups)))
+        memory = sum(n * g.memory for n, g in zip(fullest, self.groups))
+        disk = sum(n * g.disk for n, g in zip(fullest, self.groups))
+        expert_params = sum(g.experts * g.params for g in self.groups)
+        return Plan(
+            source=self.source, model_type=self.model_type, world_size=world_size, dtype=self.dtype,
+            quantization=self.quantization, params=self.replicated_params + expert_params,
+            active=self.replicated_params + sum(g.top_k * g.params for g in self.groups),
+            replicated_params=self.replicated_params, experts=self.experts,
+            moe_layers=sum(g.layers for g in self.groups),
+            experts_per_rank=max((_held(r, world_size, self.experts) for r in range(world_size))),
+            memory=Bytes(self.replicated_memory, memory), disk=Bytes(self.replicated_disk, disk),
+            context=context, state=0 if context is None else self.state(context),
+        )
+
+    def smallest_world_size(self, budget: int, context: int | None = None) -> int | None:
+        """The fewest ranks whose per-rank memory (parameters and state) fits in `budget` bytes; None if even one
+        expert per rank per layer does not fit."""
+        most = max(self.experts, 1)
+        return next((n for n in range(1, most + 1) if self.at(n, context).per_rank <= budget), None)
+
+    def _check(self, world_size: int) -> None:
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world size must be a positive integer, got {world_size!r}")
+        if not self.groups and world_size > 1:
+            raise ValueError(f"{self.source}: the model has no routed experts, so expert parallelism has nothing "
+                             f"to split; every rank would hold the whole model (use world size 1)")
+        if world_size > max(self.experts, 1):
+            raise ValueError(f"world size {world_size} exceeds the {self.experts} routed experts per layer: rank r "
+                             f"holds experts [r*E//N, (r+1)*E//N), so some ranks would hold none; use at most "
+                             f"{self.experts} ranks")
+
+
+def _held(rank: int, world_size: int, experts: int) -> int:
+    """Experts of one layer held by `rank`: [rank * E // N, (rank + 1) * E // N)."""
+    return (rank + 1) * experts // world_size - rank * experts // world_size
+
+
+def plan(source: str | Path, world_size: int, *, dtype: torch.dtype | str | None = None,
+         context: int | None = None, revision: str | None = None) -> Plan:
+    """Parameters and bytes per rank of `source` (checkpoint folder, config.json path or hub repo id) at
+    `world_size` ranks, with one sequence's attention state for `context` tokens if given."""
+    return census(source, dtype=dtype, revision=revision).at(world_size, context)
+
+
+def census(source: str | Path, *, dtype: torch.dtype | str | None = None, revision: str | None = None) -> Census:
+    """Build the model on the meta device from its config alone and count what each parameter costs."""
+    cfg = read_config(source, revision)
+    fam = family(cfg)
+    with torch.device("meta"):
+        model = _build(fam, cfg)
+    model.tie_weights()
+    dtype = runtime_dtype(dtype) or cfg.dtype
+    scheme = quant.scheme(cfg)
+    scale_bytes = 1 if cfg.get("model_type") == "deepseek_v4" else 4  # V4's `.scale` is ue8m0, HF's fp32
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    kept: dict[str, torch.dtype] = {}  # parameter -> its dtype in memory
+    params = memory = disk = 0  # replicated
+    slots: dict[int, dict[str, int]] = defaultdict(lambda: dict(params=0, memory=0, disk=0))  # one expert, per layer
+    for name, p in model.named_parameters():
+        expert = EXPERT.fullmatch(name)
+        shape = tuple(p.shape[1:]) if expert else tuple(p.shape)
+        if not p.dtype.is_floating_point:
+            kept[name] = stored = p.dtype
+        elif KEEP_FP32.fullmatch(name):
+            kept[name] = stored = torch.float32
+        else:
+            kept[name], stored = dtype, cfg.dtype
+        if scheme is not None and expert and len(shape) == 2:
+            on_disk = _fp4_bytes(shape) if scheme.fp4_experts else _fp8_bytes(shape, scheme.block, scale_bytes)
+        elif scheme is not None and name in linears and not UNQUANTISED.fullmatch(name):
+            on_disk = _fp8_bytes(shape, scheme.block, scale_bytes)
+        else:
+            on_disk = math.prod(shape) * stored.itemsize
+        if expert:
+            slot = slots[int(expert[1])]
+            slot["experts"] = p.shape[0]
+            slot["params"] += math.prod(shape)
+            slot["memory"] += math.prod(shape) * kept[name].itemsize
+            slot["disk"] += on_disk
+        else:
+            params, memory, disk = params + p.numel(), memory + p.numel() * kept[name].itemsize, disk + on_disk
+    groups: dict[tuple[int, int], list[dict[str, int]]] = defaultdict(list)
+    for layer, slot in slots.items():
+        groups[slot["experts"], model.get_submodule(f"layers.{layer}.ffn").router.spec.top_k].append(slot)
+    terms = [t for i, layer in model.layers.items() for t in _state_terms(layer.attn, f"layers.{i}.attn", kept, dtype)]
+    return Census(
+        source=str(source), model_type=str(cfg.get("model_type")), dtype=dtype, quantization=describe(cfg),
+        replicated_params=params, replicated_memory=memory, replicated_disk=disk,
+        groups=tuple(ExpertGroup(experts=e, layers=len(g), top_k=k, params=sum(s["params"] for s in g),
+                                 memory=sum(s["memory"] for s in g), disk=sum(s["disk"] for s in g))
+                     for (e, k), g in sorted(groups.items())),
+        state_terms=tuple(terms),
+    )
+
+
+def read_config(source: str | Path, revision: str | None = None) -> Config:
+    """The config of a checkpoint folder, a config.json file, or a hub repo id (only its config.json is fetched)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return Config.read(path / "config.json")
+    if path.is_file():
+        return Config.read(path)
+    text = str(source)
+    if path.exists() or text.startswith(("/", ".", "~")) or not checkpoint._REPO_ID.match(text):
+        raise CheckpointError("no such checkpoint folder or config file (and not a hub repo id)", file=text)
+    checkpoint._check_trusted(text, None)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Config.read(Path(hf_hub_download(repo_id=text, filename="config.json", revision=revision)))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        where = f"{text}@{revision}" if revision else text
+        raise CheckpointError(f"could not fetch config.json from the hub (offline, or no such repo or file): {e}",
+                              file=where) from None
+
+
+def runtime_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A dtype given as torch.dtype or by name (bf16, bfloat16, fp16, float16, fp32, float32)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def describe(cfg: Config) -> str:
+    """How the checkpoint stores its weights, per the config's quantization_config."""
+    scheme, dtype = quant.scheme(cfg), str(cfg.dtype).removeprefix("torch.")
+    if scheme is None:
+        return f"unquantised {dtype} (fp32 where the runtime keeps fp32)"
+    scale = "ue8m0" if cfg.get("model_type") == "deepseek_v4" else "fp32"
+    experts = "FP4 e2m1 with a ue8m0 scale per 32 inputs" if scheme.fp4_experts else "FP8 like the linears"
+    return (f"FP8 e4m3 linears with {scale} scales per {scheme.block[0]}x{scheme.block[1]} block, routed experts "
+            f"{experts}, the rest {dtype}")
+
+
+def _fp8_bytes(shape: tuple[int, ...], block: tuple[int, int], scale_bytes: int) -> int:
+    """One byte per value and one scale per block."""
+    return math.prod(shape) + math.prod(quant.fp8_scale_shape(shape, block)) * scale_bytes
+
+
+def _fp4_bytes(shape: tuple[int, ...]) -> int:
+    """Two values per byte and a one-byte scale per 32 inputs of a row."""
+    return shape[0] * math.ceil(shape[1] / 2) + math.prod(quant.fp4_scale_shape(shape))
+
+
+def _state_terms(attn: nn.Module, prefix: str, kept: dict[str, torch.dtype], dtype: torch.dtype) -> list[Keys | Pooled]:
+    """What one layer's attention keeps per sequence, as the runtime's `State` holds it."""
+    size = dtype.itemsize
+    if isinstance(attn, deepseek_v4.Attention):
+        terms: list[Keys | Pooled] = [Keys(attn.window, POSITION_BYTES + attn.head_dim * size)]
+        pooled = {"compressor": attn.compressor,
+                  "indexer.compressor": None if attn.indexer is None else attn.indexer.compressor}
+        for path, c in pooled.items():
+            if c is not None:
+                gate = torch.promote_types(dtype, kept[f"{prefix}.{path}.ape"])  # gate + ape
+                terms.append(Pooled(c.rate, c.dim, c.ape.shape[1], c.overlap, size, gate.itemsize))
+        return terms
+    if isinstance(attn, MLA):
+        index = attn.indexer.dim if isinstance(attn, SparseMLA) else 0
+        return [Keys(None, POSITION_BYTES + (attn.kv_rank + attn.rope + index) * size)]
+    if isinstance(attn, blocks.Attention):
+        return [Keys(attn.window, POSITION_BYTES + 2 * attn.kv_heads * attn.head_dim * size)]
+    raise ValueError(f"the attention state of {type(attn).__name__} is not modelled by `workbench plan`")
+
+
+def report(p: Plan) -> str:
+    """A readable table of one plan: per rank, in memory and read from disk."""
+    dtype = str(p.dtype).removeprefix("torch.")
+    lines = [f"{p.source} ({p.model_type}): {p.params / 1e9:,.2f} B parameters, {p.active / 1e9:,.2f} B active "
+             f"per token"]
+    if p.moe_layers:
+        lines += [f"  replicated on every rank: {p.replicated_params / 1e9:,.2f} B; routed experts: "
+                  f"{(p.params - p.replicated_params) / 1e9:,.2f} B in {p.moe_layers} MoE layers of {p.experts}",
+                  f"world size {p.world_size}: rank r holds experts [r*{p.experts}//{p.world_size}, "
+                  f"(r+1)*{p.experts}//{p.world_size}) of every MoE layer, at most {p.experts_per_rank}"]
+    else:
+        lines.append(f"world size {p.world_size}: no routed experts, every parameter replicated")
+    state = "-"
+    if p.context is not None:
+        lines.append(f"context {p.context:,} tokens: one sequence's attention state, held on every rank")
+        state = _gib(p.state)
+    lines += ["",
+              f"{'per rank, GiB':<34}{'replicated':>12}{'experts':>12}{'state':>12}{'total':>12}",
+              f"{'in memory, as loaded (' + dtype + ')':<34}{_gib(p.memory.replicated):>12}{_gib(p.memory.experts):>12}"
+              f"{state:>12}{_gib(p.per_rank):>12}",
+              f"{'read from disk, as stored':<34}{_gib(p.disk.replicated):>12}{_gib(p.disk.experts):>12}"
+              f"{'-':>12}{_gib(p.disk.total):>12}",
+              f"stored as: {p.quantization}"]
+    return "\n".join(lines)
+
+
+def fit_report(c: Census, budget: int, context: int | None = None) -> str:
+    """The smallest world size whose per-rank memory fits `budget` bytes, or why none does."""
+    head = f"{budget / GiB:,.2f} GiB per rank (parameters and attention state; activations and workspace excluded)"
+    n = c.smallest_world_size(budget, context)
+    if n is not None:
+        return f"fits {head} from world size {n} ({_gib(c.at(n, context).per_rank)} GiB per rank)"
+    fixed = c.replicated_memory + (0 if context is None else c.state(context))
+    if fixed > budget:
+        what = "replicated parameters" + ("" if context is None else " and the attention state")
+        return (f"does not fit {head} at any world size: the {what} alone take {_gib(fixed)} GiB, and expert "
+                f"parallelism splits only the routed experts")
+    most = c.at(max(c.experts, 1), context)
+    return (f"does not fit {head} at any world size: even one expert per MoE layer per rank (world size "
+            f"{most.world_size}) takes {_gib(most.per_rank)} GiB")
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:,.2f}"
