@@ -2,6 +2,7 @@
 checkpoint, run hooked, plain, chunked and hook-edited forwards and a trace, and save what this rank saw.
 
 usage: torchrun --nproc-per-node N tests/distributed_worker.py CHECKPOINT OUT_DIR LENGTH [--mismatch-hooks]
+                                                                          [--tensor-parallel]
 """
 
 from __future__ import annotations
@@ -48,14 +49,15 @@ def run(model, out: Path, length: int, rank: int) -> dict[str, torch.Tensor]:
 def main() -> None:
     folder, out, length = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     rank, world = distributed.init()
-    model = wb.load(folder, dtype=torch.float32)
+    model = wb.load(folder, dtype=torch.float32, tensor_parallel="--tensor-parallel" in sys.argv)
     if "--mismatch-hooks" in sys.argv:
         with model.hooks({"logits": lambda x, ctx: None} if rank == 1 else {}):
             model(torch.zeros(1, 3, dtype=torch.long))
     got = run(model, out, length, rank)
     save_file(got, str(out / f"rank{rank}.safetensors"))
     held = {name: p.shape[0] for name, p in model.named_parameters() if name.endswith("experts.down_proj")}
-    (out / f"rank{rank}.json").write_text(json.dumps({**model.load_report, "experts_held": held}))
+    heads = {name: p.shape[0] for name, p in model.named_parameters() if name.endswith("attn_sink")}
+    (out / f"rank{rank}.json").write_text(json.dumps({**model.load_report, "experts_held": held, "heads": heads}))
     torch.distributed.destroy_process_group()
 
 

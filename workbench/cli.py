@@ -103,7 +103,8 @@ def trace(args: argparse.Namespace) -> int:
     try:
         dtype = None if args.dtype is None else getattr(torch, args.dtype)
         device = f"cuda:{torch.cuda.current_device()}" if world > 1 and torch.cuda.is_available() else None
-        model = wb.load(args.model, backend=args.backend, dtype=dtype, device=device)
+        model = wb.load(args.model, backend=args.backend, dtype=dtype, device=device,
+                        tensor_parallel=args.tensor_parallel)
         tokens, seed = _tokens(args, model)
         try:
             out = run_trace(model, tokens, args.out, names=args.names, chunk_tokens=args.chunk_tokens,
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="compute dtype (default: the checkpoint's; float32 is the fastest on CPUs without bf16 units)")
     p.add_argument("--backend", default="auto", help="model backend (see workbench.load)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete or different store at --out")
+    p.add_argument("--tensor-parallel", action="store_true",
+                   help="under torchrun, also split attention heads across the ranks (DeepSeek-V4)")
     p.set_defaults(func=trace)
     p = sub.add_parser("info", help="describe a store: dims, variables, sizes, progress, provenance")
     p.add_argument("store", help="zarr store directory written by `workbench trace`")

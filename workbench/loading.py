@@ -44,6 +44,7 @@ def load(
     trusted_repos: Iterable[str] | None = None,
     verify_hashes: bool = True,
     expert_parallel: bool | None = None,
+    tensor_parallel: bool = False,
 ) -> CausalLM:
     """Load a Hugging Face MoE (or dense) checkpoint from a local folder or a hub repo id.
 
@@ -57,15 +58,18 @@ def load(
     `expert_parallel` (default: whenever torch.distributed is initialised with more than one rank, e.g. under
     torchrun after `workbench.distributed.init()`) makes this rank read and hold only its own range of every
     MoE layer's routed experts (see workbench.distributed); files with recorded hashes are then hashed by one
-    rank each, and a failure on any rank is raised on every rank. `model.load_report` says what was read.
+    rank each, and a failure on any rank is raised on every rank. `tensor_parallel` also splits attention
+    heads across the ranks where the family supports it (DeepSeek-V4). `model.load_report` says what was read.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available; choose from {', '.join(BACKENDS)}")
     rank, world = distributed.rank_and_world()
     parallel = world > 1 if expert_parallel is None else expert_parallel
-    if parallel and world == 1:
-        raise ValueError("expert_parallel=True needs torch.distributed initialised with more than one rank "
-                         "(launch with torchrun and call workbench.distributed.init())")
+    if (parallel or tensor_parallel) and world == 1:
+        raise ValueError("expert_parallel / tensor_parallel need torch.distributed initialised with more than one "
+                         "rank (launch with torchrun and call workbench.distributed.init())")
+    if tensor_parallel and not parallel:
+        raise ValueError("tensor_parallel=True comes with expert parallelism (expert_parallel=True)")
     with distributed.agreed(parallel):
         folder, commit = checkpoint.resolve(source, revision, trusted_repos)
         cfg, fam = _config(folder)
@@ -79,12 +83,13 @@ def load(
             with torch.device("meta"):
                 model = _build(fam, cfg)
             shards = _shard_experts(model, rank, world) if parallel else {}
+            heads = _split_heads(model, rank, world, cfg) if tensor_parallel else {}
             dtype = dtype or cfg.dtype
             for name, p in model.named_parameters():
                 if p.dtype.is_floating_point:
                     p.data = p.data.to(torch.float32 if KEEP_FP32.fullmatch(name) else dtype)
             scheme = quant.scheme(cfg)
-            plan = _plan(model, tensors, fam.rules(cfg), scheme, shards)
+            plan = _plan(model, tensors, fam.rules(cfg), scheme, shards, heads)
             try:
                 tokenizer = load_tokenizer(folder, model.vocab_size)
             except Exception as e:  # tokenizers raises its own exception type for malformed files
@@ -136,9 +141,10 @@ def _build(fam: ModuleType, cfg: Config) -> CausalLM:
                               file=cfg.file) from None
 
 
-# checkpoint tensor -> our (parameter, slot)s, its split, its scale tensor if quantised, and the expert rows
-# [start, stop) to read of a stacked experts tensor under expert parallelism (None: all of it)
-Plan = dict[str, tuple[Targets, Split | None, str | None, tuple[int, int] | None]]
+# checkpoint tensor -> our (parameter, slot)s, its split, its scale tensor if quantised, and the part this rank
+# holds, (dim, start, stop), under expert or tensor parallelism (None: all of it)
+Cut = tuple[int, int, int]
+Plan = dict[str, tuple[Targets, Split | None, str | None, Cut | None]]
 
 
 def _shard_experts(model: CausalLM, rank: int, world: int) -> dict[str, distributed.ExpertParallel]:
@@ -157,10 +163,24 @@ def _shard_experts(model: CausalLM, rank: int, world: int) -> dict[str, distribu
     return shards
 
 
+def _split_heads(model: CausalLM, rank: int, world: int, cfg: Config) -> dict[str, tuple[int, int, int, int]]:
+    """Tensor parallelism: every attention module that can (`split_heads`) keeps its share of the heads;
+    returns {parameter: (dim, start, stop, full size)} of the checkpoint tensors to cut."""
+    cuts = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "split_heads"):
+            cuts.update({f"{name}.{p}": cut for p, cut in module.split_heads(rank, world).items()})
+    if not cuts:
+        raise CheckpointError(f"tensor parallelism is not available for {cfg.get('model_type')!r} (DeepSeek-V4 "
+                              "attention only); use expert parallelism alone", file=cfg.file)
+    return cuts
+
+
 def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, scheme: quant.Scheme | None,
-          shards: dict[str, distributed.ExpertParallel]) -> Plan:
+          shards: dict[str, distributed.ExpertParallel], heads: dict[str, tuple[int, int, int, int]]) -> Plan:
     """Map every checkpoint tensor onto our parameters and check shapes and coverage, reading no data;
-    under expert parallelism (`shards`) other ranks' experts are checked but left out of the plan."""
+    under expert parallelism (`shards`) other ranks' experts are checked but left out of the plan, under
+    tensor parallelism (`heads`) this rank's part of a split tensor is planned."""
     params = dict(model.named_parameters())
     if model.tied:
         params.pop("lm_head.weight", None)
@@ -200,12 +220,15 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, sch
             pieces = split(torch.empty(shape, device="meta")) if split else (torch.empty(shape, device="meta"),)
         except (RuntimeError, ValueError):
             raise CheckpointError(f"shape {list(info.shape)} is not a valid tensor shape here", **where) from None
-        rows = None
+        cut = None
         for (target, slot), piece in zip(targets, pieces, strict=True):
             p = params[target]
             ep = shards.get(target)
             full = p.shape[0] if ep is None else ep.experts  # expert slots of the whole model
             want = p.shape[1:] if slot is not None else (p.shape if ep is None else (full, *p.shape[1:]))
+            if target in heads:  # tensor parallelism: the checkpoint holds every head
+                dim, cut = heads[target][0], heads[target][:3]
+                want = (*p.shape[:dim], heads[target][3], *p.shape[dim + 1:])
             if slot is not None and slot >= full:
                 raise CheckpointError(f"expert {slot} is out of range (config has {full})", **where)
             if tuple(piece.shape) != tuple(want):
@@ -216,13 +239,13 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, sch
                 raise CheckpointError(f"a second tensor for {target}", **where)
             filled[target].add(key)
             if ep is not None and slot is None:
-                rows = ep.owned.start, ep.owned.stop
+                cut = 0, ep.owned.start, ep.owned.stop
         if shards:
             if any(t in shards and slot is not None and slot not in shards[t].owned for t, slot in targets):
                 continue  # another rank's expert: checked, not read
             targets = [(t, slot - shards[t].owned.start if t in shards and slot is not None else slot)
                        for t, slot in targets]
-        plan[name] = targets, split, scale, rows
+        plan[name] = targets, split, scale, cut
     for target, p in params.items():
         got = filled.get(target, set())
         need = {-1} if not got or -1 in got else set(range(shards[target].experts if target in shards else p.shape[0]))
@@ -267,12 +290,16 @@ def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan
                                     disable=total < 2**28) as bar:
         handles: dict[Path, object] = {}
 
-        def read(name: str, expert: bool, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        def read(name: str, expert: bool, cut: Cut | None = None) -> torch.Tensor:
             file = tensors[name].file
             try:
                 if file not in handles:
                     handles[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-                t = handles[file].get_tensor(name) if rows is None else handles[file].get_slice(name)[rows[0]:rows[1]]
+                if cut is None:
+                    t = handles[file].get_tensor(name)
+                else:  # read only this rank's part
+                    dim, a, b = cut
+                    t = handles[file].get_slice(name)[(slice(None),) * dim + (slice(a, b),)]
             except (SafetensorError, OSError) as e:  # the file changed or vanished after its header was checked
                 raise CheckpointError(f"cannot be read ({e})", file=str(file), tensor=name) from None
             report["bytes_read"] += t.numel() * t.element_size()
@@ -280,9 +307,9 @@ def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan
             return t
 
         for name in names:
-            targets, split, scale, rows = plan[name]
+            targets, split, scale, cut = plan[name]
             expert = targets[0][0] in shards or EXPERT_PARAM.fullmatch(targets[0][0]) is not None
-            t = read(name, expert, rows)
+            t = read(name, expert, None if scale else cut)  # block-scaled: dequantised whole, then cut
             bar.update(t.numel() * t.element_size())
             if scale:
                 s = read(scale, expert)
@@ -293,6 +320,8 @@ def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan
                     t = quant.dequant_fp8(t, s, scheme.block)
                 else:
                     t = quant.dequant_fp4(t, s)
+                if cut is not None:
+                    t = t.narrow(cut[0], cut[1], cut[2] - cut[1])
             if not torch.isfinite(t).all():
                 raise CheckpointError("weights contain NaN or Inf", file=str(tensors[name].file), tensor=name)
             bound = model.index_tables.get(targets[0][0])

@@ -22,6 +22,7 @@ Parameter names follow the official checkpoint (`attn.wq_a`, `attn.compressor.ap
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -229,6 +230,23 @@ class Attention(nn.Module):
                                                                    rotary, self.eps)
         self.indexer = Indexer(cfg, rotary, rate) if kind == CSA else None
         self.hp_topk = hooks.point(f"{prefix}.attn.indexer_topk") if kind == CSA else None
+        self.split = False  # tensor parallel: this rank holds a share of the heads and sums outputs across ranks
+
+    def split_heads(self, rank: int, world: int) -> dict[str, tuple[int, int, int, int]]:
+        """Tensor parallelism: keep heads [r*H/N, (r+1)*H/N) and their output groups (on meta, before loading);
+        the shared KV, compressor and indexer stay whole. Returns {parameter: (dim, start, stop, full size)}."""
+        if self.heads % world or self.groups % world:
+            raise CheckpointError(f"tensor parallelism over {world} ranks needs heads ({self.heads}) and o_groups "
+                                  f"({self.groups}) divisible by {world}")
+        h, g, d, o = self.heads // world, self.groups // world, self.head_dim, self.wo_a.weight.shape[0] // self.groups
+        cuts = {"wq_b.weight": (0, h * d), "attn_sink": (0, h), "wo_a.weight": (0, g * o), "wo_b.weight": (1, g * o)}
+        out = {}
+        for name, (dim, size) in cuts.items():
+            p = self.get_parameter(name)
+            out[name] = dim, rank * size, (rank + 1) * size, p.shape[dim]
+            p.data = torch.empty((*p.shape[:dim], size, *p.shape[dim + 1:]), dtype=p.dtype, device="meta")
+        self.heads, self.groups, self.split = h, g, True
+        return out
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -256,7 +274,10 @@ class Attention(nn.Module):
                          for i in range(0, T, block)], dim=2)
         out = rope_tail(self.rotary, out, cos, -sin).transpose(1, 2).reshape(B, T, self.groups, -1)
         w = self.wo_a.weight.view(self.groups, -1, out.shape[-1])
-        return self.wo_b(torch.einsum("btgi,goi->btgo", out, w).flatten(2))
+        y = self.wo_b(torch.einsum("btgi,goi->btgo", out, w).flatten(2))
+        if self.split:
+            dist.all_reduce(y)
+        return y
 
 
     def attend(self, q: torch.Tensor, q_pos: torch.Tensor, kv: torch.Tensor, k_pos: torch.Tensor,
