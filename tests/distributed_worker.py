@@ -2,7 +2,7 @@
 checkpoint, run hooked, plain, chunked and hook-edited forwards and a trace, and save what this rank saw.
 
 usage: torchrun --nproc-per-node N tests/distributed_worker.py CHECKPOINT OUT_DIR LENGTH [--mismatch-hooks]
-                                                                          [--tensor-parallel]
+                                                                          [--tensor-parallel T]
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def run(model, out: Path, length: int, rank: int) -> dict[str, torch.Tensor]:
 def main() -> None:
     folder, out, length = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     rank, world = distributed.init()
-    model = wb.load(folder, dtype=torch.float32, tensor_parallel="--tensor-parallel" in sys.argv)
+    tp = int(sys.argv[sys.argv.index("--tensor-parallel") + 1]) if "--tensor-parallel" in sys.argv else 1
+    model = wb.load(folder, dtype=torch.float32, tensor_parallel=tp)
     if "--mismatch-hooks" in sys.argv:
         with model.hooks({"logits": lambda x, ctx: None} if rank == 1 else {}):
             model(torch.zeros(1, 3, dtype=torch.long))

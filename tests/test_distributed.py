@@ -94,17 +94,24 @@ def test_expert_parallel_equals_one_process(reference, world, tmp_path):
     assert not list((tmp_path).glob("store.zarr/**/*.partial"))
 
 
-def test_tensor_parallel_attention_equals_one_process(reference, tmp_path):
-    """DeepSeek-V4 attention split by heads over 2 ranks (plus experts): same outputs, half the head weights."""
+@pytest.mark.parametrize("world,tp", [(2, 2), (4, 2)])
+def test_tensor_parallel_attention_equals_one_process(reference, world, tp, tmp_path):
+    """DeepSeek-V4 attention split by heads over groups of `tp` ranks (experts over all): same outputs, each
+    rank holding and reading 1/tp of the head weights."""
     folder, single, want, report = reference
     if "v4" not in folder.name:
-        r = torchrun(2, str(WORKER), str(folder), str(tmp_path), str(LENGTH), "--tensor-parallel", timeout=120)
-        assert r.returncode != 0 and "not available for 'deepseek_v3'" in r.stderr
+        if world == 2:
+            r = torchrun(2, str(WORKER), str(folder), str(tmp_path), str(LENGTH), "--tensor-parallel", "2",
+                         timeout=120)
+            assert r.returncode != 0 and "not available for 'deepseek_v3'" in r.stderr
         return
-    r = torchrun(2, str(WORKER), str(folder), str(tmp_path), str(LENGTH), "--tensor-parallel")
+    r = torchrun(world, str(WORKER), str(folder), str(tmp_path), str(LENGTH), "--tensor-parallel", str(tp))
     assert r.returncode == 0, r.stderr[-3000:]
-    heads = wb.load(folder).config.int("num_attention_heads")
-    for rank in range(2):
+    whole = wb.load(folder, dtype=torch.float32)
+    heads = whole.config.int("num_attention_heads")
+    split = sum(4 * p.numel() for n, p in whole.named_parameters()  # the head-split tensors, in fp32 on disk
+                if n.endswith(("wq_b.weight", "wo_a.weight", "wo_b.weight", "attn_sink")) and ".indexer." not in n)
+    for rank in range(world):
         got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
         for name, ref in want.items():
             if ref.dtype.is_floating_point:  # attention outputs are summed across ranks: activations move more
@@ -113,13 +120,9 @@ def test_tensor_parallel_attention_equals_one_process(reference, tmp_path):
             else:
                 assert torch.equal(got[name], ref), f"rank {rank}: {name} differs"
         loaded = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert set(loaded["heads"].values()) == {heads // 2}
-        # the head-split tensors (wq_b, wo_a, wo_b, sinks) are half read
-        split = sum(4 * p.numel() for n, p in wb.load(folder, dtype=torch.float32).named_parameters()
-                    if n.endswith(("wq_b.weight", "wo_a.weight", "wo_b.weight", "attn_sink"))
-                    and ".indexer." not in n)
+        assert set(loaded["heads"].values()) == {heads // tp}
         assert loaded["bytes_read"] - loaded["expert_bytes_read"] == \
-            report["bytes_read"] - report["expert_bytes_read"] - split // 2
+            report["bytes_read"] - report["expert_bytes_read"] - split + split // tp
     b = wb.open_store(tmp_path / "store.zarr")
     a = wb.open_store(single / "store.zarr")
     np.testing.assert_array_equal(b.topk_ids.values, a.topk_ids.values)

@@ -164,18 +164,18 @@ def info(args: argparse.Namespace) -> int:
 
 @user_errors
 def plan(args: argparse.Namespace) -> int:
-    """Memory per rank and disk reads per rank under expert parallelism, from the model's config alone."""
+    """Memory per rank and disk reads per rank under expert (and tensor) parallelism, from the model's config alone."""
     from workbench.plan import GiB, census, fit_report, report
 
     if args.world_size is None and args.gpu_memory is None:
         raise ValueError("give --world-size N, or --gpu-memory GiB to find the smallest world size that fits")
     if args.gpu_memory is not None and not args.gpu_memory > 0:
         raise ValueError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory}")
-    c = census(args.model, dtype=args.dtype)
+    c = census(args.model, dtype=args.dtype, tensor_parallel=args.tensor_parallel)
     budget = None if args.gpu_memory is None else int(args.gpu_memory * GiB)
     world_size = args.world_size
     if world_size is None:
-        world_size = c.smallest_world_size(budget, args.context) or max(c.experts, 1)
+        world_size = c.smallest_world_size(budget, args.context) or c.world_sizes[-1]
     print(report(c.at(world_size, args.context)))
     if budget is not None:
         print(fit_report(c, budget, args.context))
@@ -210,15 +210,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="compute dtype (default: the checkpoint's; float32 is the fastest on CPUs without bf16 units)")
     p.add_argument("--backend", default="auto", help="model backend (see workbench.load)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete or different store at --out")
-    p.add_argument("--tensor-parallel", action="store_true",
-                   help="under torchrun, also split attention heads across the ranks (DeepSeek-V4)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="T",
+                   help="under torchrun, also split attention heads over groups of T ranks, e.g. the GPUs of one "
+                        "node (DeepSeek-V4)")
     p.set_defaults(func=trace)
     p = sub.add_parser("info", help="describe a store: dims, variables, sizes, progress, provenance")
     p.add_argument("store", help="zarr store directory written by `workbench trace`")
     p.set_defaults(func=info)
     p = sub.add_parser("plan", help="memory and disk reads per rank under expert parallelism, from the config alone",
                        description="Rank r of N holds routed experts [r*E//N, (r+1)*E//N) of every MoE layer; "
-                                   "everything else is replicated. Memory counts parameters as loaded "
+                                   "everything else is replicated (with --tensor-parallel, attention heads are "
+                                   "split too). Memory counts parameters as loaded "
                                    "(dequantised to --dtype); disk counts the bytes each rank reads from the "
                                    "checkpoint as its quantization_config stores it.")
     p.add_argument("model", help="checkpoint folder, config.json file, or hub repo id (only config.json is fetched)")
@@ -227,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, metavar="TOKENS", help="add one sequence's attention state for TOKENS tokens")
     p.add_argument("--gpu-memory", type=float, metavar="GiB",
                    help="memory per rank: report the smallest world size whose per-rank total fits")
+    p.add_argument("--tensor-parallel", action="store_true",
+                   help="also split attention heads across the ranks, as `trace --tensor-parallel` does (DeepSeek-V4; "
+                        "N must divide num_attention_heads and o_groups)")
     p.set_defaults(func=plan)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -89,6 +89,18 @@ def broadcast_int(value: int) -> int:
     return int(box[0])
 
 
+def head_group(size: int) -> tuple[int, Any]:
+    """This rank's index within its tensor-parallel group of `size` consecutive ranks, and that process group
+    (every rank creates every group, in the same order, as torch.distributed requires)."""
+    rank, world = rank_and_world()
+    mine = None
+    for first in range(0, world, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = group
+    return rank % size, mine
+
+
 def expert_bounds(experts: int, world: int) -> tuple[int, ...]:
     """Rank r owns experts [bounds[r], bounds[r + 1]): contiguous ranges whose sizes differ by at most one."""
     return tuple(r * experts // world for r in range(world + 1))

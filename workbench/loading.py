@@ -44,7 +44,7 @@ def load(
     trusted_repos: Iterable[str] | None = None,
     verify_hashes: bool = True,
     expert_parallel: bool | None = None,
-    tensor_parallel: bool = False,
+    tensor_parallel: int = 1,
 ) -> CausalLM:
     """Load a Hugging Face MoE (or dense) checkpoint from a local folder or a hub repo id.
 
@@ -58,18 +58,21 @@ def load(
     `expert_parallel` (default: whenever torch.distributed is initialised with more than one rank, e.g. under
     torchrun after `workbench.distributed.init()`) makes this rank read and hold only its own range of every
     MoE layer's routed experts (see workbench.distributed); files with recorded hashes are then hashed by one
-    rank each, and a failure on any rank is raised on every rank. `tensor_parallel` also splits attention
-    heads across the ranks where the family supports it (DeepSeek-V4). `model.load_report` says what was read.
+    rank each, and a failure on any rank is raised on every rank. `tensor_parallel=T` also splits attention
+    heads over groups of T consecutive ranks (T dividing the world size, e.g. the GPUs of one node) where the
+    family supports it (DeepSeek-V4). `model.load_report` says what was read.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available; choose from {', '.join(BACKENDS)}")
     rank, world = distributed.rank_and_world()
     parallel = world > 1 if expert_parallel is None else expert_parallel
-    if (parallel or tensor_parallel) and world == 1:
+    if (parallel or tensor_parallel > 1) and world == 1:
         raise ValueError("expert_parallel / tensor_parallel need torch.distributed initialised with more than one "
                          "rank (launch with torchrun and call workbench.distributed.init())")
-    if tensor_parallel and not parallel:
-        raise ValueError("tensor_parallel=True comes with expert parallelism (expert_parallel=True)")
+    if tensor_parallel > 1 and not parallel:
+        raise ValueError("tensor_parallel comes with expert parallelism (expert_parallel=True)")
+    if not 1 <= tensor_parallel <= world or world % tensor_parallel:
+        raise ValueError(f"tensor_parallel={tensor_parallel} must divide the world size {world}")
     with distributed.agreed(parallel):
         folder, commit = checkpoint.resolve(source, revision, trusted_repos)
         cfg, fam = _config(folder)
@@ -83,7 +86,7 @@ def load(
             with torch.device("meta"):
                 model = _build(fam, cfg)
             shards = _shard_experts(model, rank, world) if parallel else {}
-            heads = _split_heads(model, rank, world, cfg) if tensor_parallel else {}
+            heads = _split_heads(model, tensor_parallel, cfg) if tensor_parallel > 1 else {}
             dtype = dtype or cfg.dtype
             for name, p in model.named_parameters():
                 if p.dtype.is_floating_point:
@@ -163,13 +166,14 @@ def _shard_experts(model: CausalLM, rank: int, world: int) -> dict[str, distribu
     return shards
 
 
-def _split_heads(model: CausalLM, rank: int, world: int, cfg: Config) -> dict[str, tuple[int, int, int, int]]:
-    """Tensor parallelism: every attention module that can (`split_heads`) keeps its share of the heads;
-    returns {parameter: (dim, start, stop, full size)} of the checkpoint tensors to cut."""
+def _split_heads(model: CausalLM, size: int, cfg: Config) -> dict[str, tuple[int, int, int, int]]:
+    """Tensor parallelism over groups of `size` ranks: every attention module that can (`split_heads`) keeps
+    this rank's share of the heads; returns {parameter: (dim, start, stop, full size)} of the tensors to cut."""
+    index, group = distributed.head_group(size)
     cuts = {}
     for name, module in model.named_modules():
         if hasattr(module, "split_heads"):
-            cuts.update({f"{name}.{p}": cut for p, cut in module.split_heads(rank, world).items()})
+            cuts.update({f"{name}.{p}": cut for p, cut in module.split_heads(index, size, group).items()})
     if not cuts:
         raise CheckpointError(f"tensor parallelism is not available for {cfg.get('model_type')!r} (DeepSeek-V4 "
                               "attention only); use expert parallelism alone", file=cfg.file)

@@ -21,6 +21,8 @@ Parameter names follow the official checkpoint (`attn.wq_a`, `attn.compressor.ap
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -230,11 +232,12 @@ class Attention(nn.Module):
                                                                    rotary, self.eps)
         self.indexer = Indexer(cfg, rotary, rate) if kind == CSA else None
         self.hp_topk = hooks.point(f"{prefix}.attn.indexer_topk") if kind == CSA else None
-        self.split = False  # tensor parallel: this rank holds a share of the heads and sums outputs across ranks
+        self.split: Any = None  # tensor parallel: the process group whose ranks share the heads and sum outputs
 
-    def split_heads(self, rank: int, world: int) -> dict[str, tuple[int, int, int, int]]:
-        """Tensor parallelism: keep heads [r*H/N, (r+1)*H/N) and their output groups (on meta, before loading);
-        the shared KV, compressor and indexer stay whole. Returns {parameter: (dim, start, stop, full size)}."""
+    def split_heads(self, rank: int, world: int, group: Any = None) -> dict[str, tuple[int, int, int, int]]:
+        """Tensor parallelism: as rank `rank` of the `world` ranks of `group`, keep heads [r*H/N, (r+1)*H/N) and
+        their output groups (on meta, before loading); the shared KV, compressor and indexer stay whole.
+        Returns {parameter: (dim, start, stop, full size)}."""
         if self.heads % world or self.groups % world:
             raise CheckpointError(f"tensor parallelism over {world} ranks needs heads ({self.heads}) and o_groups "
                                   f"({self.groups}) divisible by {world}")
@@ -245,7 +248,7 @@ class Attention(nn.Module):
             p = self.get_parameter(name)
             out[name] = dim, rank * size, (rank + 1) * size, p.shape[dim]
             p.data = torch.empty((*p.shape[:dim], size, *p.shape[dim + 1:]), dtype=p.dtype, device="meta")
-        self.heads, self.groups, self.split = h, g, True
+        self.heads, self.groups, self.split = h, g, group
         return out
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None = None) -> torch.Tensor:
@@ -275,8 +278,8 @@ class Attention(nn.Module):
         out = rope_tail(self.rotary, out, cos, -sin).transpose(1, 2).reshape(B, T, self.groups, -1)
         w = self.wo_a.weight.view(self.groups, -1, out.shape[-1])
         y = self.wo_b(torch.einsum("btgi,goi->btgo", out, w).flatten(2))
-        if self.split:
-            dist.all_reduce(y)
+        if self.split is not None:
+            dist.all_reduce(y, group=self.split)
         return y
 
 
