@@ -3,7 +3,7 @@ in routing entries (token x layer x k) per second, against a straightforward vec
 the same metric measured in the same run, and against a memory-bandwidth roofline (a numpy copy of a large
 array; an int16 entry is read once, so the roofline is bandwidth / 2 bytes).
 
-    .venv/bin/python bench/analysis.py [--store STORE | --uniform N] [--tokens 131072] [--repeat 3]
+    .venv/bin/python bench/analysis.py [--store STORE | --uniform N] [--tokens 131072] [--repeat 3] [--cluster N]
 
 Without --store it first traces --tokens random tokens of the embedded model into a temporary store; --uniform N
 instead writes N tokens of uniform random routing (6 layers, 32 experts, top-4) in the layout and chunking
@@ -11,17 +11,23 @@ instead writes N tokens of uniform random routing (6 layers, 32 experts, top-4) 
 `store` runs the analysis on `open_store(STORE)` end to end (reading and decompressing chunk by chunk included);
 `memory` runs it on the same routing already in RAM (the kernels alone); `numpy` is the peer on the array in RAM,
 and `numpy + read` adds reading the whole array through xarray/dask first, as a user would without this module.
+`--cluster N` adds `cluster xN`: the `store` run with the client of a dask LocalCluster of N single-threaded worker
+processes current, so that each worker reads and counts its share of the store's chunks (after one untimed run,
+in which the workers import the package and load the kernels).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numba
 import numpy as np
@@ -40,6 +46,17 @@ def best_of(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
         out = fn()
         best = min(best, time.perf_counter() - t0)
     return best, out
+
+
+@contextlib.contextmanager
+def local_cluster(workers: int) -> Iterator[Any]:
+    """The client of a LocalCluster of `workers` single-threaded worker processes, not made the default: analyses
+    use it only inside `client.as_current()`."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster, set_as_default=False) as client:
+        yield client
 
 
 def bandwidth(repeat: int) -> float:
@@ -89,12 +106,11 @@ def uniform_store(path: Path, n: int, chunk: int, layers: int = 6, experts: int 
     for name, dtype, values in (("token", np.int64, np.arange(n)), ("input_ids", np.int32, rng.integers(0, 256, n))):
         root.create_array(name, shape=(n,), chunks=(chunk,), dtype=dtype, compressors=codec,
                           dimension_names=("token",))[:] = values
-    ids = root.create_array("topk_ids", shape=(layers, n, k), chunks=(1, chunk, k), dtype=np.int16, fill_value=-1,
-                            compressors=codec, dimension_names=("layer", "token", "k"))
-    for layer in range(layers):
-        for s in range(0, n, 1 << 18):
-            e = min(n, s + (1 << 18))
-            ids[layer, s:e] = np.argsort(rng.random((e - s, experts), np.float32), -1)[:, :k].astype(np.int16)
+    ids = root.create_array("topk_ids", shape=(layers, n, k), chunks=(layers, chunk, k), dtype=np.int16,
+                            fill_value=-1, compressors=codec, dimension_names=("layer", "token", "k"))
+    for s in range(0, n, 1 << 16):
+        e = min(n, s + (1 << 16))
+        ids[:, s:e] = np.argsort(rng.random((layers, e - s, experts), np.float32), -1)[..., :k].astype(np.int16)
     print(f"wrote {n:,} tokens of uniform random routing to a store")
 
 
@@ -105,6 +121,8 @@ def main() -> None:
     ap.add_argument("--chunk-tokens", type=int, default=8192)
     ap.add_argument("--uniform", type=int, help="write N tokens of uniform random routing instead of tracing")
     ap.add_argument("--repeat", type=int, default=3, help="best of R runs per row")
+    ap.add_argument("--cluster", type=int, default=0, metavar="N",
+                    help="also run over the store on a dask LocalCluster of N single-threaded worker processes")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.store) if args.store else Path(tmp) / "bench.zarr"
@@ -116,12 +134,13 @@ def main() -> None:
             t0 = time.perf_counter()
             model.trace(ids, path, chunk_tokens=args.chunk_tokens, progress=False, seed=0)
             print(f"traced {args.tokens:,} random tokens of {EMBEDDED_MODEL.name} in {time.perf_counter() - t0:.1f} s")
-        run(path, args.repeat)
+        with local_cluster(args.cluster) if args.cluster else contextlib.nullcontext() as client:
+            run(path, args.repeat, client)
 
 
-def run(path: Path, repeat: int) -> None:
+def run(path: Path, repeat: int, client: Any = None) -> None:
     ds = wb.open_store(path)
-    ds = ds[["input_ids", "topk_ids", "topk_weights"]].sel(layer=ds.attrs["routed_layers"])  # routing only
+    ds = ds[["input_ids", "topk_ids"]].sel(layer=ds.attrs["routed_layers"])  # what the benchmarked metrics read
     E, (L, T, k) = ds.attrs["n_experts"], ds.topk_ids.shape
     entries = L * T * k
     mem = ds.compute()
@@ -141,14 +160,20 @@ def run(path: Path, repeat: int) -> None:
         "repetition": (lambda d: (lambda r: (r["first"].values, r.first_or_second.values))(analysis.repetition(d)),
                        numpy_repetition),
     }
+    runs = [("store", ds, None), ("memory", mem, None)]
+    if client is not None:
+        runs.insert(1, (f"cluster x{len(client.nthreads())}", ds, client))
     print(f"{'metric':30s} {'run':14s} {'seconds':>9s} {'M entries/s':>12s} {'vs numpy':>9s} {'of roofline':>12s}")
     for name, (ours, peer) in metrics.items():
         ours(mem.isel(token=slice(0, 1000)))  # compile (or load the cached kernels) outside the timings
         t_peer, want = best_of(lambda: peer(ids), repeat)
         t_read, _ = best_of(lambda: peer(wb.open_store(path).topk_ids.sel(layer=ds.layer.values).values), repeat)
         rows = []
-        for label, data in (("store", ds), ("memory", mem)):
-            t, got = best_of(lambda: ours(data), repeat)
+        for label, data, on in runs:
+            with on.as_current() if on else contextlib.nullcontext():
+                if on:
+                    ours(data)  # the workers' first run imports the package and loads the kernels
+                t, got = best_of(lambda: ours(data), repeat)
             for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
                 np.testing.assert_allclose(g, w, err_msg=f"{name} ({label}) differs from the numpy peer")
             rows.append((label, t))

@@ -1,14 +1,20 @@
 """Routing analyses (workbench.analysis): every metric against a brute-force Python computation on small random
 traces (k > 1, ties, dead experts, blocks and store chunks that do not divide the token count), against its
 closed-form value under uniform random routing, and over a real store of the embedded model against the same
-trace in memory; plus the specialisation notebook, executed."""
+trace in memory; plus the specialisation notebook, executed; and over stores on a dask.distributed LocalCluster
+against the same analyses run locally."""
 
+import fcntl
 import itertools
 import json
+import logging
 import math
+import os
+import sys
 from collections import Counter
 from pathlib import Path
 
+import distributed
 import numpy as np
 import pytest
 import torch
@@ -372,7 +378,7 @@ def test_store_analyses_equal_in_memory(stored, monkeypatch):
     data in memory scanned in 333-token blocks, and the hash-routed layers show."""
     ds, *_ = stored
     mem = ds.compute()
-    assert A._zarr_reader(ds.topk_ids, ds.encoding["source"]) is not None
+    assert A._stored(ds.topk_ids, ds.encoding["source"]) is not None
     runs = {
         "load": lambda d: A.expert_load(d),
         "coact": lambda d: A.coactivation(d, "adjacent_ranks"),
@@ -381,7 +387,7 @@ def test_store_analyses_equal_in_memory(stored, monkeypatch):
         "rep": lambda d: A.repetition(d),
         "sat": lambda d: A.saturation(d, d.isel(token=slice(None))),
         "cross": lambda d: A.cross_layer(d),
-        "mi": lambda d: A.mutual_information(d),
+        "mi": A.mutual_information,
         "conf": lambda d: A.router_confidence(d),
         "super": lambda d: A.super_experts(d),
         "subset": lambda d: A.repetition(d.sel(layer=[1, 4]).isel(token=slice(100, 1000))),
@@ -399,9 +405,9 @@ def test_a_modified_store_variable_is_read_through_dask(stored):
     """A variable that is no longer a plain selection of the stored array is not read from zarr directly."""
     ds, *_ = stored
     shifted = ds.assign(topk_ids=(ds.topk_ids + 1) % 32)
-    assert A._zarr_reader(shifted.topk_ids, ds.encoding["source"]) is None
+    assert A._stored(shifted.topk_ids, ds.encoding["source"]) is None
     swapped = ds.assign(topk_ids=ds.topk_ids.isel(k=[1, 0, 2, 3]))
-    assert A._zarr_reader(swapped.topk_ids, ds.encoding["source"]) is None
+    assert A._stored(swapped.topk_ids, ds.encoding["source"]) is None
     want = A.expert_load(ds.compute().assign(topk_ids=(ds.topk_ids.compute() + 1) % 32))
     xr.testing.assert_identical(A.expert_load(shifted), want)
 
@@ -436,3 +442,104 @@ def test_specialisation_notebook_runs_and_finds_specialised_experts():
     assert facts["mean_top_share_next"] > 2 * facts["vocabulary_baseline"]
     assert 2 * facts["coactivation_baseline"] < facts["coactivation_max"] <= 1
     assert any(o.get("data", {}).get("application/vnd.plotly.v1+json") for o in outputs["figures"])
+
+
+# ---------------------------------------------------------------- on a dask.distributed cluster
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A LocalCluster of two single-threaded worker processes; its client is current only where a test says so."""
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=logging.CRITICAL) as cluster, \
+            distributed.Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def chunked(embedded, tmp_path_factory):
+    """A store of 200 tokens in 64-token chunks, with experts.out; the token at each chunk's end repeats at the
+    next chunk's start, so the hash-routed layers 0 and 1 route the same experts across every chunk boundary."""
+    tokens = np.random.default_rng(0).integers(0, 256, 200)
+    tokens[64::64] = tokens[63::64]
+    out = wb.trace(embedded, tokens, tmp_path_factory.mktemp("chunked") / "run.zarr", chunk_tokens=64,
+                   names=["layers.*.experts.out"], progress=False)
+    return wb.open_store(out)
+
+
+def submissions(client, monkeypatch) -> list:
+    """The functions submitted to `client` from now on in this test."""
+    seen, submit = [], client.submit
+
+    def record(fn, *args, **kwargs):
+        seen.append(fn)
+        return submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(client, "submit", record)
+    return seen
+
+
+CLUSTER_RUNS = {
+    "load": A.expert_load,
+    "coact": lambda d: A.coactivation(d, "adjacent_ranks"),
+    "domain": lambda d: A.domain_specialisation(d, np.arange(d.sizes["token"]) * 3 // d.sizes["token"]),
+    "vocab": lambda d: A.vocabulary_specialisation(d, "next", min_count=2, top1=True),
+    "mi": A.mutual_information,
+    "rep": lambda d: A.repetition(d, labels=np.arange(d.sizes["token"]) // 50),
+    "cross": lambda d: A.cross_layer(d, pairs=[(0, 5), (3, 2)]),
+    "conf": A.router_confidence,
+    "super": A.super_experts,
+    "subset": lambda d: A.repetition(d.sel(layer=[1, 4]).isel(token=slice(30, -20))),
+}
+
+
+def test_analyses_on_a_cluster_equal_the_local_ones(chunked, client, monkeypatch):
+    """Every analysis of a store of 4 chunks (one task each, merged in a tree) run on the cluster equals the same
+    analysis run in this process exactly; the cluster is used while its client is current, and only then."""
+    assert A._client() is None
+    local = {name: run(chunked) for name, run in CLUSTER_RUNS.items()}
+    submitted = submissions(client, monkeypatch)
+    with client.as_current():
+        for name, run in CLUSTER_RUNS.items():
+            submitted.clear()
+            xr.testing.assert_identical(run(chunked), local[name])
+            assert A._task in submitted, name
+    assert submitted.count(A._task) == 3  # the last run: tokens 30 to 179 lie in three of the 64-token chunks
+
+
+def test_repetition_on_a_cluster_counts_pairs_across_chunk_boundaries(chunked, client):
+    ids = chunked.topk_ids.values
+    assert (ids[:2, 63::64] == ids[:2, 64::64]).all()  # repeated experts across each chunk boundary
+    with client.as_current():
+        got = A.repetition(chunked)
+    pairs = ids.shape[1] - 1
+    assert (got.pairs.values == pairs).all()
+    np.testing.assert_array_equal(got["first"].values, (ids[:, 1:, 0] == ids[:, :-1, 0]).sum(1) / pairs)
+
+
+def test_an_in_memory_dataset_runs_here_even_with_a_client(stored, client, monkeypatch):
+    _, cache, logits, tokens = stored
+    mem = A.from_cache(cache, tokens, n_experts=32, logits=logits)
+    local = {name: run(mem) for name, run in CLUSTER_RUNS.items()}
+    submitted = submissions(client, monkeypatch)
+    with client.as_current():
+        for name, run in CLUSTER_RUNS.items():
+            xr.testing.assert_identical(run(mem), local[name])
+    assert submitted == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc/self/fd")
+def test_a_store_the_workers_cannot_read_is_a_clear_error(stored, client):
+    """The store opened through one of this process's file descriptors, /proc/self/fd/N: a path the workers
+    cannot read, as a store on the client's local disk is for workers on other machines."""
+    opened = os.open(stored[0].encoding["source"], os.O_RDONLY)
+    fd = fcntl.fcntl(opened, fcntl.F_DUPFD, 900)  # a number the workers are unlikely to have open
+    os.close(opened)
+    try:
+        private = wb.open_store(f"/proc/self/fd/{fd}")
+        xr.testing.assert_identical(A.expert_load(private), A.expert_load(stored[0]))  # readable here
+        with client.as_current(), pytest.raises(FileNotFoundError, match=rf"cannot read the store /proc/self/fd/"
+                                                rf"{fd} .* filesystem they share"):
+            A.expert_load(private)
+    finally:
+        os.close(fd)

@@ -17,16 +17,36 @@ its value under uniform random routing. Definitions follow the papers (see the r
 
 Layers are the checkpoint's own numbers. Hash-routed layers (DeepSeek-V4's first layers route by token id) are
 kept; every per-layer result carries a `hash_routed(layer)` coordinate, detected from the data (`hash_routed`).
+
+Scaling out with dask.distributed: while a Client is current (`distributed.default_client()`: the default client,
+which a `Client(...)` becomes unless made with `set_as_default=False`, or the one a `with client.as_current():`
+block names), every analysis but `saturation` runs over a store on its cluster, one task per group of stored
+chunks. Each task opens the store by its path on its worker (workers must see the store at that path, e.g. on a
+shared filesystem; no routing data passes through the client), counts its tokens with the same numba kernels,
+single-threaded (a worker runs one task per thread), into fresh accumulators, and the tasks' accumulators are
+summed (max-merged for super experts) in a tree on the workers. Every accumulator is exact under any split of
+the tokens (integer counts; router confidence sums in fixed point), so the results equal the local ones exactly.
+The client still reads the hash-routing probe and the token ids that vocabulary specialisation and mutual
+information group by (with against="predicted" and no predicted_ids, the argmax of stored logits). Without a
+client, and for Datasets with no store path behind a scanned variable (`from_cache`'s, or variables computed from
+stored ones, which dask then computes on its current scheduler), an analysis counts in this process.
 """
 
 from __future__ import annotations
 
+import contextvars
 import math
+import os
+import socket
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import dask.array
+import numba
 import numpy as np
 import xarray as xr
 import zarr
@@ -38,7 +58,12 @@ from .store import TRAILING_DIMS, _layer, _var_name, trailing_dims
 BLOCK_BYTES = 64 << 20  # uncompressed bytes of one scanned token block (all variables read together)
 HASH_PROBE_TOKENS = 8192  # tokens inspected to tell hash-routed layers
 HASH_MIN_REPEATS = 16  # repeated token ids needed before a layer can be called hash-routed
+TASKS_PER_THREAD = 4  # on a cluster, token groups per worker thread (fewer where the store has fewer chunks)
+# router confidence sums entropy and margin in units of 2**-28: exact in int64 under any split of the tokens
+# (blocks, tasks), finer than the float32 values they come from, and good for 2**35 / log2(entries) tokens
+FIXED_POINT = 1 << 28
 ArrayLike = Any  # numpy array, DataArray, torch tensor or sequence
+Acc = tuple  # (shape, dtype) or (shape, dtype, starting value) of an accumulator; it starts at 0 by default
 
 
 # ---------------------------------------------------------------- building a routing Dataset in memory
@@ -117,9 +142,33 @@ def _numpy(x: ArrayLike) -> np.ndarray:
 # ---------------------------------------------------------------- reading token blocks
 
 
-def _zarr_reader(da: xr.DataArray, source: str | None) -> Callable[[int, int], np.ndarray] | None:
-    """A direct zarr reader for `da` when it is a plain selection from a store variable (far fewer calls than
-    one dask task per chunk); None when `da` is anything else. The first block is checked against dask."""
+@dataclass
+class _Stored:
+    """Where a variable lies in its store: the path, the stored array and the orthogonal selection of it (on the
+    token axis, the first position): all any process needs to read token blocks of it."""
+
+    path: str
+    name: str
+    selection: tuple
+    axis: int
+
+    def reader(self) -> Callable[[int, int], np.ndarray]:
+        """read(s, e): the selection's tokens [s, e), from one opening of the store."""
+        array = zarr.open_group(self.path, mode="r")[self.name]
+        t0 = self.selection[self.axis]
+
+        def read(s: int, e: int) -> np.ndarray:
+            sel = list(self.selection)
+            sel[self.axis] = slice(t0 + s, t0 + e)
+            return array.get_orthogonal_selection(tuple(sel))
+
+        return read
+
+
+def _stored(da: xr.DataArray, source: str | None) -> _Stored | None:
+    """Where `da` lies in its store when it is a plain selection from a store variable, read directly from zarr
+    (far fewer calls than one dask task per chunk, and by path from any process); None when `da` is anything
+    else. The first block read so is checked against dask, read in this process."""
     if source is None or not isinstance(da.data, dask.array.Array) or "token" not in da.dims:
         return None
     layers = list(da.data.dask.layers)
@@ -127,10 +176,11 @@ def _zarr_reader(da: xr.DataArray, source: str | None) -> Callable[[int, int], n
     if len(opened) != 1 or not all(name.startswith(("original-open_dataset-", "open_dataset-", "getitem-"))
                                    for name in layers):
         return None
-    stored = opened[0][len("open_dataset-"):].rsplit("-", 1)[0]
+    name = opened[0][len("open_dataset-"):].rsplit("-", 1)[0]
+    path = source if "://" in source else os.path.abspath(source)  # workers may run in another directory
     try:
-        group = zarr.open_group(source, mode="r")
-        z = group[stored]
+        group = zarr.open_group(path, mode="r")
+        z = group[name]
     except (FileNotFoundError, KeyError, ValueError, TypeError):
         return None
     if tuple(z.metadata.dimension_names or ()) != da.dims:
@@ -156,25 +206,17 @@ def _zarr_reader(da: xr.DataArray, source: str | None) -> Callable[[int, int], n
             return None
         else:
             selection.append(slice(None))
-    axis = da.dims.index("token")
-    t0 = selection[axis]
-
-    def read(s: int, e: int) -> np.ndarray:
-        sel = list(selection)
-        sel[axis] = slice(t0 + s, t0 + e)
-        return z.get_orthogonal_selection(tuple(sel))
-
+    stored = _Stored(path, name, tuple(selection), da.dims.index("token"))
     m = min(da.sizes["token"], 4096)
-    if not np.array_equal(read(0, m), da.isel(token=slice(0, m)).values, equal_nan=da.dtype.kind == "f"):
-        return None
-    return read
+    first = da.isel(token=slice(0, m)).compute(scheduler="sync").values  # here, even with a dask client
+    return stored if np.array_equal(stored.reader()(0, m), first, equal_nan=da.dtype.kind == "f") else None
 
 
 def _reader(da: xr.DataArray, source: str | None) -> Callable[[int, int], np.ndarray]:
     """read(s, e): the values of `da` at token positions [s, e) as numpy, token axis where `da` has it."""
-    fast = _zarr_reader(da, source)
-    if fast is not None:
-        return fast
+    stored = _stored(da, source)
+    if stored is not None:
+        return stored.reader()
     if hasattr(da.data, "dask"):
         return lambda s, e: da.isel(token=slice(s, e)).values
     values = np.asarray(da.values)
@@ -182,11 +224,11 @@ def _reader(da: xr.DataArray, source: str | None) -> Callable[[int, int], np.nda
     return lambda s, e: values[(slice(None),) * axis + (slice(s, e),)]
 
 
-def _bounds(das: Sequence[xr.DataArray], n: int) -> list[int]:
+def _bounds(das: Sequence[xr.DataArray], n: int, parts: int = 1) -> list[int]:
     """Block edges over [0, n): whole stored chunks (of the most finely chunked variable), about BLOCK_BYTES of
-    all variables together per block."""
+    all variables together per block, or less to make `parts` blocks where the chunks allow."""
     per_token = sum(da.dtype.itemsize * da.size // max(da.sizes["token"], 1) for da in das)
-    target = max(1, BLOCK_BYTES // max(per_token, 1))
+    target = max(1, min(BLOCK_BYTES // max(per_token, 1), -(-n // parts)))
     chunked = [da.chunksizes["token"] for da in das if da.chunks is not None]
     if not chunked:
         return [*range(0, n, target), n] if n else [0]
@@ -205,23 +247,28 @@ def _order(da: xr.DataArray, *dims: str) -> xr.DataArray:
     return da if da.dims[:len(dims)] == dims else da.transpose(*dims, ...)
 
 
-def _scan(ds: xr.Dataset, das: Sequence[xr.DataArray]) -> Iterator[tuple[int, int, list[np.ndarray]]]:
-    """(start, stop, [block of each of `das`]) over the token axis, reading the next block in a worker thread
-    (zarr decompression and numba kernels both release the GIL) while the caller counts the current one."""
+def _scan(ds: xr.Dataset, das: Sequence[xr.DataArray],
+          lookback: int = 0) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+    """(start, stop, [block of each of `das`]) over the token axis, each block but the first starting `lookback`
+    tokens early, reading the next block in a worker thread (zarr decompression and numba kernels both release
+    the GIL) while the caller counts the current one."""
     n = das[0].sizes["token"]
     source = ds.encoding.get("source")
     readers = [_reader(da, source) for da in das]
     edges = _bounds(das, n)
-    spans = list(zip(edges[:-1], edges[1:]))
+    spans = [(max(s - lookback, 0), e) for s, e in zip(edges[:-1], edges[1:])]
 
     def read(span: tuple[int, int]) -> list[np.ndarray]:
         return [np.ascontiguousarray(r(*span)) for r in readers]
 
+    def prefetch(span: tuple[int, int]) -> Future:
+        return pool.submit(contextvars.copy_context().run, read, span)  # dask reads see the caller's client
+
     with torch_threads(), ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(read, spans[0]) if spans else None
+        pending = prefetch(spans[0]) if spans else None
         for i, span in enumerate(spans):
             blocks = pending.result()
-            pending = pool.submit(read, spans[i + 1]) if i + 1 < len(spans) else None
+            pending = prefetch(spans[i + 1]) if i + 1 < len(spans) else None
             yield span[0], span[1], blocks
 
 
@@ -284,6 +331,90 @@ def _finish(out: xr.Dataset, ds: xr.Dataset, **attrs: Any) -> xr.Dataset:
     return out
 
 
+# ---------------------------------------------------------------- accumulating over blocks, here or on a cluster
+
+
+def _fresh(accs: Sequence[Acc]) -> list[np.ndarray]:
+    return [np.full(shape, fill[0] if fill else 0, dtype) for shape, dtype, *fill in accs]
+
+
+def _add(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
+    return [x + y for x, y in zip(a, b)]
+
+
+def _later_max(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
+    """(max, where...) of earlier tokens `a` and later tokens `b`: b's where its max is larger, so ties keep the
+    earliest position, as one scan does."""
+    later = b[0] > a[0]
+    return [np.where(later, y, x) for x, y in zip(a, b)]
+
+
+def _client() -> Any:
+    """The current dask.distributed Client, or None."""
+    distributed = sys.modules.get("distributed")
+    if distributed is None:  # no client exists before distributed is imported (and importing it takes a while)
+        return None
+    try:
+        return distributed.default_client()
+    except ValueError:
+        return None
+
+
+def _accumulate(ds: xr.Dataset, das: Sequence[xr.DataArray], step: Callable[..., None], accs: Sequence[Acc],
+                per_token: Sequence[np.ndarray] = (), params: tuple = (), *, lookback: int = 0,
+                merge: Callable[[list, list], list] = _add) -> list[np.ndarray]:
+    """Accumulators `accs` after `step(start, arrays, acc, *params)` counted every token block: the block of each
+    of `das` then the same tokens of each `per_token` array, first token at `start` (`lookback` tokens before
+    the block, but not before 0). With a current dask.distributed Client and every one of `das` in a store, one
+    task per group of chunks, their accumulators merged in token order by `merge` (default: summed); else here."""
+    client = _client()
+    stored = [_stored(da, ds.encoding.get("source")) for da in das] if client is not None else []
+    if client is None or any(x is None for x in stored):
+        acc = _fresh(accs)
+        for s, e, blocks in _scan(ds, das, lookback):
+            step(s, [*blocks, *(p[s:e] for p in per_token)], acc, *params)
+        return acc
+    edges = _bounds(das, das[0].sizes["token"], TASKS_PER_THREAD * max(1, sum(client.nthreads().values())))
+    starts = [max(s - lookback, 0) for s in edges[:-1]]
+    parts = [client.submit(_task, stored, s, e, [p[s:e] for p in per_token], step, accs, params, pure=False)
+             for s, e in zip(starts, edges[1:])]
+    while len(parts) > 1:  # a tree of pairwise merges on the workers, neighbours in token order
+        merged = [client.submit(merge, a, b, pure=False) for a, b in zip(parts[::2], parts[1::2])]
+        parts = merged + parts[2 * len(merged):]
+    return parts[0].result()
+
+
+def _task(stored: list[_Stored], start: int, stop: int, per_token: list[np.ndarray], step: Callable[..., None],
+          accs: Sequence[Acc], params: tuple) -> list[np.ndarray]:
+    """One task on a worker: tokens [start, stop) of each variable read from its store by path, counted into
+    fresh accumulators."""
+    try:
+        blocks = [np.ascontiguousarray(x.reader()(start, stop)) for x in stored]
+    except (OSError, KeyError) as err:
+        raise FileNotFoundError(f"a worker on {socket.gethostname()} cannot read the store {stored[0].path} "
+                                f"({err}); workers open it by that path, so it must be on a filesystem they share, "
+                                "at the same path") from None
+    acc = _fresh(accs)
+    with _one_thread():
+        step(start, [*blocks, *per_token], acc, *params)
+    return acc
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """numba kernels on this thread run on it alone (a worker runs one task per thread; parallel kernels in each
+    would oversubscribe the cores). numba's count is per thread; torch's, which its OpenMP layer shares, is
+    restored on leaving."""
+    import torch
+
+    threads = torch.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------- kernels
 
 
@@ -325,38 +456,29 @@ def _count_pairs(ids, counts, adjacent):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _count_repeats(ids, codes, prev, prev_code, out):  # pragma: no cover - compiled
-    """Consecutive pairs (t-1, t) of the same label, carrying the previous block's last token in prev/prev_code.
-    out[g, l] += (pairs, same top-1, top-2 sets intersect, |top-k intersection|)."""
+def _count_repeats(ids, codes, out):  # pragma: no cover - compiled
+    """Consecutive pairs (t-1, t) of the block with the same label (a block starting one token early pairs its
+    first token with the one before). out[g, l] += (pairs, same top-1, top-2 sets intersect, |top-k ∩|)."""
     L, T, K = ids.shape
     for l in prange(L):
-        p0 = prev[l, 0]
-        p1 = prev[l, 1] if K > 1 else -1
-        pc = prev_code[0]
-        for t in range(T):
+        for t in range(1, T):
             c = codes[t]
-            a0 = ids[l, t, 0]
-            if a0 >= 0 and p0 >= 0 and c >= 0 and c == pc:
-                out[c, l, 0] += 1
-                if a0 == p0:
-                    out[c, l, 1] += 1
-                if K > 1:
-                    a1 = ids[l, t, 1]
-                    if a0 == p0 or a0 == p1 or a1 == p0 or a1 == p1:
-                        out[c, l, 2] += 1
-                shared = 0
-                for s in range(K):
-                    for r in range(K):
-                        if ids[l, t, s] == prev[l, r]:
-                            shared += 1
-                out[c, l, 3] += shared
+            a0, p0 = ids[l, t, 0], ids[l, t - 1, 0]
+            if a0 < 0 or p0 < 0 or c < 0 or c != codes[t - 1]:
+                continue
+            out[c, l, 0] += 1
+            if a0 == p0:
+                out[c, l, 1] += 1
+            if K > 1:
+                a1, p1 = ids[l, t, 1], ids[l, t - 1, 1]
+                if a0 == p0 or a0 == p1 or a1 == p0 or a1 == p1:
+                    out[c, l, 2] += 1
+            shared = 0
             for s in range(K):
-                prev[l, s] = ids[l, t, s]
-            p0 = a0
-            p1 = ids[l, t, 1] if K > 1 else -1
-            pc = c
-    if T:
-        prev_code[0] = codes[T - 1]
+                for r in range(K):
+                    if ids[l, t, s] == ids[l, t - 1, r]:
+                        shared += 1
+            out[c, l, 3] += shared
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -414,7 +536,8 @@ def _count_overlap(a, b, k, out):  # pragma: no cover - compiled
 @njit(cache=True, nogil=True)
 def _confidence(values, logits, sums, hist_entropy, hist_margin):  # pragma: no cover - compiled
     """Per token: p = softmax(values) (logits) or values / sum(values); sums[l] += (tokens, entropy bits,
-    top-1 minus top-2 p); histograms of normalised entropy and margin over [0, 1]."""
+    top-1 minus top-2 p), the last two in units of 1 / FIXED_POINT; histograms of normalised entropy and
+    margin over [0, 1]."""
     L, T, N = values.shape
     bins = hist_entropy.shape[1]
     p = np.empty(N)
@@ -443,8 +566,8 @@ def _confidence(values, logits, sums, hist_entropy, hist_margin):  # pragma: no 
                 elif q > second:
                     second = q
             sums[l, 0] += 1
-            sums[l, 1] += h
-            sums[l, 2] += first - second
+            sums[l, 1] += int(h * FIXED_POINT + 0.5)
+            sums[l, 2] += int((first - second) * FIXED_POINT + 0.5)
             hn = h / math.log2(N) if N > 1 else 0.0
             hist_entropy[l, min(int(hn * bins), bins - 1)] += 1
             hist_margin[l, min(int((first - second) * bins), bins - 1)] += 1
@@ -469,6 +592,39 @@ def _max_abs(ids, out, start, best, where_token, where_dim):  # pragma: no cover
                         where_dim[l, e] = h
 
 
+# ---------------------------------------------------------------- block steps (step(start, arrays, acc, *params))
+
+
+def _load_step(start: int, arrays: list[np.ndarray], acc: list[np.ndarray]) -> None:
+    _count_load(arrays[0], *acc)
+
+
+def _coactivation_step(start: int, arrays: list[np.ndarray], acc: list[np.ndarray], adjacent: bool) -> None:
+    _count_pairs(arrays[0], acc[0], adjacent)
+    _count_load(arrays[0], acc[1], acc[2])
+
+
+def _joint_step(start: int, arrays: list[np.ndarray], acc: list[np.ndarray], top: int) -> None:
+    _count_joint(arrays[0], arrays[1], acc[0], top)
+
+
+def _repetition_step(start: int, arrays: list[np.ndarray], acc: list[np.ndarray]) -> None:
+    _count_repeats(arrays[0], arrays[1], acc[0])
+
+
+def _cross_step(start: int, arrays: list[np.ndarray], acc: list[np.ndarray], pairs: np.ndarray, top: int) -> None:
+    _count_cross(arrays[0], pairs, acc[0], top)
+
+
+def _confidence_step(start: int, arrays: list[np.ndarray], acc: list[np.ndarray], logits: bool) -> None:
+    _confidence(arrays[0].astype(np.float32, copy=False), logits, *acc)
+
+
+def _max_abs_step(start: int, arrays: list[np.ndarray], acc: list[np.ndarray], token0: int) -> None:
+    ids, values = arrays
+    _max_abs(ids, values.reshape(*values.shape[:3], -1), token0 + start, *acc)
+
+
 # ---------------------------------------------------------------- load
 
 
@@ -477,9 +633,7 @@ def expert_load(ds: xr.Dataset) -> xr.Dataset:
     Gini, dead experts, MaxVio and DeepSeek's relative load (actual / uniform)."""
     ds = _routing(ds)
     E, L = _experts(ds), ds.sizes["layer"]
-    counts, tokens = np.zeros((L, E), np.int64), np.zeros(L, np.int64)
-    for _, _, (ids,) in _scan(ds, [ds.topk_ids]):
-        _count_load(ids, counts, tokens)
+    counts, tokens = _accumulate(ds, [ds.topk_ids], _load_step, [((L, E), np.int64), ((L,), np.int64)])
     return _load_dataset(counts, tokens, ds)
 
 
@@ -535,11 +689,9 @@ def coactivation(ds: xr.Dataset, mode: str = "all_pairs") -> xr.Dataset:
         raise ValueError(f"mode must be 'all_pairs' or 'adjacent_ranks', got {mode!r}")
     ds = _routing(ds)
     E, L, k = _experts(ds), ds.sizes["layer"], ds.sizes["k"]
-    pairs = np.zeros((L, E, E), np.int64)
-    counts, tokens = np.zeros((L, E), np.int64), np.zeros(L, np.int64)
-    for _, _, (ids,) in _scan(ds, [ds.topk_ids]):
-        _count_pairs(ids, pairs, mode == "adjacent_ranks")
-        _count_load(ids, counts, tokens)
+    pairs, counts, _ = _accumulate(ds, [ds.topk_ids], _coactivation_step,
+                                   [((L, E, E), np.int64), ((L, E), np.int64), ((L,), np.int64)],
+                                   params=(mode == "adjacent_ranks",))
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = pairs / counts[:, :, None]
     baseline = (k - 1) / (E - 1) if mode == "all_pairs" else 2 * (k - 1) / (k * (E - 1))
@@ -560,10 +712,7 @@ def coactivation(ds: xr.Dataset, mode: str = "all_pairs") -> xr.Dataset:
 def _joint(ds: xr.Dataset, codes: np.ndarray, groups: int, top: int) -> np.ndarray:
     """counts[layer, group, expert] of routing slots of rank < top, tokens grouped by `codes` (-1: skipped)."""
     E, L = _experts(ds), ds.sizes["layer"]
-    counts = np.zeros((L, groups, E), np.int64)
-    for s, e, (ids,) in _scan(ds, [ds.topk_ids]):
-        _count_joint(ids, codes[s:e], counts, top)
-    return counts
+    return _accumulate(ds, [ds.topk_ids], _joint_step, [((L, groups, E), np.int64)], [codes], (top,))[0]
 
 
 def domain_specialisation(ds: xr.Dataset, labels: ArrayLike) -> xr.Dataset:
@@ -697,10 +846,8 @@ def repetition(ds: xr.Dataset, labels: ArrayLike | None = None) -> xr.Dataset:
         codes, names = np.zeros(n, np.int32), None
     else:
         codes, names = _labels(labels, n)
-    out = np.zeros((1 if names is None else len(names), L, 4), np.int64)
-    prev, prev_code = np.full((L, k), -1, ds.topk_ids.dtype), np.full(1, -1, np.int32)
-    for s, e, (ids,) in _scan(ds, [ds.topk_ids]):
-        _count_repeats(ids, codes[s:e], prev, prev_code, out)
+    groups = 1 if names is None else len(names)
+    (out,) = _accumulate(ds, [ds.topk_ids], _repetition_step, [((groups, L, 4), np.int64)], [codes], lookback=1)
     pairs = np.maximum(out[..., 0], 1)
     second = out[..., 2] / pairs if k > 1 else np.full(out.shape[:2], np.nan)
     dims = ("domain", "layer")
@@ -764,9 +911,7 @@ def cross_layer(ds: xr.Dataset, pairs: Sequence[tuple[int, int]] | None = None, 
         raise ValueError(f"layer pairs must name routed layers {layers}; not found: {missing or 'no pairs'}")
     index = np.asarray([[layers.index(p), layers.index(q)] for p, q in pairs], np.int64)
     top = 1 if top1 else k
-    counts = np.zeros((len(pairs), E, E), np.int64)
-    for _, _, (ids,) in _scan(ds, [ds.topk_ids]):
-        _count_cross(ids, index, counts, top)
+    (counts,) = _accumulate(ds, [ds.topk_ids], _cross_step, [((len(pairs), E, E), np.int64)], params=(index, top))
     with np.errstate(invalid="ignore", divide="ignore"):
         conditional = counts / (counts.sum(-1, keepdims=True) / top)
     dims = ("pair", "expert_i", "expert_j")
@@ -793,20 +938,19 @@ def router_confidence(ds: xr.Dataset, *, bins: int = 20) -> xr.Dataset:
         raise ValueError("router confidence needs router_scores, router_logits or topk_weights")
     values = _order(ds[var].sel(layer=ds.layer.values), "layer", "token")
     L = ds.sizes["layer"]
-    sums = np.zeros((L, 3))
-    hist_h, hist_m = np.zeros((L, bins), np.int64), np.zeros((L, bins), np.int64)
-    for _, _, (v,) in _scan(ds, [values]):
-        _confidence(v.astype(np.float32, copy=False), logits, sums, hist_h, hist_m)
-    n = np.maximum(sums[:, 0], 1)
+    sums, hist_h, hist_m = _accumulate(ds, [values], _confidence_step,
+                                       [((L, 3), np.int64), ((L, bins), np.int64), ((L, bins), np.int64)],
+                                       params=(logits,))
+    units = np.maximum(sums[:, 0], 1) * FIXED_POINT  # a mean's denominator: tokens in sum units
     size = values.shape[-1]
     edges = np.linspace(0, 1, bins + 1)
     out = xr.Dataset(
-        {"entropy": ("layer", sums[:, 1] / n, {"definition": f"mean entropy in bits over {size} {var} entries",
-                                               "maximum": math.log2(size)}),
-         "margin": ("layer", sums[:, 2] / n, {"definition": "mean top-1 minus top-2 probability"}),
+        {"entropy": ("layer", sums[:, 1] / units,
+                     {"definition": f"mean entropy in bits over {size} {var} entries", "maximum": math.log2(size)}),
+         "margin": ("layer", sums[:, 2] / units, {"definition": "mean top-1 minus top-2 probability"}),
          "entropy_hist": (("layer", "bin"), hist_h, {"definition": "tokens per bin of entropy / log2(n)"}),
          "margin_hist": (("layer", "bin"), hist_m, {"definition": "tokens per bin of the margin"}),
-         "tokens": ("layer", sums[:, 0].astype(np.int64))},
+         "tokens": ("layer", sums[:, 0])},
         coords={"layer": ds.layer.values, "bin": (edges[:-1] + edges[1:]) / 2})
     return _finish(out, ds, metric="router confidence", source=var)
 
@@ -820,11 +964,11 @@ def super_experts(ds: xr.Dataset, *, quantile: float = 0.995, ratio: float = 0.1
         raise ValueError("super experts need experts_out: trace with names=['layers.*.experts.out'] (or cache it)")
     E, L = _experts(ds), ds.sizes["layer"]
     out = _order(ds.experts_out.sel(layer=ds.layer.values), "layer", "token", "k")
-    best = np.full((L, E), -np.inf)
-    where_token, where_dim = np.full((L, E), -1, np.int64), np.full((L, E), -1, np.int64)
     token0 = int(ds.token.values[0]) if ds.sizes["token"] else 0
-    for s, _, (ids, values) in _scan(ds, [ds.topk_ids, out]):
-        _max_abs(ids, values.reshape(*values.shape[:3], -1), token0 + s, best, where_token, where_dim)
+    best, where_token, where_dim = _accumulate(
+        ds, [ds.topk_ids, out], _max_abs_step,
+        [((L, E), np.float64, -np.inf), ((L, E), np.int64, -1), ((L, E), np.int64, -1)], params=(token0,),
+        merge=_later_max)
     best = np.where(np.isfinite(best), best, np.nan)
     seen = best[np.isfinite(best)]
     threshold = max(np.quantile(seen, quantile), ratio * seen.max()) if seen.size else np.nan

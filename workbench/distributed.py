@@ -16,6 +16,9 @@ Which rank sends how many rows where follows from the replicated routing, so no 
 (assembled by an all-reduce, every pair filled by exactly its owner); with none registered nothing extra
 moves. The hooks registered must be the same on every rank (a torchrun script registers them alike): each
 forward checks this, and that the token ids agree, with one small all-gather, and raises HookError otherwise.
+
+Tensor parallelism (opt-in, where a family's attention has `split_heads`: DeepSeek-V4) splits attention heads
+over groups of T consecutive ranks (`head_group`); each attention module sums its output over its group.
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ class ExpertParallel:
     def owner(self, ids: torch.Tensor) -> torch.Tensor:
         """The rank holding each expert id."""
         inner = torch.tensor(self.bounds[1:-1], device=ids.device, dtype=ids.dtype)
-        return torch.bucketize(ids, inner, right=True)
+        return torch.bucketize(ids.contiguous(), inner, right=True)
 
     def rows(self, n: int, rank: int | None = None) -> tuple[int, int]:
         """The token rows [start, stop) of `n` that `rank` (default: this one) dispatches and combines."""
