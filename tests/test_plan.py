@@ -1,7 +1,9 @@
-"""`workbench plan`: parameters and bytes per rank under expert parallelism, checked against hand computations
-of DeepSeek-V4-Flash and V4-Pro, against real tiny checkpoints (attention state, memory as loaded, bytes on
-disk), and through the CLI."""
+"""`workbench plan`: parameters and bytes per rank under expert (and tensor) parallelism, checked against hand
+computations of DeepSeek-V4-Flash and V4-Pro, against real tiny checkpoints (attention state, memory as loaded,
+bytes on disk, the loader's own ranks under tensor parallelism), and through the CLI."""
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -20,10 +22,11 @@ from test_deepseek_v32 import v32
 from test_deepseek_v4 import CONFIGS as V4_CONFIGS, VOCAB as V4_VOCAB, make_v4
 from test_fp8 import v4_quantised  # noqa: F401  (fixture: tiny V4 stored FP8 + FP4 in the official layout)
 from test_gpt_oss import config as gpt_oss
-from workbench import checkpoint
+from workbench import checkpoint, distributed
 from workbench.cli import main
 from workbench.config import Config
 from workbench.models.deepseek_v4 import CSA, HCA, layer_types
+from workbench.errors import CheckpointError
 from workbench.plan import GiB, census, plan
 
 CONFIGS = Path(__file__).parent.parent / "data" / "configs"
@@ -92,9 +95,49 @@ def hand(c: dict, world_size: int) -> dict[str, int]:
     )
 
 
+def split_tensors(c: dict) -> list[tuple[int, tuple[int, ...], str, int]]:
+    """(count, shape, stored as, cut dim) of the tensors tensor parallelism splits by heads: wq_b, attn_sink and
+    wo_a rows, wo_b columns (the indexer's wq_b stays whole)."""
+    H, L, heads, hd = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["head_dim"]
+    g, o = c["o_groups"], c["o_lora_rank"]
+    return [(L, (heads * hd, c["q_lora_rank"]), FP8, 0), (L, (heads,), F32, 0), (L, (g * o, heads * hd // g), FP8, 0),
+            (L, (H, g * o), FP8, 1)]
+
+
+def hand_tp(c: dict, world_size: int, group: int) -> dict[str, int]:
+    """`hand` at `world_size` ranks with the heads split over groups of `group` ranks: each rank holds 1/T of the
+    split tensors in memory; it reads the FP8 ones whole (with their scales) and 1/T of the sinks."""
+    want = hand(c, world_size)
+    rows = published_tensors(c)
+    split = split_tensors(c)
+    assert all((n, s, t) in rows for n, s, t, _ in split)
+    cut = [(n, (*s[:d], s[d] // group, *s[d + 1:]), s, t) for n, s, t, d in split]
+    params = sum(n * math.prod(s) for n, s, _, _ in split)
+    memory = sum(n * math.prod(s) * MEMORY[t] for n, s, t, _ in split)
+    disk = sum(n * disk_bytes(s, t) for n, s, t, _ in split)
+    return {**want, "replicated_params": want["replicated_params"] - params,
+            "memory_replicated": want["memory_replicated"] - memory, "disk_replicated": want["disk_replicated"] - disk,
+            "memory_heads": sum(n * math.prod(part) * MEMORY[t] for n, part, _, t in cut),
+            "disk_heads": sum(n * disk_bytes(whole if t == FP8 else part, t) for n, part, whole, t in cut),
+            "split_params": params, "split_params_per_rank": params // group}
+
+
 @pytest.fixture(scope="module")
 def censuses():
     return {path: census(path) for path in (FLASH, PRO)}
+
+
+@pytest.fixture(scope="module")
+def tp_census():
+    """census(path, tensor_parallel=T), built once per model and group size."""
+    return functools.cache(lambda path, group: census(path, tensor_parallel=group))
+
+
+def flash_with_experts(folder: Path, experts: int) -> Path:
+    """V4-Flash's config with `experts` routed experts per layer (top-2), written into `folder`."""
+    c = {**json.loads(FLASH.read_text()), "n_routed_experts": experts, "num_experts_per_tok": 2}
+    (folder / "config.json").write_text(json.dumps(c))
+    return folder
 
 
 def test_published_pro_layout():
@@ -123,6 +166,76 @@ def test_figures_equal_hand_computation(censuses, path, world_size):
     assert got == want
     assert p.dtype == torch.bfloat16 and p.state == 0 and p.per_rank == p.memory.total
     assert (p.experts, p.moe_layers) == (c["n_routed_experts"], c["num_hidden_layers"])
+
+
+@pytest.mark.parametrize("path, world_size, group", [(FLASH, 2, 2), (FLASH, 16, 8), (PRO, 16, 16), (PRO, 32, 8),
+                                                     (PRO, 64, 16)],
+                         ids=["flash-2-2", "flash-16-8", "pro-16-16", "pro-32-8", "pro-64-16"])
+def test_tensor_parallel_figures_equal_hand_computation(tp_census, censuses, path, world_size, group):
+    """Heads split over groups of T ranks, routed experts over all N."""
+    c = json.loads(path.read_text())
+    want = hand_tp(c, world_size, group)
+    p = tp_census(path, group).at(world_size)
+    got = dict(params=p.params, replicated_params=p.replicated_params, active=p.active,
+               experts_per_rank=p.experts_per_rank, memory_replicated=p.memory.replicated,
+               memory_experts=p.memory.experts, disk_replicated=p.disk.replicated, disk_experts=p.disk.experts,
+               memory_heads=p.memory.heads, disk_heads=p.disk.heads, split_params=p.split_params,
+               split_params_per_rank=p.split_params_per_rank)
+    assert got == want
+    assert p.tensor_parallel == group and p.head_params == ("attn_sink", "wo_a.weight", "wo_b.weight", "wq_b.weight")
+    ep = censuses[path].at(world_size)  # less memory; reads shrink by the sinks only (FP8 cut tensors: read whole)
+    assert p.params == ep.params and p.memory.total < ep.memory.total and ep.head_params == ()
+    sinks = c["num_hidden_layers"] * c["num_attention_heads"] * 4  # fp32
+    assert ep.disk.total - p.disk.total == sinks - sinks // group
+
+
+def test_tensor_parallel_group_sizes(tp_census, censuses, tmp_path):
+    """Heads (64, 128) and o_groups (8, 16) must be divisible by T: Flash splits over groups of at most 8 ranks,
+    Pro 16. T must divide N, and the search for the smallest world size that fits tries multiples of T."""
+    flash, pro = tp_census(FLASH, 8), tp_census(PRO, 16)
+    assert flash.world_sizes == list(range(8, 257, 8)) and pro.world_sizes == list(range(16, 385, 16))
+    assert tp_census(PRO, 1).world_sizes == censuses[PRO].world_sizes == list(range(1, 385))
+    assert tp_census(PRO, 1).at(32) == censuses[PRO].at(32)
+    with pytest.raises(ValueError, match=r"^tensor parallelism over 16 ranks needs heads \(64\) and o_groups \(8\) "
+                                         r"divisible by 16; this model's heads split over groups of 1, 2, 4, 8 ranks$"):
+        census(FLASH, tensor_parallel=16)
+    with pytest.raises(ValueError, match=r"over 3 ranks needs heads \(128\) and o_groups \(16\) divisible by 3; this "
+                                         r"model's heads split over groups of 1, 2, 4, 8, 16 ranks$"):
+        census(PRO, tensor_parallel=3)
+    for bad in (0, -8, True, 8.0):
+        with pytest.raises(ValueError, match="tensor parallel size must be a positive integer"):
+            census(PRO, tensor_parallel=bad)
+    with pytest.raises(ValueError, match="over groups of 16 ranks needs a world size divisible by 16, got 24"):
+        pro.at(24)
+    with pytest.raises(ValueError, match="world size 400 exceeds the 384 routed experts"):
+        pro.at(400)
+    with pytest.raises(ValueError, match="tensor parallel size 8 exceeds the 4 routed experts per layer"):
+        census(flash_with_experts(tmp_path, 4), tensor_parallel=8)
+    assert pro.at(16).memory.heads == pro.at(64).memory.heads  # a rank's share depends on T alone
+    assert pro.at(16).per_rank > 190 * GiB > pro.at(32).per_rank  # 197.62 and 107.55 GiB
+    assert pro.smallest_world_size(200 * GiB) == 16 and pro.smallest_world_size(190 * GiB) == 32
+    assert censuses[PRO].smallest_world_size(190 * GiB) == 22
+    assert censuses[FLASH].smallest_world_size(100 * GiB) == 7 and flash.smallest_world_size(100 * GiB) == 8
+
+
+README_FIGURES = {  # (model, N, T) -> GiB per rank in memory (bf16) and read from disk, as the README lists them
+    (FLASH, 8, 1): (78.19, 25.37), (FLASH, 8, 8): (71.14, 25.37),
+    (FLASH, 16, 1): (45.94, 16.80), (FLASH, 16, 8): (38.89, 16.80),
+    (PRO, 16, 1): (228.00, 74.57), (PRO, 16, 16): (197.62, 74.57),
+    (PRO, 32, 1): (137.93, 50.65), (PRO, 32, 8): (109.58, 50.65), (PRO, 32, 16): (107.55, 50.65),
+    (PRO, 64, 1): (92.90, 38.69), (PRO, 64, 16): (62.52, 38.69),
+}
+README_FITS = {  # (model, T) -> smallest world size within 80 and 141 GiB per rank
+    (FLASH, 1): (8, 5), (FLASH, 8): (8, 8), (PRO, 1): (96, 32), (PRO, 8): (48, 24), (PRO, 16): (48, 32),
+}
+
+
+def test_readme_figures(tp_census):
+    for (path, world_size, group), want in README_FIGURES.items():
+        p = tp_census(path, group).at(world_size)
+        assert (round(p.memory.total / GiB, 2), round(p.disk.total / GiB, 2)) == want
+    for (path, group), want in README_FITS.items():
+        assert tuple(tp_census(path, group).smallest_world_size(b * GiB) for b in (80, 141)) == want
 
 
 # bytes of the published V4-Pro checkpoint's `mtp.0.*` tensors (summed from its headers), which we skip
@@ -205,6 +318,48 @@ def test_quantised_checkpoint_bytes_on_disk_and_in_memory(v4_quantised):  # noqa
         assert census(folder, dtype=dtype).at(1).memory.total == loaded
 
 
+@contextlib.contextmanager
+def as_rank(rank: int, world_size: int):
+    """The loader sees itself as `rank` of `world_size` with no other rank to agree with: it shards experts and
+    splits heads (rank r is r % T of its group) as that rank would, reading and holding only its part (no process
+    group needed)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distributed, "rank_and_world", lambda: (rank, world_size))
+        mp.setattr(distributed, "head_group", lambda size: (rank % size, None))
+        mp.setattr(distributed, "agreed", lambda active=True: contextlib.nullcontext())
+        yield
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["fp8-fp4", "fp32"])
+def test_tensor_parallel_equals_the_loaders_ranks(v4_quantised, which):  # noqa: F811
+    """A tiny V4 (4 heads, 2 output groups, 6 experts), stored quantised as published or as plain floats: at
+    N ranks with heads split over groups of T, the fullest rank's planned memory is what the loader's fullest
+    rank holds, and its planned disk bytes what that rank reads (the FP8 cut tensors whole with their scales,
+    plain ones in part)."""
+    folder = v4_quantised[which]
+    for dtype in (torch.bfloat16, torch.float32):
+        for world_size, group in ((2, 1), (2, 2), (4, 2), (6, 2)):
+            c = census(folder, dtype=dtype, tensor_parallel=group)
+            assert c.world_sizes == list(range(group, 7, group))
+            p = c.at(world_size)
+            memory, read = [], []
+            for rank in range(world_size):
+                with as_rank(rank, world_size):
+                    model = wb.load(folder, dtype=dtype, tensor_parallel=group)
+                assert model.layers["0"].attn.heads == 4 // group
+                memory.append(sum(t.numel() * t.element_size() for t in model.parameters()))
+                read.append(model.load_report["bytes_read"])
+            assert max(memory) == p.memory.total and max(read) == p.disk.total
+            assert p.memory.heads * group == c.split.memory
+            whole, sinks = c.split.disk, 4 * 4 * 4  # 4 layers of 4 fp32 sinks
+            assert whole - p.disk.heads == (whole - whole // group if which else sinks - sinks // group)
+            if group > 1:
+                assert p.memory.total < census(folder, dtype=dtype).at(world_size).memory.total
+    with pytest.raises(ValueError, match=r"over 4 ranks needs heads \(4\) and o_groups \(2\) divisible by 4; this "
+                                         r"model's heads split over groups of 1, 2 ranks$"):
+        census(folder, tensor_parallel=4)
+
+
 def run_cli(*args: str, capsys) -> tuple[int, str, str]:
     rc = main(["plan", *map(str, args)])
     out, err = capsys.readouterr()
@@ -252,6 +407,37 @@ def test_cli_context_and_gpu_memory(censuses, capsys):
     assert rc == 0 and "even one expert per MoE layer per rank (world size 256) takes" in out
 
 
+def test_cli_tensor_parallel(capsys, tmp_path):
+    c = json.loads(PRO.read_text())
+    want = hand_tp(c, 32, 8)
+    rc, out, _ = run_cli(PRO, "--world-size", 32, "--tensor-parallel", 8, capsys=capsys)
+    assert rc == 0
+    assert re.search(r"^per rank, GiB\s+replicated\s+heads\s+experts\s+state\s+total$", out, re.M)
+    memory = re.search(r"^in memory, as loaded \(bfloat16\)\s+(\S+)\s+(\S+)\s+(\S+)\s+-\s+(\S+)$", out, re.M)
+    disk = re.search(r"^read from disk, as stored\s+(\S+)\s+(\S+)\s+(\S+)\s+-\s+(\S+)$", out, re.M)
+    parts = ("replicated", "heads", "experts")
+    assert memory.groups() == (*(gib(want[f"memory_{k}"]) for k in parts), gib(sum(want[f"memory_{k}"] for k in parts)))
+    assert disk.groups() == (*(gib(want[f"disk_{k}"]) for k in parts), gib(sum(want[f"disk_{k}"] for k in parts)))
+    assert "rank r holds experts [r*384//32, (r+1)*384//32) of every MoE layer, at most 12" in out
+    assert "tensor parallel over groups of 8 consecutive ranks: rank r keeps heads [(r%8)*H/8, (r%8+1)*H/8) and " \
+           "their output groups, its part of attn_sink, wo_a.weight, wo_b.weight, wq_b.weight in every attention " \
+           "layer" in out
+    assert f"split by heads: {want['split_params'] / 1e9:,.2f} B" in out
+    rc, out, _ = run_cli(PRO, "--world-size", 32, "--tensor-parallel", 1, capsys=capsys)
+    assert rc == 0 and out == run_cli(PRO, "--world-size", 32, capsys=capsys)[1] and "heads" not in out
+    rc, out, _ = run_cli(FLASH, "--gpu-memory", 100, "--tensor-parallel", 8, capsys=capsys)  # 7 ranks without
+    assert rc == 0 and "world size 8:" in out and "from world size 8 (71.14 GiB per rank)" in out
+    rc, out, _ = run_cli(PRO, "--gpu-memory", 141, "--tensor-parallel", 16, capsys=capsys)  # 197.62 GiB at 16
+    assert rc == 0 and "world size 32:" in out and "from world size 32 (107.55 GiB per rank)" in out
+    rc, out, _ = run_cli(FLASH, "--gpu-memory", 6, "--context", 10**6, "--tensor-parallel", 8, capsys=capsys)
+    assert rc == 0 and "world size 256:" in out
+    assert "the replicated parameters, a rank's share of the heads (groups of 8) and the attention state alone " \
+           "take" in out and "expert and tensor parallelism split only" in out
+    rc, out, _ = run_cli(flash_with_experts(tmp_path, 12), "--gpu-memory", 10, "--tensor-parallel", 8, capsys=capsys)
+    assert rc == 0 and "even the largest world size divisible by 8 (8, at most 2 experts per MoE layer per rank) " \
+                       "takes" in out
+
+
 @pytest.mark.parametrize("args, message", [
     ([FLASH, "--world-size", 0], "world size must be a positive integer, got 0"),
     ([FLASH, "--world-size", 257], "world size 257 exceeds the 256 routed experts per layer"),
@@ -260,6 +446,12 @@ def test_cli_context_and_gpu_memory(censuses, capsys):
     ([FLASH, "--world-size", 8, "--dtype", "int8"], "dtype 'int8' is not one of bf16, bfloat16"),
     ([FLASH], "give --world-size N, or --gpu-memory GiB"),
     (["./no/such/folder", "--world-size", 2], "no such checkpoint folder or config file"),
+    ([FLASH, "--world-size", 16, "--tensor-parallel", 16], "tensor parallelism over 16 ranks needs heads (64) and "
+                                                           "o_groups (8) divisible by 16; this model's heads split "
+                                                           "over groups of 1, 2, 4, 8 ranks"),
+    ([PRO, "--world-size", 24, "--tensor-parallel", 16], "tensor parallelism over groups of 16 ranks needs a world "
+                                                         "size divisible by 16, got 24"),
+    ([FLASH, "--world-size", 8, "--tensor-parallel", 0], "tensor parallel size must be a positive integer, got 0"),
 ])
 def test_cli_errors(capsys, args, message):
     rc, out, err = run_cli(*args, capsys=capsys)
@@ -276,6 +468,11 @@ def test_folder_without_config_and_dense_model(tmp_path, capsys):
     assert p.params == p.replicated_params and p.moe_layers == 0 and p.memory.experts == 0
     with pytest.raises(ValueError, match="has no routed experts"):
         plan(tmp_path, 2)
+    assert plan(tmp_path, 1, tensor_parallel=1) == p
+    with pytest.raises(CheckpointError, match="tensor parallelism is not available for 'llama'"):
+        plan(tmp_path, 2, tensor_parallel=2)
+    rc, _, err = run_cli(tmp_path, "--world-size", 2, "--tensor-parallel", 2, capsys=capsys)
+    assert rc == 2 and "tensor parallelism is not available for 'llama' (DeepSeek-V4 attention only)" in err
 
 
 def test_hub_config_offline(tmp_path):

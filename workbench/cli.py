@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=info)
     p = sub.add_parser("plan", help="memory and disk reads per rank under expert parallelism, from the config alone",
                        description="Rank r of N holds routed experts [r*E//N, (r+1)*E//N) of every MoE layer; "
-                                   "everything else is replicated (with --tensor-parallel, attention heads are "
-                                   "split too). Memory counts parameters as loaded "
+                                   "everything else is replicated (with --tensor-parallel T, attention heads are "
+                                   "split over groups of T consecutive ranks). Memory counts parameters as loaded "
                                    "(dequantised to --dtype); disk counts the bytes each rank reads from the "
                                    "checkpoint as its quantization_config stores it.")
     p.add_argument("model", help="checkpoint folder, config.json file, or hub repo id (only config.json is fetched)")
@@ -229,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, metavar="TOKENS", help="add one sequence's attention state for TOKENS tokens")
     p.add_argument("--gpu-memory", type=float, metavar="GiB",
                    help="memory per rank: report the smallest world size whose per-rank total fits")
-    p.add_argument("--tensor-parallel", action="store_true",
-                   help="also split attention heads across the ranks, as `trace --tensor-parallel` does (DeepSeek-V4; "
-                        "N must divide num_attention_heads and o_groups)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="T",
+                   help="also split attention heads over groups of T consecutive ranks, as `trace --tensor-parallel "
+                        "T` does (DeepSeek-V4; T must divide N, num_attention_heads and o_groups; with --gpu-memory, "
+                        "world sizes that are multiples of T are searched)")
     p.set_defaults(func=plan)
     args = parser.parse_args(argv)
     return args.func(args)

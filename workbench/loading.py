@@ -71,6 +71,8 @@ def load(
                          "rank (launch with torchrun and call workbench.distributed.init())")
     if tensor_parallel > 1 and not parallel:
         raise ValueError("tensor_parallel comes with expert parallelism (expert_parallel=True)")
+    if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int):
+        raise TypeError(f"tensor_parallel is a number of ranks (1: heads not split), got {tensor_parallel!r}")
     if not 1 <= tensor_parallel <= world or world % tensor_parallel:
         raise ValueError(f"tensor_parallel={tensor_parallel} must divide the world size {world}")
     with distributed.agreed(parallel):

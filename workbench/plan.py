@@ -1,22 +1,27 @@
-"""Memory per rank under expert parallelism, from a config alone: `workbench plan`.
+"""Memory per rank under expert (and tensor) parallelism, from a config alone: `workbench plan`.
 
 The model is built on the `meta` device by its family's `build`, so every count is our runtime's own. Rank r
 of N holds routed experts [r * E // N, (r + 1) * E // N) of every MoE layer; every other parameter is
-replicated. Two byte counts per rank:
+replicated, except under tensor parallelism over groups of T consecutive ranks (T dividing N): there each
+attention module's own `split_heads(0, T)` (DeepSeek-V4) is called on copies of the meta modules, as the
+loader calls it, and each rank holds what it keeps. Two byte counts per rank:
 
 - in memory, as loaded: floating parameters in the runtime dtype (FP8/FP4 weights are dequantised on load),
   those matching `loading.KEEP_FP32` in fp32, integer tables in their integer dtype;
 - read from disk, as the config's `quantization_config` declares the checkpoint: FP8 e4m3 with one scale
   per block for the linear layers DeepSeek quantises, FP4 e2m1 (two per byte) with one ue8m0 scale per 32
   inputs for routed experts under `expert_dtype: fp4`, every other tensor in the checkpoint dtype (fp32 where
-  the runtime keeps fp32).
+  the runtime keeps fp32). A tensor cut by heads is read in part, unless it is block-scaled FP8: the loader
+  reads that whole with its scales, dequantises it and then cuts it.
 
-With a context of T tokens, each rank also holds one sequence's attention state (attention is replicated),
-computed from the architecture exactly as `State.nbytes` counts it.
+With a context of C tokens, each rank also holds one sequence's attention state (attention is replicated),
+computed from the architecture exactly as `State.nbytes` counts it; tensor parallelism leaves it whole
+(V4's keys are shared by all heads, and the compressors and indexers are not split).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections import defaultdict
@@ -46,14 +51,25 @@ GiB = 2**30
 
 @dataclass(frozen=True)
 class Bytes:
-    """One rank's bytes: the replicated parameters and the routed experts of the fullest rank."""
+    """One rank's bytes: the replicated parameters, the routed experts of the fullest rank and, under tensor
+    parallelism, the rank's share of the parameters split by heads (the same on every rank)."""
 
     replicated: int
     experts: int
+    heads: int = 0
 
     @property
     def total(self) -> int:
-        return self.replicated + self.experts
+        return self.replicated + self.experts + self.heads
+
+
+@dataclass(frozen=True)
+class Share:
+    """One rank's part of the parameters split by heads: how many, bytes in memory, bytes read from disk."""
+
+    params: int
+    memory: int
+    disk: int
 
 
 @dataclass(frozen=True)
@@ -63,11 +79,15 @@ class Plan:
     source: str
     model_type: str
     world_size: int
+    tensor_parallel: int  # ranks per group that split the heads (1: none)
     dtype: torch.dtype  # floating parameters in memory (fp32-kept ones aside)
     quantization: str  # how the checkpoint stores them on disk
     params: int  # every parameter, all ranks together
     active: int  # per token: replicated + top-k experts of every MoE layer
     replicated_params: int
+    head_params: tuple[str, ...]  # parameters split by heads, named within their attention module (empty: none)
+    split_params: int  # those parameters, all ranks together
+    split_params_per_rank: int
     experts: int  # routed experts per MoE layer (the fewest, if layers differ)
     moe_layers: int
     experts_per_rank: int  # experts per MoE layer on the fullest rank
@@ -129,8 +149,9 @@ class ExpertGroup:
 
 @dataclass(frozen=True)
 class Census:
-    """A model's parameters split into replicated ones and routed experts, in memory and on disk, and the
-    terms of its per-sequence attention state: everything a plan needs, for any world size."""
+    """A model's parameters split into replicated ones, ones split by heads over groups of `tensor_parallel`
+    ranks and routed experts, in memory and on disk, and the terms of its per-sequence attention state:
+    everything a plan needs, for any world size that is a multiple of `tensor_parallel`."""
 
     source: str
     model_type: str
@@ -141,11 +162,21 @@ class Census:
     replicated_disk: int
     groups: tuple[ExpertGroup, ...]
     state_terms: tuple[Keys | Pooled, ...]
+    tensor_parallel: int  # ranks per group that split the heads (1: none)
+    split: Share  # the parameters split by heads, all ranks together (counted in replicated_* too)
+    share: Share  # one rank's part of them
+    head_params: tuple[str, ...]  # what `split_heads` cuts, named within its module
 
     @property
     def experts(self) -> int:
         """Routed experts per MoE layer (the fewest, if layers differ); 0 for a dense model."""
         return min((g.experts for g in self.groups), default=0)
+
+    @property
+    def world_sizes(self) -> list[int]:
+        """The world sizes a plan may have: multiples of the tensor-parallel group size, up to one expert per
+        rank."""
+        return list(range(self.tensor_parallel, max(self.experts, 1) + 1, self.tensor_parallel))
 
     def state(self, tokens: int) -> int:
         """Bytes of one sequence's attention state after `tokens` tokens."""
@@ -154,7 +185,8 @@ class Census:
         return sum(term.bytes(tokens) for term in self.state_terms)
 
     def at(self, world_size: int, context: int | None = None) -> Plan:
-        """The plan at `world_size` ranks (refused where some rank would hold no expert of a layer)."""
+        """The plan at `world_size` ranks (refused where some rank would hold no expert of a layer, or where
+        the tensor-parallel group size does not divide it)."""
         self._check(world_size)
         held = [[_held(r, world_size, g.experts) for g in self.groups] for r in range(world_size)]
         fullest = max(held, key=lambda counts: sum(n * g.memory for n, g in zip(counts, self.groups)))
@@ -162,21 +194,23 @@ class Census:
         disk = sum(n * g.disk for n, g in zip(fullest, self.groups))
         expert_params = sum(g.experts * g.params for g in self.groups)
         return Plan(
-            source=self.source, model_type=self.model_type, world_size=world_size, dtype=self.dtype,
-            quantization=self.quantization, params=self.replicated_params + expert_params,
+            source=self.source, model_type=self.model_type, world_size=world_size,
+            tensor_parallel=self.tensor_parallel, dtype=self.dtype, quantization=self.quantization,
+            params=self.replicated_params + expert_params,
             active=self.replicated_params + sum(g.top_k * g.params for g in self.groups),
-            replicated_params=self.replicated_params, experts=self.experts,
+            replicated_params=self.replicated_params - self.split.params, head_params=self.head_params,
+            split_params=self.split.params, split_params_per_rank=self.share.params, experts=self.experts,
             moe_layers=sum(g.layers for g in self.groups),
             experts_per_rank=max((_held(r, world_size, self.experts) for r in range(world_size))),
-            memory=Bytes(self.replicated_memory, memory), disk=Bytes(self.replicated_disk, disk),
+            memory=Bytes(self.replicated_memory - self.split.memory, memory, self.share.memory),
+            disk=Bytes(self.replicated_disk - self.split.disk, disk, self.share.disk),
             context=context, state=0 if context is None else self.state(context),
         )
 
     def smallest_world_size(self, budget: int, context: int | None = None) -> int | None:
-        """The fewest ranks whose per-rank memory (parameters and state) fits in `budget` bytes; None if even one
-        expert per rank per layer does not fit."""
-        most = max(self.experts, 1)
-        return next((n for n in range(1, most + 1) if self.at(n, context).per_rank <= budget), None)
+        """The fewest ranks whose per-rank memory (parameters and state) fits in `budget` bytes; None if it does not
+        fit at the largest world size."""
+        return next((n for n in self.world_sizes if self.at(n, context).per_rank <= budget), None)
 
     def _check(self, world_size: int) -> None:
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -188,6 +222,9 @@ class Census:
             raise ValueError(f"world size {world_size} exceeds the {self.experts} routed experts per layer: rank r "
                              f"holds experts [r*E//N, (r+1)*E//N), so some ranks would hold none; use at most "
                              f"{self.experts} ranks")
+        if world_size % self.tensor_parallel:
+            raise ValueError(f"tensor parallelism over groups of {self.tensor_parallel} ranks needs a world size "
+                             f"divisible by {self.tensor_parallel}, got {world_size}")
 
 
 def _held(rank: int, world_size: int, experts: int) -> int:
@@ -196,14 +233,19 @@ def _held(rank: int, world_size: int, experts: int) -> int:
 
 
 def plan(source: str | Path, world_size: int, *, dtype: torch.dtype | str | None = None,
-         context: int | None = None, revision: str | None = None) -> Plan:
+         context: int | None = None, revision: str | None = None, tensor_parallel: int = 1) -> Plan:
     """Parameters and bytes per rank of `source` (checkpoint folder, config.json path or hub repo id) at
-    `world_size` ranks, with one sequence's attention state for `context` tokens if given."""
-    return census(source, dtype=dtype, revision=revision).at(world_size, context)
+    `world_size` ranks, with attention heads split over groups of `tensor_parallel` ranks, and with one
+    sequence's attention state for `context` tokens if given."""
+    return census(source, dtype=dtype, revision=revision, tensor_parallel=tensor_parallel).at(world_size, context)
 
 
-def census(source: str | Path, *, dtype: torch.dtype | str | None = None, revision: str | None = None) -> Census:
-    """Build the model on the meta device from its config alone and count what each parameter costs."""
+def census(source: str | Path, *, dtype: torch.dtype | str | None = None, revision: str | None = None,
+           tensor_parallel: int = 1) -> Census:
+    """Build the model on the meta device from its config alone and count what each parameter costs, with
+    attention heads split over groups of `tensor_parallel` ranks."""
+    if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+        raise ValueError(f"tensor parallel size must be a positive integer, got {tensor_parallel!r}")
     cfg = read_config(source, revision)
     fam = family(cfg)
     with torch.device("meta"):
@@ -214,6 +256,9 @@ def census(source: str | Path, *, dtype: torch.dtype | str | None = None, revisi
     scale_bytes = 1 if cfg.get("model_type") == "deepseek_v4" else 4  # V4's `.scale` is ue8m0, HF's fp32
     linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     kept: dict[str, torch.dtype] = {}  # parameter -> its dtype in memory
+    # replicated parameter -> bytes per value in memory, bytes per value read from disk (None where the loader
+    # reads it whole: block-scaled FP8), bytes read whole
+    cost: dict[str, tuple[int, int | None, int]] = {}
     params = memory = disk = 0  # replicated
     slots: dict[int, dict[str, int]] = defaultdict(lambda: dict(params=0, memory=0, disk=0))  # one expert, per layer
     for name, p in model.named_parameters():
@@ -225,9 +270,10 @@ def census(source: str | Path, *, dtype: torch.dtype | str | None = None, revisi
             kept[name] = stored = torch.float32
         else:
             kept[name], stored = dtype, cfg.dtype
+        blocked = scheme is not None and name in linears and not UNQUANTISED.fullmatch(name)
         if scheme is not None and expert and len(shape) == 2:
             on_disk = _fp4_bytes(shape) if scheme.fp4_experts else _fp8_bytes(shape, scheme.block, scale_bytes)
-        elif scheme is not None and name in linears and not UNQUANTISED.fullmatch(name):
+        elif blocked:
             on_disk = _fp8_bytes(shape, scheme.block, scale_bytes)
         else:
             on_disk = math.prod(shape) * stored.itemsize
@@ -239,18 +285,63 @@ def census(source: str | Path, *, dtype: torch.dtype | str | None = None, revisi
             slot["disk"] += on_disk
         else:
             params, memory, disk = params + p.numel(), memory + p.numel() * kept[name].itemsize, disk + on_disk
+            cost[name] = kept[name].itemsize, None if blocked else stored.itemsize, on_disk
     groups: dict[tuple[int, int], list[dict[str, int]]] = defaultdict(list)
     for layer, slot in slots.items():
         groups[slot["experts"], model.get_submodule(f"layers.{layer}.ffn").router.spec.top_k].append(slot)
     terms = [t for i, layer in model.layers.items() for t in _state_terms(layer.attn, f"layers.{i}.attn", kept, dtype)]
+    fewest = min((s["experts"] for s in slots.values()), default=1)
+    kept_values, head_params = _head_split(model, cfg, tensor_parallel, fewest)
+    whole = {p: model.get_parameter(p).numel() for p in kept_values}
+    split, share = (Share(sum(values.values()), sum(k * cost[p][0] for p, k in values.items()),
+                          sum(cost[p][2] if cost[p][1] is None else k * cost[p][1] for p, k in values.items()))
+                    for values in (whole, kept_values))
     return Census(
         source=str(source), model_type=str(cfg.get("model_type")), dtype=dtype, quantization=describe(cfg),
         replicated_params=params, replicated_memory=memory, replicated_disk=disk,
         groups=tuple(ExpertGroup(experts=e, layers=len(g), top_k=k, params=sum(s["params"] for s in g),
                                  memory=sum(s["memory"] for s in g), disk=sum(s["disk"] for s in g))
                      for (e, k), g in sorted(groups.items())),
-        state_terms=tuple(terms),
+        state_terms=tuple(terms), tensor_parallel=tensor_parallel, split=split, share=share,
+        head_params=head_params,
     )
+
+
+def _head_split(model: nn.Module, cfg: Config, size: int, most: int) -> tuple[dict[str, int], tuple[str, ...]]:
+    """Every attention module's `split_heads(0, size)` on copies of the meta modules, as the loader calls it for
+    groups of `size` ranks: {parameter: values rank 0 keeps} (every rank keeps as many) and the parameters cut,
+    named within their module; nothing for `size` 1. A refused size names those accepted up to `most`."""
+    if size == 1:
+        return {}, ()
+    attention = [(name, m) for name, m in model.named_modules() if hasattr(m, "split_heads")]
+    if not attention:
+        raise CheckpointError(f"tensor parallelism is not available for {cfg.get('model_type')!r} (DeepSeek-V4 "
+                              "attention only); plan expert parallelism alone", file=cfg.file)
+    try:
+        cut = {f"{prefix}.{p}": (m, p) for prefix, m in copy.deepcopy(attention) for p in m.split_heads(0, size)}
+    except CheckpointError as e:
+        sizes = ", ".join(map(str, _group_sizes(attention, most)))
+        raise ValueError(f"{e}; this model's heads split over groups of {sizes} ranks") from None
+    if size > most:
+        raise ValueError(f"tensor parallel size {size} exceeds the {most} routed experts per layer: every world "
+                         f"size divisible by {size} would leave some ranks without experts")
+    return {n: m.get_parameter(p).numel() for n, (m, p) in cut.items()}, tuple(sorted({p for _, p in cut.values()}))
+
+
+def _group_sizes(attention: list[tuple[str, nn.Module]], most: int) -> list[int]:
+    """The group sizes up to `most` whose `split_heads` every attention module accepts, tried on copies."""
+    sizes, probe = [], copy.deepcopy(attention)
+    for size in range(1, most + 1):
+        for i, (_, m) in enumerate(probe):
+            try:
+                m.split_heads(0, size)
+            except CheckpointError:
+                probe = copy.deepcopy(attention) if i else probe  # reused where split_heads refused before any cut
+                break
+        else:
+            sizes.append(size)
+            probe = copy.deepcopy(attention)
+    return sizes
 
 
 def read_config(source: str | Path, revision: str | None = None) -> Config:
@@ -332,23 +423,29 @@ def report(p: Plan) -> str:
     dtype = str(p.dtype).removeprefix("torch.")
     lines = [f"{p.source} ({p.model_type}): {p.params / 1e9:,.2f} B parameters, {p.active / 1e9:,.2f} B active "
              f"per token"]
+    split = f"; split by heads: {p.split_params / 1e9:,.2f} B" if p.head_params else ""
     if p.moe_layers:
-        lines += [f"  replicated on every rank: {p.replicated_params / 1e9:,.2f} B; routed experts: "
-                  f"{(p.params - p.replicated_params) / 1e9:,.2f} B in {p.moe_layers} MoE layers of {p.experts}",
+        lines += [f"  replicated on every rank: {p.replicated_params / 1e9:,.2f} B{split}; routed experts: "
+                  f"{(p.params - p.replicated_params - p.split_params) / 1e9:,.2f} B in {p.moe_layers} MoE layers "
+                  f"of {p.experts}",
                   f"world size {p.world_size}: rank r holds experts [r*{p.experts}//{p.world_size}, "
                   f"(r+1)*{p.experts}//{p.world_size}) of every MoE layer, at most {p.experts_per_rank}"]
     else:
         lines.append(f"world size {p.world_size}: no routed experts, every parameter replicated")
+    if p.head_params:
+        t = p.tensor_parallel
+        lines.append(f"tensor parallel over groups of {t} consecutive ranks: rank r keeps heads [(r%{t})*H/{t}, "
+                     f"(r%{t}+1)*H/{t}) and their output groups, its part of {', '.join(p.head_params)} in every "
+                     f"attention layer: {p.split_params_per_rank / 1e9:,.2f} B parameters (block-scaled FP8 ones "
+                     f"are read whole, then cut)")
     state = "-"
     if p.context is not None:
         lines.append(f"context {p.context:,} tokens: one sequence's attention state, held on every rank")
         state = _gib(p.state)
-    lines += ["",
-              f"{'per rank, GiB':<34}{'replicated':>12}{'experts':>12}{'state':>12}{'total':>12}",
-              f"{'in memory, as loaded (' + dtype + ')':<34}{_gib(p.memory.replicated):>12}{_gib(p.memory.experts):>12}"
-              f"{state:>12}{_gib(p.per_rank):>12}",
-              f"{'read from disk, as stored':<34}{_gib(p.disk.replicated):>12}{_gib(p.disk.experts):>12}"
-              f"{'-':>12}{_gib(p.disk.total):>12}",
+    columns = ["replicated", *(["heads"] if p.head_params else []), "experts", "state", "total"]
+    lines += ["", _row("per rank, GiB", columns),
+              _row(f"in memory, as loaded ({dtype})", _cells(p, p.memory, state, p.per_rank)),
+              _row("read from disk, as stored", _cells(p, p.disk, "-", p.disk.total)),
               f"stored as: {p.quantization}"]
     return "\n".join(lines)
 
@@ -359,14 +456,29 @@ def fit_report(c: Census, budget: int, context: int | None = None) -> str:
     n = c.smallest_world_size(budget, context)
     if n is not None:
         return f"fits {head} from world size {n} ({_gib(c.at(n, context).per_rank)} GiB per rank)"
-    fixed = c.replicated_memory + (0 if context is None else c.state(context))
+    most = c.at(c.world_sizes[-1], context)
+    fixed = most.memory.replicated + most.memory.heads + most.state
     if fixed > budget:
-        what = "replicated parameters" + ("" if context is None else " and the attention state")
-        return (f"does not fit {head} at any world size: the {what} alone take {_gib(fixed)} GiB, and expert "
-                f"parallelism splits only the routed experts")
-    most = c.at(max(c.experts, 1), context)
-    return (f"does not fit {head} at any world size: even one expert per MoE layer per rank (world size "
-            f"{most.world_size}) takes {_gib(most.per_rank)} GiB")
+        what = ["the replicated parameters"]
+        what += [f"a rank's share of the heads (groups of {c.tensor_parallel})"] if c.head_params else []
+        what += [] if context is None else ["the attention state"]
+        splits = ("expert and tensor parallelism split only the routed experts and the attention heads"
+                  if c.head_params else "expert parallelism splits only the routed experts")
+        what_text = what[0] if len(what) == 1 else f"{', '.join(what[:-1])} and {what[-1]}"
+        return f"does not fit {head} at any world size: {what_text} alone take {_gib(fixed)} GiB, and {splits}"
+    where = (f"one expert per MoE layer per rank (world size {most.world_size})" if most.experts_per_rank == 1 else
+             f"the largest world size divisible by {c.tensor_parallel} ({most.world_size}, at most "
+             f"{most.experts_per_rank} experts per MoE layer per rank)")
+    return f"does not fit {head} at any world size: even {where} takes {_gib(most.per_rank)} GiB"
+
+
+def _cells(p: Plan, b: Bytes, state: str, total: int) -> list[str]:
+    """One row's GiB: replicated, heads (only under tensor parallelism), experts, state, total."""
+    return [_gib(b.replicated), *([_gib(b.heads)] if p.head_params else []), _gib(b.experts), state, _gib(total)]
+
+
+def _row(label: str, cells: list[str]) -> str:
+    return f"{label:<34}" + "".join(f"{c:>12}" for c in cells)
 
 
 def _gib(n: int) -> str:
