@@ -1,12 +1,18 @@
-"""Forward throughput: workbench (reference `torch` backend) vs transformers on the same checkpoint.
+"""Forward throughput of the backends against transformers (and nnsight) on the same checkpoint, in one run.
 
-Prints tokens/s for: transformers, workbench unhooked, workbench caching all routing hooks, and workbench
-caching per-expert activations of every layer; ratios against transformers measured in the same run; and
-the achieved fraction of a measured fp32 matmul roofline (2 x active parameters FLOPs per token).
+For one random checkpoint (a ~150M-parameter DeepSeek-V3-style model, a ~150M Mixtral-style one, or a small
+V4), fp32, one sequence of --tokens tokens, best of --repeat, it prints tokens/s of:
+- transformers with each experts implementation it offers (eager, batched_mm, grouped_mm): the best is the peer;
+- workbench with the `torch` (reference) and `grouped` backends, unhooked;
+- workbench `grouped` recording the full routing trace (every layer's topk_ids and topk_weights), and
+  also every per-expert tensor;
+- capturing every router output: nnsight on the transformers model against workbench's run_with_cache;
+and the fraction of a measured fp32 sgemm roofline each run reaches (FLOPs: 2 x active parameters per token plus
+causal attention scores and values).
 
-    .venv/bin/python bench/forward.py [--family mixtral|deepseek_v3|deepseek_v4] [--tokens 512] [--repeat 3]
+    .venv/bin/python bench/forward.py [--family deepseek_v3|mixtral|deepseek_v4] [--tokens 2048] [--repeat 3]
 
-Needs the dev extras (transformers). Random weights: throughput does not depend on what they are.
+Needs the dev extras (transformers, nnsight). Random weights: throughput does not depend on what they are.
 """
 
 from __future__ import annotations
@@ -22,14 +28,14 @@ import transformers as tf
 import workbench as wb
 
 CONFIGS = {
-    "mixtral": lambda: tf.MixtralConfig(vocab_size=8192, hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
+    "deepseek_v3": lambda: tf.DeepseekV3Config(
+        vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=320, num_hidden_layers=6,
+        num_attention_heads=8, num_key_value_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=48, num_experts_per_tok=4, n_group=4, topk_group=2,
+        n_shared_experts=1, first_k_dense_replace=1, max_position_embeddings=4096),
+    "mixtral": lambda: tf.MixtralConfig(vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
                                         num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
                                         num_experts_per_tok=2, max_position_embeddings=4096),
-    "deepseek_v3": lambda: tf.DeepseekV3Config(
-        vocab_size=8192, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=6,
-        num_attention_heads=8, num_key_value_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=32,
-        qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2,
-        n_shared_experts=1, first_k_dense_replace=1, max_position_embeddings=4096),
     "deepseek_v4": lambda: tf.DeepseekV4Config(
         vocab_size=8192, hidden_size=512, moe_intermediate_size=256, num_hidden_layers=6, num_attention_heads=8,
         head_dim=128, partial_rotary_factor=0.25, q_lora_rank=192, n_routed_experts=32, num_experts_per_tok=4,
@@ -37,6 +43,7 @@ CONFIGS = {
         index_topk=64, compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
         num_hash_layers=1, max_position_embeddings=4096),
 }
+HF_EXPERTS = ("eager", "batched_mm", "grouped_mm")
 
 
 def best_time(fn, repeat: int) -> float:
@@ -69,40 +76,85 @@ def active_params(model: wb.models.base.CausalLM) -> float:
     return total
 
 
+def attention_flops(cfg, tokens: int) -> float:
+    """Causal attention's score and value matmuls: 2 x 2 x T^2 / 2 x heads x head dims, per layer."""
+    heads = cfg.num_attention_heads
+    qk = getattr(cfg, "qk_nope_head_dim", 0) + getattr(cfg, "qk_rope_head_dim", 0) or cfg.hidden_size // heads
+    v = getattr(cfg, "v_head_dim", None) or cfg.hidden_size // heads
+    return 2 * tokens * tokens * heads * (qk + v) * cfg.num_hidden_layers
+
+
+def nnsight_router_capture(hf, ids: torch.Tensor):
+    """Every router's output through nnsight's tracing of the transformers model."""
+    from nnsight import NNsight
+
+    traced = NNsight(hf)
+    moe = [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "experts")]
+    gates = [traced.model.layers[i].mlp.gate for i in moe]
+
+    def run():
+        saved: list = []
+        with traced.trace(ids):
+            for g in gates:
+                saved.append(g.output.save())
+        assert saved and all(isinstance(s, (torch.Tensor, tuple)) for s in saved), "nnsight saved nothing usable"
+        return saved
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--family", choices=sorted(CONFIGS), default="mixtral")
-    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--family", choices=sorted(CONFIGS), default="deepseek_v3")
+    ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
+    cfg = CONFIGS[args.family]()
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        hf = tf.AutoModelForCausalLM.from_config(CONFIGS[args.family](), dtype=torch.float32).eval()
+        hf = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # spread routing over the experts
         for name, table in hf.named_buffers():
             if name.endswith("tid2eid"):  # V4 hash layers: distinct random experts per token
                 table.copy_(torch.rand(len(table), hf.config.n_routed_experts).argsort(-1)[:, : table.shape[1]])
         hf.save_pretrained(tmp)
-        model = wb.load(Path(tmp))
+        ours = {b: wb.load(Path(tmp), dtype=torch.float32, backend=b) for b in ("torch", "grouped")}
         ids = torch.randint(0, 8192, (1, args.tokens))
-        routing = [n for n in model.hook_names if ".router." in n]
-        per_expert = [n for n in model.hook_names if ".experts." in n]
+        routing = ["layers.*.router.topk_ids", "layers.*.router.topk_weights"]
+        routers = ["layers.*.router.*"]
+        per_expert = routing + ["layers.*.experts.*"]
+        times = {}
+        for impl in HF_EXPERTS:
+            try:
+                hf.set_experts_implementation(impl)
+            except (ValueError, AttributeError) as e:
+                print(f"transformers experts_implementation={impl}: unavailable ({e})")
+                continue
+            times[f"transformers ({impl})"] = best_time(lambda: hf(ids), args.repeat)
+        peer = min(times, key=times.get)
+        hf.set_experts_implementation(peer.split("(")[1].rstrip(")"))
+        g = ours["grouped"]
         runs = {
-            "transformers": lambda: hf(ids),
-            "workbench": lambda: model(ids),
-            "workbench + routing cache": lambda: model.run_with_cache(ids, names=routing),
-            "workbench + per-expert cache": lambda: model.run_with_cache(ids, names=routing + per_expert),
+            "workbench torch": lambda: ours["torch"](ids),
+            "workbench grouped": lambda: g(ids),
+            "workbench grouped + routing trace": lambda: g.run_with_cache(ids, names=routing),
+            "workbench grouped + per-expert cache": lambda: g.run_with_cache(ids, names=per_expert),
+            f"nnsight on {peer}: router outputs": nnsight_router_capture(hf, ids),
+            "workbench grouped: router outputs": lambda: g.run_with_cache(ids, names=routers),
         }
-        times = {k: best_time(f, args.repeat) for k, f in runs.items()}
+        times.update({k: best_time(f, args.repeat) for k, f in runs.items()})
         peak = matmul_flops()
-    flops = 2 * active_params(model) * args.tokens
-    print(f"{args.family}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-          f"{active_params(model) / 1e6:.1f}M active, {args.tokens} tokens, fp32, {torch.get_num_threads()} threads")
-    print(f"roofline: measured fp32 matmul {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'run':30s} {'tokens/s':>10s} {'vs transformers':>16s} {'of roofline':>12s}")
+    flops = 2 * active_params(g) * args.tokens + attention_flops(cfg, args.tokens)
+    print(f"{args.family}: {sum(p.numel() for p in g.parameters()) / 1e6:.1f}M params, "
+          f"{active_params(g) / 1e6:.1f}M active, {args.tokens} tokens, fp32, {torch.get_num_threads()} threads")
+    print(f"roofline: measured fp32 sgemm {peak / 1e9:.1f} GFLOP/s; {flops / 1e9:.1f} GFLOP per forward")
+    print(f"{'run':44s} {'tokens/s':>9s} {'vs peer':>8s} {'of sgemm':>9s}")
     for k, t in times.items():
-        print(f"{k:30s} {args.tokens / t:10.0f} {times['transformers'] / t:15.2f}x {flops / t / peak:11.1%}")
+        print(f"{k:44s} {args.tokens / t:9.0f} {times[peer] / t:7.2f}x {flops / t / peak:8.1%}")
+    base = times["workbench grouped"]
+    print(f"routing trace overhead: {times['workbench grouped + routing trace'] / base - 1:+.1%}; "
+          f"router outputs: workbench {times[f'nnsight on {peer}: router outputs'] / times['workbench grouped: router outputs']:.2f}x "
+          "faster than nnsight")
 
 
 if __name__ == "__main__":

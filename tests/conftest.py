@@ -1,9 +1,13 @@
 """Shared fixtures: one tiny perturbed Mixtral checkpoint reused by loader, hook and intervention tests."""
 
-import pytest
-import transformers as tf
+import os
 
-from oracle import make_checkpoint
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU interpreter here, set before any import
+
+import pytest  # noqa: E402
+import transformers as tf  # noqa: E402
+
+from oracle import make_checkpoint  # noqa: E402
 
 MIXTRAL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256, num_local_experts=6, num_experts_per_tok=2)

@@ -5,6 +5,7 @@ transformers is a dev-only dependency; only tests import it.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,7 +98,46 @@ def assert_parity(folder: Path, hf_model, vocab: int, *, backend: str = "torch",
         assert torch.equal(o_sorted, r_sorted), f"layer {i}: top-k expert sets differ"
         torch.testing.assert_close(our_w.gather(1, o_perm).float(), ref_w.gather(1, r_perm).float(),
                                    atol=1e-5, rtol=0, msg=lambda m: f"layer {i} top-k weights: {m}")
+    if backend == "torch":
+        assert_backends_agree(folder, ids, model)
     return {"model": model, "ids": ids, "cache": cache, "logits": logits}
+
+
+def fast_backends() -> list[str]:
+    """The backends checked against the reference: grouped always, triton where it is installed (its kernels run
+    under the interpreter here: conftest sets TRITON_INTERPRET=1)."""
+    return ["grouped"] + (["triton"] if importlib.util.find_spec("triton") else [])
+
+
+def assert_backends_agree(folder: Path, ids: torch.Tensor, reference, tol: float = 1e-4) -> None:
+    """Every fast backend gives the reference backend's logits and every hooked tensor (the same expert ids, router
+    tensors within 1e-5, activations within `tol`: kernels sum in another order) on `ids`, and the same result
+    of a hook editing per-expert hidden states."""
+    moe = [int(n.split(".")[1]) for n in reference.hook_names if n.endswith("experts.hidden")]
+    if not moe:
+        return  # a dense model: the backends differ only in routed experts
+    names, layer = ["*"], moe[0]
+    want_logits, want = reference.run_with_cache(ids, names=names)
+
+    def edit(x, ctx):
+        return x * 0.5
+
+    with reference.hooks({f"layers.{layer}.experts.hidden": edit}):
+        want_edited = reference(ids)
+    for backend in fast_backends():
+        model = wb.load(folder, dtype=torch.float32, backend=backend)
+        assert model.backend == backend
+        logits, cache = model.run_with_cache(ids, names=names)
+        assert_close_scaled(logits, want_logits, tol, f"{backend} logits")
+        assert cache.keys() == want.keys()
+        for name, t in want.items():
+            if t.is_floating_point():
+                assert_close_scaled(cache[name], t, 1e-5 if ".router." in name else tol, f"{backend} {name}")
+            else:
+                assert torch.equal(cache[name], t), f"{backend} {name} differs"
+        assert_close_scaled(model(ids), want_logits, tol, f"{backend} logits without hooks")
+        with model.hooks({f"layers.{layer}.experts.hidden": edit}):
+            assert_close_scaled(model(ids), want_edited, tol, f"{backend} logits with an edited experts.hidden")
 
 
 def routing_is_nontrivial(cache: dict[str, torch.Tensor]) -> bool:

@@ -211,17 +211,15 @@ def moe_forward(moe: MoE, x: torch.Tensor, token_ids: torch.Tensor, shape: tuple
     # received rows, by source rank then row-major: exactly the pairs this rank owns, in flat order
     held = (owner == ep.rank).nonzero().squeeze(1)
     expert = ids.flatten()[held]
-    base = ep.owned.start
 
-    hidden = got.new_empty(len(held), moe.experts.down_proj.shape[-1])
-    groups = [(e, (expert == e).nonzero().squeeze(1)) for e in expert.unique().tolist()]
-    for e, where in groups:
-        hidden[where] = moe.experts.hidden(e - base, got[where])
+    by_expert = torch.sort(expert, stable=True).indices  # this rank's experts run on contiguous blocks
+    ends = torch.bincount(expert - ep.owned.start, minlength=len(ep.owned)).cumsum(0).tolist()
+    hidden = moe.experts.grouped_hidden(got[by_expert], ends)
     if moe.hp_hidden.active:
-        hidden = _whole(moe.hp_hidden, held, hidden, n, k, shape, ids).flatten(0, 1)[held]
-    out = got.new_empty(len(held), x.shape[-1])
-    for e, where in groups:
-        out[where] = moe.experts.down(e - base, hidden[where])
+        sorted_pairs = held[by_expert]
+        hidden = _whole(moe.hp_hidden, sorted_pairs, hidden, n, k, shape, ids).flatten(0, 1)[sorted_pairs]
+    out = torch.empty_like(got)
+    out[by_expert] = moe.experts.grouped_down(hidden, ends)  # back in the order received
 
     if moe.hp_expert_out.active:
         outs = _whole(moe.hp_expert_out, held, out, n, k, shape, ids)

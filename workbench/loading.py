@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -22,7 +24,7 @@ from .models.blocks import MoE
 from . import quant
 from .tokenizer import load_tokenizer
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "grouped", "triton")
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
 QUANT_SUFFIXES = ("_blocks", "_scales", "weight_scale_inv", ".scale")
 QUANT_MESSAGE = ("quantised weights of this kind are not supported yet (FP8 loads as e4m3 weights with block "
@@ -62,8 +64,7 @@ def load(
     heads over groups of T consecutive ranks (T dividing the world size, e.g. the GPUs of one node) where the
     family supports it (DeepSeek-V4). `model.load_report` says what was read.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not available; choose from {', '.join(BACKENDS)}")
+    backend = _backend(backend, device)
     rank, world = distributed.rank_and_world()
     parallel = world > 1 if expert_parallel is None else expert_parallel
     if (parallel or tensor_parallel > 1) and world == 1:
@@ -106,9 +107,29 @@ def load(
                                      bytes_total=sum(_nbytes(i) for i in tensors.values()),
                                      expert_bytes_total=_expert_bytes(tensors, fam.rules(cfg)))
     model.eval().requires_grad_(False)
+    for module in model.modules():
+        if hasattr(module, "backend"):  # the model, its MoE blocks and their routers
+            module.backend = backend
     model.source, model.revision, model.commit = str(source), revision, commit
     model.checkpoint_dir, model.tokenizer = folder, tokenizer
     return model
+
+
+def _backend(backend: str, device: str | torch.device | None) -> str:
+    """The routed-experts backend to use: `auto` is the Triton kernels on CUDA (when triton is installed), else
+    the grouped CPU path; `triton` elsewhere only under TRITON_INTERPRET=1 (the kernels' CPU test mode)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not available; choose from {', '.join(BACKENDS)}")
+    cuda = torch.device(device or "cpu").type == "cuda"
+    has_triton = importlib.util.find_spec("triton") is not None
+    if backend == "auto":
+        return "triton" if cuda and has_triton else "grouped"
+    if backend == "triton" and not has_triton:
+        raise ValueError("backend 'triton' needs the triton package (pip install triton)")
+    if backend == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend 'triton' runs on CUDA devices (on a CPU only under TRITON_INTERPRET=1, for "
+                         "testing); use 'grouped' here")
+    return backend
 
 
 def _config(folder: Path) -> tuple[Config, ModuleType]:

@@ -94,6 +94,7 @@ class CausalLM(nn.Module):
         self.tokenizer: Any = None
         self.index_tables: dict[str, int] = {}  # integer parameter -> exclusive bound of its values
         self.parallel: Any = None  # workbench.distributed.ExpertParallel when loaded expert-parallel
+        self.backend = "torch"  # routed experts: "torch" (reference), "grouped" or "triton"; set by `workbench.load`
         self.load_report: dict[str, Any] = {}  # what loading read, set by `workbench.load`
 
     def tie_weights(self) -> None:

@@ -159,6 +159,12 @@ def attend(
     `window` keeps keys with q_pos - k_pos < window; `sinks` [Hq] adds one learned logit per head to the
     softmax denominator (it absorbs probability mass but contributes no value).
     """
+    if sinks is None and q.shape[-1] != v.shape[-1]:
+        # MLA's value heads are narrower than its query/key heads; torch's fused CPU kernel needs one head size:
+        # zero padding changes no dot product and no value, and avoids materialising the [T, S] scores
+        d = max(q.shape[-1], v.shape[-1])
+        pad = [F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v)]
+        return attend(*pad, q_pos, k_pos, scale, window)[..., : v.shape[-1]]
     gqa = q.shape[1] != k.shape[1]
     if sinks is None and window is None and torch.equal(q_pos, k_pos):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -433,6 +439,7 @@ class Router(nn.Module):
         self.hp_scores = hooks.point(f"{prefix}.router.scores")
         self.hp_ids = hooks.point(f"{prefix}.router.topk_ids")
         self.hp_weights = hooks.point(f"{prefix}.router.topk_weights")
+        self.backend = "torch"  # "triton": select and weigh in one kernel (workbench.kernels.route)
 
     def select(self, scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Top-k expert ids [N, k] from fp32 scores [N, E] of tokens `token_ids` [N]; ties go to the lower index."""
@@ -464,9 +471,18 @@ class Router(nn.Module):
         """Route flat tokens x [N, H] with ids [N]; hooks see token-major tensors of `shape` [B, T, ...]."""
         logits = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         logits = self.hp_logits(logits.view(*shape, -1)).flatten(0, -2)
-        scores = self.hp_scores(_scores(logits, self.spec.score).view(*shape, -1)).flatten(0, -2)
-        ids = self.hp_ids(self.select(scores, token_ids).view(*shape, -1)).flatten(0, -2)
-        weights = self.weigh(scores, ids).view(*shape, -1)
+        if self.backend == "triton" and not self.hp_scores.active and type(self).select is Router.select:
+            from ..kernels import route
+
+            chosen, weights = route(logits, self.spec, self.correction_bias)
+            ids = self.hp_ids(chosen.view(*shape, -1)).flatten(0, -2)
+            if not torch.equal(ids, chosen):
+                weights = self.weigh(_scores(logits, self.spec.score), ids)  # a hook chose other experts
+            weights = weights.view(*shape, -1)
+        else:
+            scores = self.hp_scores(_scores(logits, self.spec.score).view(*shape, -1)).flatten(0, -2)
+            ids = self.hp_ids(self.select(scores, token_ids).view(*shape, -1)).flatten(0, -2)
+            weights = self.weigh(scores, ids).view(*shape, -1)
         weights = self.hp_weights(weights, topk_ids=ids.view(*shape, -1)).flatten(0, -2)
         return ids, weights
 
@@ -496,11 +512,44 @@ class Experts(nn.Module):
         """Expert e's activated hidden state for rows x [n, H]."""
         gate = F.linear(x, self.gate_proj[e], None if self.gate_bias is None else self.gate_bias[e])
         up = F.linear(x, self.up_proj[e], None if self.up_bias is None else self.up_bias[e])
+        return self.glu(gate, up)
+
+    def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The gated activation of gate and up projections (clamped first where the family clamps)."""
         if self.limit is not None:
             gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
         if self.alpha is None:
             return self.act(gate) * up
         return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+
+    def grouped_hidden(self, rows: torch.Tensor, ends: list[int]) -> torch.Tensor:
+        """Activated hidden states of rows [n, H] sorted by expert: expert e owns rows ends[e-1]..ends[e]; one
+        matmul per expert on a contiguous block, written in place."""
+        inter = self.gate_proj.shape[1]
+        gate, up = rows.new_empty(len(rows), inter), rows.new_empty(len(rows), inter)
+        start = 0
+        for e, end in enumerate(ends):
+            if end > start:
+                block = rows[start:end]
+                torch.mm(block, self.gate_proj[e].t(), out=gate[start:end])
+                torch.mm(block, self.up_proj[e].t(), out=up[start:end])
+                if self.gate_bias is not None:
+                    gate[start:end] += self.gate_bias[e]
+                    up[start:end] += self.up_bias[e]
+            start = end
+        return self.glu(gate, up)
+
+    def grouped_down(self, hidden: torch.Tensor, ends: list[int]) -> torch.Tensor:
+        """Outputs [n, H] of activated hidden rows sorted by expert (as in `grouped_hidden`)."""
+        out = hidden.new_empty(len(hidden), self.down_proj.shape[1])
+        start = 0
+        for e, end in enumerate(ends):
+            if end > start:
+                torch.mm(hidden[start:end], self.down_proj[e].t(), out=out[start:end])
+                if self.down_bias is not None:
+                    out[start:end] += self.down_bias[e]
+            start = end
+        return out
 
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
         """Expert e's output for activated hidden rows h [n, I]."""
@@ -529,6 +578,7 @@ class MoE(nn.Module):
         self.hp_shared = hooks.point(f"{prefix}.shared.out") if self.shared is not None else None
         self.hp_out = hooks.point(f"{prefix}.moe.out")
         self.parallel: Any = None  # workbench.distributed.ExpertParallel under expert parallelism
+        self.backend = "torch"  # how routed experts run: "torch" (reference loop), "grouped", "triton"
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """x [B, T, H] of tokens token_ids [B, T] (hash routing selects by token id)."""
@@ -547,6 +597,10 @@ class MoE(nn.Module):
 
     def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Sum_k weights[:, k] * expert_{ids[:, k]}(x), one expert at a time (the reference loop)."""
+        if self.backend == "grouped":
+            return self.grouped(x, ids, weights, shape)
+        if self.backend == "triton":
+            return self.fused(x, ids, weights, shape)
         N, k = ids.shape
         groups = [(e, *torch.where(ids == e)) for e in ids.unique().tolist()]
         hidden = None
@@ -565,6 +619,70 @@ class MoE(nn.Module):
             else:
                 y.index_add_(0, tok, o * weights[tok, slot, None])
         if outs is not None:
+            outs = self.hp_expert_out(outs.view(*shape, k, -1), topk_ids=ids.view(*shape, k)).view(N, k, -1)
+            y = (outs * weights[..., None]).sum(dim=1)
+        return y
+
+    def grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The same sum with the (token, slot) pairs sorted by expert: one gather, each expert's rows one contiguous
+        matmul, one scatter-add (the CPU fast path). Per-expert hooks get token-major copies of the sorted
+        buffers, made only while a hook asks."""
+        N, k = ids.shape
+        pairs = ids.flatten()
+        order = torch.sort(pairs, stable=True).indices  # row-major within each expert
+        ends = torch.bincount(pairs, minlength=self.experts.gate_proj.shape[0]).cumsum(0).tolist()
+        hidden = self.experts.grouped_hidden(x[order // k], ends)
+        if self.hp_hidden.active:
+            hidden = self._token_major(self.hp_hidden, hidden, order, ids, shape)
+        out = self.experts.grouped_down(hidden, ends)
+        if self.hp_expert_out.active:
+            outs = self._token_major(self.hp_expert_out, out, order, ids, shape, keep_order=False)
+            return (outs.view(N, k, -1) * weights[..., None]).sum(dim=1)
+        return torch.zeros_like(x).index_add_(0, order // k, out * weights.flatten()[order, None])
+
+    def _token_major(self, hp: Any, rows: torch.Tensor, order: torch.Tensor, ids: torch.Tensor,
+                     shape: tuple[int, ...], keep_order: bool = True) -> torch.Tensor:
+        """Rows sorted by expert -> token-major [B, T, k, D] through the hook; back in expert order if `keep_order`."""
+        k = ids.shape[1]
+        tm = torch.empty_like(rows)
+        tm[order] = rows
+        tm = hp(tm.view(*shape, k, -1), topk_ids=ids.view(*shape, k)).reshape(len(rows), -1)
+        return tm[order] if keep_order else tm
+
+    def fused(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The same sum by the Triton kernels (workbench.kernels): row gather, grouped GEMMs and the gated activation
+        fused. Per-expert hooks read the kernels' own token-major intermediates; after a hook edits them the later
+        stages rerun on the edit."""
+        from ..kernels import expert_out, fused_experts, moe_sum
+
+        ex = self.experts
+        if ex.alpha is None and ex.act is not F.silu:
+            return self.grouped(x, ids, weights, shape)  # the kernels fuse SiLU gates (and GPT-OSS's) only
+        N, k = ids.shape
+        want_hidden, want_out = self.hp_hidden.active, self.hp_expert_out.active
+        biases = None if ex.gate_bias is None else (ex.gate_bias, ex.up_bias, ex.down_bias)
+        y, hidden, outs = fused_experts(x, ids, weights, ex.gate_proj, ex.up_proj, ex.down_proj, limit=ex.limit,
+                                        alpha=ex.alpha, biases=biases, want_hidden=want_hidden, want_out=want_out)
+        if want_hidden:
+            edited = self.hp_hidden(hidden.view(*shape, k, -1), topk_ids=ids.view(*shape, k)).view(N, k, -1)
+            if not torch.equal(edited, hidden):
+                outs = expert_out(edited, ids, None, ex.down_proj, bias=ex.down_bias)
+                y = moe_sum(outs, weights)
+        if want_out:
+            outs = self.hp_expert_out(outs.view(*shape, k, -1), topk_ids=ids.view(*shape, k)).view(N, k, -1)
+            y = moe_sum(outs, weights)
+        return y
+        if want_hidden:
+            edited = self.hp_hidden(hidden.view(*shape, k, -1), topk_ids=ids.view(*shape, k)).view(N * k, -1)
+            if not torch.equal(edited, hidden.view(N * k, -1)):  # an edit: rerun the down projections on it
+                pairs = ids.flatten()
+                order = torch.sort(pairs, stable=True).indices
+                ends = torch.bincount(pairs, minlength=ex.gate_proj.shape[0]).cumsum(0).tolist()
+                out = x.new_empty(N * k, x.shape[-1])
+                out[order] = ex.grouped_down(edited[order], ends)
+                outs = out.view(N, k, -1)
+                y = (outs * weights[..., None]).sum(dim=1)
+        if want_out:
             outs = self.hp_expert_out(outs.view(*shape, k, -1), topk_ids=ids.view(*shape, k)).view(N, k, -1)
             y = (outs * weights[..., None]).sum(dim=1)
         return y
