@@ -412,6 +412,7 @@ def _provenance(model: CausalLM, ids: np.ndarray, seed: int | None, names: list[
         "device": str(model.embed.weight.device),
         "torch_threads": torch.get_num_threads(),
         "world_size": 1 if model.parallel is None else model.parallel.world,
+        "backend": model.backend,
         "workbench_version": workbench.__version__,
         "versions": _versions(),
         "seed": seed,
@@ -529,8 +530,8 @@ def _open_or_create(out: Path, attrs: dict | None, prov: dict, plan: Plan, resum
             if differ:
                 raise StoreError(f"{out} was started by a different trace (its {', '.join(differ)} differ); "
                                  "pass overwrite=True (CLI: --overwrite) to replace it, or write elsewhere")
-            changed = [key for key in ("versions", "device", "torch_threads", "world_size")
-                       if attrs.get(key, 1 if key == "world_size" else None) != prov[key]]
+            changed = [key for key in ("versions", "device", "torch_threads", "world_size", "backend")
+                       if attrs.get(key, {"world_size": 1, "backend": "torch"}.get(key)) != prov[key]]
             if changed:
                 warnings.warn(f"{out}: resuming with a different {' and '.join(changed)} than the trace started "
                               "with; the result may differ from an uninterrupted run", stacklevel=3)

@@ -523,21 +523,19 @@ class Experts(nn.Module):
         return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
 
     def grouped_hidden(self, rows: torch.Tensor, ends: list[int]) -> torch.Tensor:
-        """Activated hidden states of rows [n, H] sorted by expert: expert e owns rows ends[e-1]..ends[e]; one
-        matmul per expert on a contiguous block, written in place."""
-        inter = self.gate_proj.shape[1]
-        gate, up = rows.new_empty(len(rows), inter), rows.new_empty(len(rows), inter)
+        """Activated hidden states of rows [n, H] sorted by expert (expert e owns rows ends[e-1]..ends[e]): each
+        expert's rows one contiguous block, written in place; the activation stays per block, in cache."""
+        hidden = rows.new_empty(len(rows), self.gate_proj.shape[1])
         start = 0
         for e, end in enumerate(ends):
             if end > start:
-                block = rows[start:end]
-                torch.mm(block, self.gate_proj[e].t(), out=gate[start:end])
-                torch.mm(block, self.up_proj[e].t(), out=up[start:end])
-                if self.gate_bias is not None:
-                    gate[start:end] += self.gate_bias[e]
-                    up[start:end] += self.up_bias[e]
+                hidden[start:end] = self.hidden(e, rows[start:end])
             start = end
-        return self.glu(gate, up)
+        return hidden
+
+    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        """Expert e's output for activated hidden rows h [n, I]."""
+        return F.linear(h, self.down_proj[e], None if self.down_bias is None else self.down_bias[e])
 
     def grouped_down(self, hidden: torch.Tensor, ends: list[int]) -> torch.Tensor:
         """Outputs [n, H] of activated hidden rows sorted by expert (as in `grouped_hidden`)."""
@@ -545,15 +543,9 @@ class Experts(nn.Module):
         start = 0
         for e, end in enumerate(ends):
             if end > start:
-                torch.mm(hidden[start:end], self.down_proj[e].t(), out=out[start:end])
-                if self.down_bias is not None:
-                    out[start:end] += self.down_bias[e]
+                out[start:end] = self.down(e, hidden[start:end])
             start = end
         return out
-
-    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        """Expert e's output for activated hidden rows h [n, I]."""
-        return F.linear(h, self.down_proj[e], None if self.down_bias is None else self.down_bias[e])
 
 
 class MoE(nn.Module):
@@ -631,14 +623,23 @@ class MoE(nn.Module):
         pairs = ids.flatten()
         order = torch.sort(pairs, stable=True).indices  # row-major within each expert
         ends = torch.bincount(pairs, minlength=self.experts.gate_proj.shape[0]).cumsum(0).tolist()
-        hidden = self.experts.grouped_hidden(x[order // k], ends)
+        rows, tokens = x[order // k], order // k
+        if not (self.hp_hidden.active or self.hp_expert_out.active):  # each block straight into the output
+            y, w, start = torch.zeros_like(x), weights.flatten()[order, None], 0
+            for e, end in enumerate(ends):
+                if end > start:
+                    out = self.experts.down(e, self.experts.hidden(e, rows[start:end]))
+                    y.index_add_(0, tokens[start:end], out * w[start:end])
+                start = end
+            return y
+        hidden = self.experts.grouped_hidden(rows, ends)
         if self.hp_hidden.active:
             hidden = self._token_major(self.hp_hidden, hidden, order, ids, shape)
         out = self.experts.grouped_down(hidden, ends)
         if self.hp_expert_out.active:
             outs = self._token_major(self.hp_expert_out, out, order, ids, shape, keep_order=False)
             return (outs.view(N, k, -1) * weights[..., None]).sum(dim=1)
-        return torch.zeros_like(x).index_add_(0, order // k, out * weights.flatten()[order, None])
+        return torch.zeros_like(x).index_add_(0, tokens, out * weights.flatten()[order, None])
 
     def _token_major(self, hp: Any, rows: torch.Tensor, order: torch.Tensor, ids: torch.Tensor,
                      shape: tuple[int, ...], keep_order: bool = True) -> torch.Tensor:
