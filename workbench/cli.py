@@ -153,6 +153,7 @@ def info(args: argparse.Namespace) -> int:
     print("provenance")
     for key in ("source", "revision", "commit", "model_type", "dtype", "device", "config_sha256"):
         print(f"  {key:<18} {a[key]}")
+    print(f"  {'backend':<18} {a.get('backend', 'torch')}, {a.get('world_size', 1)} rank(s)")
     for file, sha in a["weights_sha256"].items():
         print(f"  {'weights_sha256':<18} {file} {sha}")
     print(f"  {'versions':<18} workbench {a['workbench_version']}, "
