@@ -7,15 +7,11 @@ index, and the weights come from the unbiased scores.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-import torch.nn.functional as F
+
+from workbench.models.blocks import RouterSpec, router_scores, select_experts, weigh_experts
 
 from .backend import cdiv, next_pow2, use_triton
-
-if TYPE_CHECKING:
-    from workbench.models.blocks import RouterSpec
 
 SCORES = ("softmax", "sigmoid", "sqrtsoftplus", "identity")
 
@@ -28,32 +24,9 @@ def _groups_limited(spec: RouterSpec) -> bool:
 def reference_route(logits: torch.Tensor, spec: RouterSpec,
                     correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert ids [N, k] (int64) and weights [N, k] (fp32) of logits [N, E], computed as blocks.Router does."""
-    logits = logits.float()
-    if spec.score == "softmax":
-        scores = logits.softmax(dim=-1)
-    elif spec.score == "sigmoid":
-        scores = logits.sigmoid()
-    elif spec.score == "sqrtsoftplus":
-        scores = F.softplus(logits).sqrt()
-    else:
-        scores = logits
-    sel = scores + correction_bias.float() if correction_bias is not None else scores
-    if _groups_limited(spec):
-        grouped = sel.view(sel.shape[0], spec.groups, -1)
-        if spec.group_score == "top2sum":
-            rank = grouped.topk(2, dim=-1).values.sum(-1)
-        else:
-            rank = grouped.max(dim=-1).values
-        keep = torch.sort(rank, dim=-1, descending=True, stable=True).indices[:, : spec.topk_groups]
-        mask = torch.zeros_like(rank, dtype=torch.bool).scatter_(1, keep, True)
-        sel = grouped.masked_fill(~mask[..., None], float("-inf")).view_as(sel)
-    ids = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, : spec.top_k]
-    w = scores.gather(1, ids)
-    if spec.weight_softmax:
-        w = w.softmax(dim=-1)
-    elif spec.renormalize:
-        w = w / (w.sum(dim=-1, keepdim=True) + spec.norm_eps)
-    return ids, w * spec.scaling
+    scores = router_scores(logits.float(), spec.score)
+    ids = select_experts(scores, spec, correction_bias)
+    return ids, weigh_experts(scores, ids, spec)
 
 
 def triton_route(logits: torch.Tensor, spec: RouterSpec, correction_bias: torch.Tensor | None = None, *,

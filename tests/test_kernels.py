@@ -21,7 +21,7 @@ pytest.importorskip("triton", reason="triton is not installed: the kernel tests 
 
 import workbench.kernels as K  # noqa: E402
 from workbench.hooks import HookRegistry  # noqa: E402
-from workbench.models.blocks import MoE, Router, RouterSpec, _scores  # noqa: E402
+from workbench.models.blocks import MoE, Router, RouterSpec, router_scores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -65,7 +65,7 @@ def model_route(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | Non
     router = Router(4, spec, HookRegistry(), "layers.0")
     if bias is not None:
         router.correction_bias.data = bias
-    scores = _scores(logits, spec.score)
+    scores = router_scores(logits, spec.score)
     ids = router.select(scores, torch.zeros(len(logits), dtype=torch.long))
     return ids, router.weigh(scores, ids)
 

@@ -231,10 +231,7 @@ def moe_forward(moe: MoE, x: torch.Tensor, token_ids: torch.Tensor, shape: tuple
         y = x.new_zeros(hi - lo, x.shape[-1])
         y.index_add_(0, pair[add] // k - lo, (back * weights.flatten()[pair, None])[add])
     if moe.shared is not None:
-        rows = x[lo:hi]
-        s = moe.shared(rows)
-        if moe.shared_gate is not None:
-            s = torch.sigmoid(moe.shared_gate(rows)) * s
+        s = moe.shared_out(x[lo:hi])
         if moe.hp_shared.active:
             s = moe.hp_shared(_all_gather_rows(s, ep, n).view(*shape, -1)).flatten(0, -2)[lo:hi]
         y = y + s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -412,7 +413,8 @@ class RouterSpec:
     logit_bias: bool = False
 
 
-def _scores(logits: torch.Tensor, kind: str) -> torch.Tensor:
+def router_scores(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """The score function of RouterSpec.score over router logits."""
     if kind == "softmax":
         return logits.softmax(dim=-1)
     if kind == "sigmoid":
@@ -420,6 +422,32 @@ def _scores(logits: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "sqrtsoftplus":
         return F.softplus(logits).sqrt()
     return logits
+
+
+def select_experts(scores: torch.Tensor, spec: RouterSpec, correction_bias: torch.Tensor | None) -> torch.Tensor:
+    """Top-k expert ids [N, k] from fp32 scores [N, E]: the bias steers selection only, groups dropped by
+    group-limited routing are masked with -inf, ties go to the lower index."""
+    sel = scores + correction_bias.float() if correction_bias is not None else scores
+    if spec.groups > 1 and spec.topk_groups < spec.groups:
+        grouped = sel.view(sel.shape[0], spec.groups, -1)
+        if spec.group_score == "top2sum":
+            rank = grouped.topk(2, dim=-1).values.sum(-1)
+        else:
+            rank = grouped.max(dim=-1).values
+        keep = torch.sort(rank, dim=-1, descending=True, stable=True).indices[:, : spec.topk_groups]
+        mask = torch.zeros_like(rank, dtype=torch.bool).scatter_(1, keep, True)
+        sel = grouped.masked_fill(~mask[..., None], float("-inf")).view_as(sel)
+    return torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, : spec.top_k]
+
+
+def weigh_experts(scores: torch.Tensor, ids: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """Weights [N, k] that multiply the outputs of experts `ids`, from the unbiased scores."""
+    w = scores.gather(1, ids)
+    if spec.weight_softmax:
+        w = w.softmax(dim=-1)
+    elif spec.renormalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + spec.norm_eps)
+    return w * spec.scaling
 
 
 class Router(nn.Module):
@@ -443,28 +471,11 @@ class Router(nn.Module):
 
     def select(self, scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Top-k expert ids [N, k] from fp32 scores [N, E] of tokens `token_ids` [N]; ties go to the lower index."""
-        s = self.spec
-        sel = scores + self.correction_bias.float() if self.correction_bias is not None else scores
-        if s.groups > 1 and s.topk_groups < s.groups:
-            grouped = sel.view(sel.shape[0], s.groups, -1)
-            if s.group_score == "top2sum":
-                rank = grouped.topk(2, dim=-1).values.sum(-1)
-            else:
-                rank = grouped.max(dim=-1).values
-            keep = torch.sort(rank, dim=-1, descending=True, stable=True).indices[:, : s.topk_groups]
-            mask = torch.zeros_like(rank, dtype=torch.bool).scatter_(1, keep, True)
-            sel = grouped.masked_fill(~mask[..., None], float("-inf")).view_as(sel)
-        return torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, : s.top_k]
+        return select_experts(scores, self.spec, self.correction_bias)
 
     def weigh(self, scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Weights [N, k] that multiply the outputs of experts `ids`."""
-        s = self.spec
-        w = scores.gather(1, ids)
-        if s.weight_softmax:
-            w = w.softmax(dim=-1)
-        elif s.renormalize:
-            w = w / (w.sum(dim=-1, keepdim=True) + s.norm_eps)
-        return w * s.scaling
+        return weigh_experts(scores, ids, self.spec)
 
     def forward(self, x: torch.Tensor, shape: tuple[int, ...],
                 token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,14 +488,21 @@ class Router(nn.Module):
             chosen, weights = route(logits, self.spec, self.correction_bias)
             ids = self.hp_ids(chosen.view(*shape, -1)).flatten(0, -2)
             if not torch.equal(ids, chosen):
-                weights = self.weigh(_scores(logits, self.spec.score), ids)  # a hook chose other experts
+                weights = self.weigh(router_scores(logits, self.spec.score), ids)  # a hook chose other experts
             weights = weights.view(*shape, -1)
         else:
-            scores = self.hp_scores(_scores(logits, self.spec.score).view(*shape, -1)).flatten(0, -2)
+            scores = self.hp_scores(router_scores(logits, self.spec.score).view(*shape, -1)).flatten(0, -2)
             ids = self.hp_ids(self.select(scores, token_ids).view(*shape, -1)).flatten(0, -2)
             weights = self.weigh(scores, ids).view(*shape, -1)
         weights = self.hp_weights(weights, topk_ids=ids.view(*shape, -1)).flatten(0, -2)
         return ids, weights
+
+
+def expert_blocks(ends: list[int]) -> Iterator[tuple[int, slice]]:
+    """(expert, its rows) of rows sorted by expert, expert e owning rows ends[e-1]..ends[e]; empty experts skipped."""
+    for e, (start, end) in enumerate(zip([0, *ends], ends)):
+        if end > start:
+            yield e, slice(start, end)
 
 
 class Experts(nn.Module):
@@ -526,11 +544,8 @@ class Experts(nn.Module):
         """Activated hidden states of rows [n, H] sorted by expert (expert e owns rows ends[e-1]..ends[e]): each
         expert's rows one contiguous block, written in place; the activation stays per block, in cache."""
         hidden = rows.new_empty(len(rows), self.gate_proj.shape[1])
-        start = 0
-        for e, end in enumerate(ends):
-            if end > start:
-                hidden[start:end] = self.hidden(e, rows[start:end])
-            start = end
+        for e, block in expert_blocks(ends):
+            hidden[block] = self.hidden(e, rows[block])
         return hidden
 
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
@@ -540,11 +555,8 @@ class Experts(nn.Module):
     def grouped_down(self, hidden: torch.Tensor, ends: list[int]) -> torch.Tensor:
         """Outputs [n, H] of activated hidden rows sorted by expert (as in `grouped_hidden`)."""
         out = hidden.new_empty(len(hidden), self.down_proj.shape[1])
-        start = 0
-        for e, end in enumerate(ends):
-            if end > start:
-                out[start:end] = self.down(e, hidden[start:end])
-            start = end
+        for e, block in expert_blocks(ends):
+            out[block] = self.down(e, hidden[block])
         return out
 
 
@@ -581,11 +593,13 @@ class MoE(nn.Module):
         ids, weights = self.router(flat, shape, token_ids.reshape(-1))
         y = self.routed(flat, ids, weights.to(x.dtype), shape)
         if self.shared is not None:
-            s = self.shared(flat)
-            if self.shared_gate is not None:
-                s = torch.sigmoid(self.shared_gate(flat)) * s
-            y = y + self.hp_shared(s.view_as(x)).view_as(flat)
+            y = y + self.hp_shared(self.shared_out(flat).view_as(x)).view_as(flat)
         return self.hp_out(y.view_as(x))
+
+    def shared_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared expert's output for rows x [n, H], gated where the family gates it."""
+        s = self.shared(x)
+        return torch.sigmoid(self.shared_gate(x)) * s if self.shared_gate is not None else s
 
     def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Sum_k weights[:, k] * expert_{ids[:, k]}(x), one expert at a time (the reference loop)."""
@@ -625,12 +639,10 @@ class MoE(nn.Module):
         ends = torch.bincount(pairs, minlength=self.experts.gate_proj.shape[0]).cumsum(0).tolist()
         rows, tokens = x[order // k], order // k
         if not (self.hp_hidden.active or self.hp_expert_out.active):  # each block straight into the output
-            y, w, start = torch.zeros_like(x), weights.flatten()[order, None], 0
-            for e, end in enumerate(ends):
-                if end > start:
-                    out = self.experts.down(e, self.experts.hidden(e, rows[start:end]))
-                    y.index_add_(0, tokens[start:end], out * w[start:end])
-                start = end
+            y, w = torch.zeros_like(x), weights.flatten()[order, None]
+            for e, block in expert_blocks(ends):
+                out = self.experts.down(e, self.experts.hidden(e, rows[block]))
+                y.index_add_(0, tokens[block], out * w[block])
             return y
         hidden = self.experts.grouped_hidden(rows, ends)
         if self.hp_hidden.active:
