@@ -95,7 +95,7 @@ def load(
                 if p.dtype.is_floating_point:
                     p.data = p.data.to(torch.float32 if KEEP_FP32.fullmatch(name) else dtype)
             scheme = quant.scheme(cfg)
-            plan = _plan(model, tensors, fam.rules(cfg), scheme, shards, heads)
+            plan, expert_bytes = _plan(model, tensors, fam.rules(cfg), scheme, shards, heads)
             try:
                 tokenizer = load_tokenizer(folder, model.vocab_size)
             except Exception as e:  # tokenizers raises its own exception type for malformed files
@@ -105,7 +105,7 @@ def load(
             model.load_report = _copy(model, tensors, plan, scheme, shards)
             model.load_report.update(rank=rank, world=world if parallel else 1,
                                      bytes_total=sum(_nbytes(i) for i in tensors.values()),
-                                     expert_bytes_total=_expert_bytes(tensors, fam.rules(cfg)))
+                                     expert_bytes_total=expert_bytes)
     model.eval().requires_grad_(False)
     for module in model.modules():
         if hasattr(module, "backend"):  # the model, its MoE blocks and their routers
@@ -204,15 +204,18 @@ def _split_heads(model: CausalLM, size: int, cfg: Config) -> dict[str, tuple[int
 
 
 def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, scheme: quant.Scheme | None,
-          shards: dict[str, distributed.ExpertParallel], heads: dict[str, tuple[int, int, int, int]]) -> Plan:
+          shards: dict[str, distributed.ExpertParallel],
+          heads: dict[str, tuple[int, int, int, int]]) -> tuple[Plan, int]:
     """Map every checkpoint tensor onto our parameters and check shapes and coverage, reading no data;
     under expert parallelism (`shards`) other ranks' experts are checked but left out of the plan, under
-    tensor parallelism (`heads`) this rank's part of a split tensor is planned."""
+    tensor parallelism (`heads`) this rank's part of a split tensor is planned. Also returns the bytes the
+    checkpoint stores for routed experts (weights, biases and scales), all ranks together."""
     params = dict(model.named_parameters())
     if model.tied:
         params.pop("lm_head.weight", None)
     filled: dict[str, set] = defaultdict(set)
     plan: Plan = {}
+    expert_bytes = 0
     paired = {quant.scale_of(n, tensors) for n, i in tensors.items() if _quant_kind(i.dtype, scheme)} - {None}
     for name, info in tensors.items():
         where = dict(file=str(info.file), tensor=name)
@@ -238,6 +241,8 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, sch
             raise CheckpointError(QUANT_MESSAGE, **where)
         if targets is None or any(t not in params for t, _ in targets):
             raise CheckpointError("unexpected tensor: this model has no parameter for it", **where)
+        if EXPERT_PARAM.fullmatch(targets[0][0]):
+            expert_bytes += _nbytes(info) + (_nbytes(tensors[scale]) if scale else 0)
         integer = not params[targets[0][0]].dtype.is_floating_point
         if integer and info.dtype not in INT_DTYPES:
             raise CheckpointError(f"dtype {info.dtype} is not supported here (expected an integer table)", **where)
@@ -280,7 +285,7 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, sch
             missing = "all" if not got else sorted(need - got)
             raise CheckpointError(f"missing weights for parameter {target} (slots: {missing})",
                                   file=str(next(iter(tensors.values())).file.parent))
-    return plan
+    return plan, expert_bytes
 
 
 def _quant_kind(dtype: str, scheme: quant.Scheme | None) -> str | None:
@@ -292,17 +297,6 @@ def _quant_kind(dtype: str, scheme: quant.Scheme | None) -> str | None:
 
 def _nbytes(info: checkpoint.TensorInfo) -> int:
     return info.offsets[1] - info.offsets[0]
-
-
-def _expert_bytes(tensors: dict[str, checkpoint.TensorInfo], rules) -> int:
-    """Bytes the checkpoint stores for routed experts (their weights, biases and scales), all ranks together."""
-    total = 0
-    for name, info in tensors.items():
-        mapped = map_tensor(rules, name)
-        if mapped and mapped[0] and EXPERT_PARAM.fullmatch(mapped[0][0][0]):
-            scale = quant.scale_of(name, tensors)
-            total += _nbytes(info) + (_nbytes(tensors[scale]) if scale else 0)
-    return total
 
 
 def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan,
