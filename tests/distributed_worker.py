@@ -59,7 +59,7 @@ def main() -> None:
     held = {name: p.shape[0] for name, p in model.named_parameters() if name.endswith("experts.down_proj")}
     heads = {name: p.shape[0] for name, p in model.named_parameters() if name.endswith("attn_sink")}
     (out / f"rank{rank}.json").write_text(json.dumps({**model.load_report, "experts_held": held, "heads": heads}))
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ def trace(args: argparse.Namespace) -> int:
     from workbench.store import open_store, trace as run_trace
 
     rank, world = distributed.init()
+    finished = False
     try:
         dtype = None if args.dtype is None else getattr(torch, args.dtype)
         device = f"cuda:{torch.cuda.current_device()}" if world > 1 and torch.cuda.is_available() else None
@@ -112,9 +113,9 @@ def trace(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print(f"workbench trace: interrupted; rerun the same command to resume {args.out}", file=sys.stderr)
             return 130
+        finished = True
     finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
+        distributed.shutdown(wait=finished)  # a rank that failed alone must not wait for the others
     if rank != 0:
         return 0
     s = open_store(out).attrs["summary"]

@@ -55,6 +55,15 @@ def init(backend: str | None = None) -> tuple[int, int]:
     return rank_and_world()
 
 
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group, if joined. With `wait`, every rank first meets at a barrier: a rank tearing
+    gloo down while another still sends to it can abort the process at exit."""
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of the default process group; (0, 1) where none is initialised."""
     if dist.is_available() and dist.is_initialized():
