@@ -12,8 +12,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
+# dev: test tools, the JupyterLab extension built from extensions/jupyterlab (npm registry), and Debian's
+# chromium for the browser test (installed where we may, i.e. as root; the browser test skips without it)
+$(VENV)/.installed-dev: $(VENV)/.installed $(wildcard extensions/jupyterlab/*.json extensions/jupyterlab/src/*)
 	$(PIP) -e ".[dev]"
+	$(PIP) ./extensions/jupyterlab
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	touch $@
 
 demo: $(VENV)/.installed

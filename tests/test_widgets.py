@@ -1,0 +1,377 @@
+"""Notebook widgets (workbench.widgets): what each figure and HTML view holds against brute-force counts on small
+random traces and a store of the embedded model, the links between figures (clicks, zoom), the message size
+sent to the browser for a 1M-token, 384-expert store, and the intervention panel against manual hooked
+forwards of the embedded model."""
+
+import html
+import json
+import re
+import time
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import plotly
+import plotly.graph_objects as go
+import pytest
+import torch
+import xarray as xr
+from plotly.callbacks import InputDeviceState, Points
+
+import workbench as wb
+from test_analysis import dataset, routing
+from workbench import analysis as A
+from workbench import widgets as W
+from workbench.demo import EMBEDDED_MODEL
+from workbench.interventions import ablate, force
+
+ROOT = Path(__file__).resolve().parent.parent
+MB = 1 << 20
+
+
+def payload(widget) -> int:
+    """Bytes a widget sends to the front end: the JSON of each figure, the text of each HTML widget, over its
+    whole tree of children. Each figure must also be strict JSON (no NaN in its lists: the widget sends 2-D
+    arrays as JSON lists, and Jupyter rejects NaN there)."""
+    if isinstance(widget, go.FigureWidget):
+        json.dumps(widget.to_plotly_json(), allow_nan=False)
+        return len(json.dumps(widget.to_plotly_json(), cls=plotly.utils.PlotlyJSONEncoder))
+    if isinstance(widget, W.ipywidgets.HTML):
+        return len(widget.value)
+    return sum(payload(child) for child in getattr(widget, "children", ()))
+
+
+def click(fig: go.FigureWidget, x, y) -> None:
+    """What a click on the cell (x, y) of the figure's first trace does in the browser."""
+    fig.data[0]._dispatch_on_click(Points(point_inds=[0], xs=[x], ys=[y], trace_index=0), InputDeviceState())
+
+
+def shown_byte(b: int) -> str:
+    """How the token view writes a byte-level token."""
+    return chr(b) if 32 <= b < 127 else {9: "\\t", 10: "\\n", 13: "\\r"}.get(int(b), f"\\x{b:02x}")
+
+
+def spans(view: W.TokenView) -> list[tuple[str, str, str]]:
+    """(style, title, text) of every token span the view shows."""
+    return re.findall(r'<span style="([^"]*)" title="([^"]*)">([^<]*)</span>', view.html())
+
+
+# ---------------------------------------------------------------- random traces
+
+
+@pytest.fixture(scope="module")
+def trace():
+    """(ds, ids, domains): 203 tokens, 3 layers, 8 experts, top-2, one dead expert, in chunks of 7 tokens."""
+    ids = routing(203, 3, 8, 2, seed=0, dead=(7,), skew=1.0)
+    domains = np.array(["code", "prose", "math"])[np.random.default_rng(5).integers(0, 3, 203)]
+    return dataset(ids, 8, chunk=7), ids, domains
+
+
+def test_dashboard_matches_brute_force(trace):
+    ds, ids, domains = trace
+    L, T, k = ids.shape
+    dash = W.RoutingDashboard(ds, labels=domains)
+    counts = np.array([[Counter(layer.ravel().tolist())[e] for e in range(8)] for layer in ids])
+    share = counts / (T * k)
+    np.testing.assert_allclose(dash.heatmap.data[0].z, share, atol=1e-3 * share.max())
+    np.testing.assert_allclose(dash.heatmap.data[0].customdata, counts / (T * k / 8), atol=0.005)
+    assert list(dash.heatmap.data[0].y) == [10, 11, 12] and dash.heatmap.layout.title.text == "expert load"
+    assert dash.selected == (10, int(counts[0].argmax()))  # no hash-routed layer: the first, its busiest expert
+    dash.select(12, 3)
+    assert dash.selected == (12, 3)
+    want = A.coactivation(ds).coactivation.sel(layer=12).values
+    assert np.isnan(want[7]).all()  # the dead expert's row: NaN, sent as null
+    np.testing.assert_allclose(np.array(dash.coactivation.data[0].z, float), want, atol=1e-3 * np.nanmax(want),
+                               equal_nan=True)
+    assert payload(dash) < 100_000
+    assert dash.coactivation.layout.title.text == "co-activation, layer 12"
+    row, col = dash.coactivation.layout.shapes
+    assert (row.y0, row.y1, col.x0, col.x1) == (2.5, 3.5, 2.5, 3.5)
+    assert dash.bars.layout.title.text.startswith("expert 3, layer 12")
+    names = sorted(set(domains))
+    assert list(dash.bars.data[0].x) == names
+    shares = [np.mean([3 in row for row in ids[2, domains == d].tolist()]) for d in names]
+    np.testing.assert_allclose(dash.bars.data[0].y, shares, rtol=1e-12)
+    assert dash.bars.layout.shapes[0].y0 == pytest.approx(k / 8)  # the uniform k/E line
+    assert "<b>tokens</b> 203" in dash.header.value and "<b>k</b> 2" in dash.header.value
+    assert repr(dash).startswith("RoutingDashboard(") and "selected=(layer 12, expert 3), by domain" in repr(dash)
+
+
+def test_dashboard_click_updates_the_linked_figures(trace):
+    ds, ids, domains = trace
+    dash = W.RoutingDashboard(ds, labels=domains, layer=12, expert=0)
+    before = np.array(dash.coactivation.data[0].z, float)
+    click(dash.heatmap, 5, 11)
+    assert dash.selected == (11, 5)
+    assert dash.coactivation.layout.title.text == "co-activation, layer 11"
+    assert "expert 5, layer 11" in dash.bars.layout.title.text
+    assert not np.allclose(np.array(dash.coactivation.data[0].z, float), before, equal_nan=True)
+    click(dash.coactivation, 2, 5)  # a co-activation cell selects its partner expert at the same layer
+    assert dash.selected == (11, 2)
+
+
+@pytest.mark.parametrize("layer, expert, message", [(13, 0, r"layer .*\[10, 11, 12\]"), (10, 8, "expert .* 0 and 7"),
+                                                    (10, -1, "expert"), ("10", 0, "layer"), (10, 1.5, "expert")])
+def test_dashboard_select_rejects_bad_arguments(trace, layer, expert, message):
+    dash = W.RoutingDashboard(trace[0])
+    with pytest.raises(ValueError, match=message):
+        dash.select(layer, expert)
+    assert dash.selected == (10, dash.selected[1])  # unchanged
+
+
+def test_sources_must_hold_routing(trace, tmp_path):
+    with pytest.raises(ValueError, match="source must be a store path or an xarray Dataset"):
+        W.TokenView(trace[1])
+    with pytest.raises(ValueError, match="no topk_ids"):
+        W.LongContextNavigator(trace[0].drop_vars("topk_ids"))
+    with pytest.raises(ValueError, match="no store"):
+        W.RoutingDashboard(tmp_path / "missing.zarr")
+
+
+def test_token_view_colours_tokens_by_first_choice(trace):
+    ds, ids, _ = trace
+    weights = np.random.default_rng(2).random(ids.shape).astype(np.float16)
+    view = W.TokenView(ds.assign(topk_weights=(("layer", "token", "k"), weights)), layer=11, start=20, length=30)
+    shown = spans(view)
+    assert len(shown) == 30
+    tokens = ds.input_ids.values
+    for j, (style, title, text) in enumerate(shown):
+        t = 20 + j
+        assert style == f"background:{W.PALETTE[ids[1, t, 0]]}"
+        assert title.startswith(f"token {t}: ")
+        assert f"| experts {ids[1, t, 0]}, {ids[1, t, 1]} | weights {weights[1, t, 0]:.2f}, " in title
+        assert text == html.escape(shown_byte(tokens[t]))
+    legend = dict(re.findall(r"expert (\d+): (\d+)", view.legend.value))
+    assert legend == {str(e): str(c) for e, c in Counter(ids[1, 20:50, 0].tolist()).items()}
+    win = view.window()
+    assert win.topk_ids.dims == ("token", "k") and win.token.values.tolist() == list(range(20, 50))
+    view.next_button.click()
+    assert view.start == 50 and spans(view)[0][1].startswith("token 50: ")
+    view.layer_picker.value = 12
+    assert spans(view)[0][0] == f"background:{W.PALETTE[ids[2, 50, 0]]}"
+    assert repr(view).startswith("TokenView(") and "layer=12" in repr(view)
+
+
+def test_token_view_clamps_the_window_and_checks_arguments(trace):
+    ds = trace[0]
+    view = W.TokenView(ds, start=190, length=200)
+    assert len(spans(view)) == 13 and "weights" not in view.html()  # no topk_weights in this trace
+    view.prev_button.click()
+    assert view.start == 0 and len(spans(view)) == 200
+    for kwargs, name in [({"start": 203}, "start"), ({"length": 0}, "length"), ({"length": 5000}, "length"),
+                         ({"layer": 3}, "layer")]:
+        with pytest.raises(ValueError, match=name):
+            W.TokenView(ds, **kwargs)
+
+
+def brute_bins(ids: np.ndarray, E: int, start: int, stop: int, bins: int) -> tuple[np.ndarray, list[int]]:
+    """[bin, expert] share of the slots of positions [start, stop) of one layer's ids [T, k], position p in bin
+    floor((p - start) * bins / (stop - start)), and each bin's first position."""
+    n = stop - start
+    counts = [Counter() for _ in range(bins)]
+    first: dict[int, int] = {}
+    for p in range(start, stop):
+        b = (p - start) * bins // n
+        first.setdefault(b, p)
+        counts[b].update(e for e in ids[p].tolist() if e >= 0)
+    share = np.array([[c[e] / max(sum(c.values()), 1) for e in range(E)] for c in counts])
+    return share, [first[b] for b in range(bins)]
+
+
+def test_navigator_aggregates_as_brute_force(trace, monkeypatch):
+    ds, ids, _ = trace
+    ids = ids.copy()
+    ids[1, 50:60, 1] = -1  # slots without routing are not counted
+    ds = ds.assign(topk_ids=(("layer", "token", "k"), ids)).chunk({"token": 7})
+    monkeypatch.setattr(W, "BLOCK_ENTRIES", 22)  # blocks of 11 tokens, not aligned with the bins or chunks
+    nav = W.LongContextNavigator(ds, layer=11, bins=10, experts=3)
+    got = nav.aggregate(0, 203)
+    share, first = brute_bins(ids[1], 8, 0, 203, 10)
+    np.testing.assert_allclose(got.values, share, rtol=1e-12)
+    assert got.dims == ("bin", "expert") and got.bin_start.values.tolist() == first
+    assert got.bin_stop.values.tolist() == first[1:] + [203]
+    np.testing.assert_allclose(nav.figure.data[0].z, share.T, atol=1e-3 * share.max())
+    top = np.argsort(-share.sum(0), kind="stable")[:3]
+    assert [line.name for line in nav.figure.data[1:]] == [f"expert {e}" for e in top]
+    small = nav.aggregate(17, 23)  # fewer tokens than bins: one bin per token
+    assert small.bin_start.values.tolist() == list(range(17, 23))
+    np.testing.assert_allclose(small.values, brute_bins(ids[1], 8, 17, 23, 6)[0])
+
+
+def test_navigator_zoom_reaggregates_the_visible_range(trace):
+    ds, ids, _ = trace
+    nav = W.LongContextNavigator(ds, layer=12, bins=10, experts=2)
+    nav.view(40, 150)
+    share, first = brute_bins(ids[2], 8, 40, 150, 10)
+    heat = nav.figure.data[0]
+    assert list(heat.x) == first + [150]  # bin edges
+    np.testing.assert_allclose(heat.z, share.T, atol=1e-3 * share.max())
+    assert all(len(line.x) == len(line.y) == 10 for line in nav.figure.data[1:])
+    assert nav.range == (40, 150) and "tokens 40..150" in nav.figure.layout.title.text
+    nav.figure.plotly_relayout({"xaxis2.range[0]": 60.4, "xaxis2.range[1]": 99.2})  # a zoom in the browser
+    assert nav.range == (60, 100) and list(nav.figure.data[0].x)[:2] == [60, 64]
+    nav.figure.plotly_relayout({"xaxis.autorange": True})  # double click
+    assert nav.range == (0, 203)
+    nav.view(5, 9)
+    nav.reset_button.click()
+    assert nav.range == (0, 203) and len(nav.figure.data[0].x) == 11
+    for start, stop in [(-1, 10), (10, 10), (0, 204), (3.5, 10)]:
+        with pytest.raises(ValueError, match="start|stop"):
+            nav.view(start, stop)
+    with pytest.raises(ValueError, match="bins"):
+        W.LongContextNavigator(ds, bins=0)
+
+
+# ---------------------------------------------------------------- a store of the embedded model
+
+
+@pytest.fixture(scope="module")
+def model():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield wb.load(EMBEDDED_MODEL, dtype=torch.float32)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def store(model, tmp_path_factory):
+    """A store of 300 bytes of held-out code, and those bytes."""
+    text = (ROOT / "data" / "corpus" / "code.heldout.txt").read_bytes()[:300]
+    tokens = np.frombuffer(text, np.uint8).astype(np.int64)
+    out = wb.trace(model, tokens, tmp_path_factory.mktemp("widgets") / "run.zarr", chunk_tokens=128, progress=False)
+    return out, text
+
+
+def test_widgets_open_a_store_path(store):
+    path, text = store
+    ds = wb.open_store(path)
+    ids = ds.topk_ids.values
+    dash = W.RoutingDashboard(path)
+    assert dash.selected[0] == 2  # layers 0 and 1 are hash-routed
+    assert "hash-routed</b> 0, 1" in dash.header.value and str(path) in dash.header.value
+    layer, expert = dash.selected
+    want = [(ids[i] == expert).sum() / ids[i].size for i in range(6)]
+    np.testing.assert_allclose(dash.bars.data[0].y, want, rtol=1e-12)
+    assert list(dash.bars.data[0].x) == list(range(6)) and dash.bars.layout.title.text.startswith(
+        f"expert {expert}, layer {layer}")
+    view = W.TokenView(path, layer=4, start=250)
+    shown = spans(view)
+    assert len(shown) == 50
+    assert "".join(t for _, _, t in shown) == "".join(html.escape(shown_byte(b)) for b in text[250:])
+    assert all(s == f"background:{W.PALETTE[e]}" for (s, _, _), e in zip(shown, ids[4, 250:, 0]))
+    assert "weights" in shown[0][1]
+    nav = W.LongContextNavigator(path, bins=16)
+    np.testing.assert_allclose(nav.aggregate(0, 300).values, brute_bins(ids[2], 32, 0, 300, 16)[0])
+
+
+# ---------------------------------------------------------------- a 1M-token store with 384 experts
+
+
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory):
+    """A store of 1,048,576 tokens, 4 layers, 384 experts, top-8 (distinct ids drifting along the sequence),
+    written directly with the attrs `open_store` reads."""
+    T, L, E, k = 1 << 20, 4, 384, 8
+    rng = np.random.default_rng(0)
+    first = (rng.integers(0, 48, (L, T, 1)) + (np.arange(T) // 8192)[None, :, None]) % E
+    ids = ((first + 48 * np.arange(k)) % E).astype(np.int16)
+    ds = xr.Dataset({"topk_ids": (("layer", "token", "k"), ids),
+                     "input_ids": ("token", rng.integers(0, 50_000, T).astype(np.int32))},
+                    coords={"layer": np.arange(L), "token": np.arange(T)},
+                    attrs={"workbench_store": 1, "committed_tokens": T, "complete": True, "n_experts": E, "k": k,
+                           "routed_layers": list(range(L))})
+    path = tmp_path_factory.mktemp("big") / "big.zarr"
+    ds.chunk({"token": 16384}).to_zarr(path, zarr_format=3, consolidated=False)
+    return path
+
+
+def test_a_million_token_store_stays_small_in_the_browser(big_store):
+    t0 = time.perf_counter()
+    nav = W.LongContextNavigator(big_store)
+    assert time.perf_counter() - t0 < 20
+    assert nav.bins == 150_000 // 384 and np.shape(nav.figure.data[0].z) == (384, 390)
+    assert payload(nav) < 2 * MB
+    assert all(len(line.y) == 390 for line in nav.figure.data[1:]) and len(nav.figure.data) == 9
+    tracemalloc.start()
+    try:
+        nav.view(0, 1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * MB  # blocks of 1M entries; the layer's 8M (bin, expert) cells at once would take 64 MB
+    start = 1 << 19
+    share = nav.aggregate(start, start + 8192)
+    ids = wb.open_store(big_store).topk_ids.sel(layer=nav.layer).isel(token=slice(start, start + 8192)).values
+    want, first = brute_bins(ids, 384, 0, 8192, 390)
+    np.testing.assert_allclose(share.values, want, rtol=1e-12)
+    assert share.bin_start.values.tolist() == [start + p for p in first]
+    dash = W.RoutingDashboard(big_store)
+    assert payload(dash) < 2 * MB and np.shape(dash.coactivation.data[0].z) == (384, 384)
+    assert payload(W.TokenView(big_store, start=(1 << 20) - 100)) < 100_000
+
+
+# ---------------------------------------------------------------- interventions on the embedded model
+
+
+PROMPT = "def add(a, b):\n    return a"
+
+
+def last_logits(model, ids, hooks=()) -> torch.Tensor:
+    with torch.no_grad(), model.hooks(list(hooks)):
+        return model(ids)[0, -1].float()
+
+
+def test_intervention_panel_matches_manual_hooked_forwards(model):
+    panel = W.InterventionPanel(model, PROMPT, layer=3, top=5)
+    ids = torch.tensor([model.tokenizer.encode(PROMPT)])
+    assert torch.equal(panel.ids, ids)
+    base = last_logits(model, ids)
+    _, cache = model.run_with_cache(ids, names=["layers.3.router.topk_ids"])
+    routed = cache["layers.3.router.topk_ids"][0, -1].tolist()
+    assert panel.routing[3] == routed and panel.expert_picker.value == (routed[0],)
+
+    result = panel.run(3, [routed[0]], "ablate")
+    p = base.softmax(-1)
+    assert [(i, prob) for _, i, prob in result["baseline"]] == \
+        [(int(i), pytest.approx(float(v), abs=1e-7)) for v, i in zip(*p.topk(5))]
+    after = last_logits(model, ids, ablate(3, [routed[0]]))
+    assert not torch.equal(after, base)
+    q = after.softmax(-1)
+    assert [(i, prob) for _, i, prob in result["intervened"]] == \
+        [(int(i), pytest.approx(float(v), abs=1e-7)) for v, i in zip(*q.topk(5))]
+    delta = after - base
+    assert [i for _, i, *_ in result["logit_delta"]] == delta.abs().topk(5).indices.tolist()
+    for _, i, before, now, change in result["logit_delta"]:
+        assert (before, now, change) == pytest.approx((float(base[i]), float(after[i]), float(delta[i])), abs=1e-6)
+    assert result["changed"] == (int(after.argmax()) != int(base.argmax()))
+
+    forced = [(e + 1) % 32 for e in routed]
+    result = panel.run(3, forced, "force")
+    q = last_logits(model, ids, force(3, forced)).softmax(-1)
+    assert [(i, prob) for _, i, prob in result["intervened"]] == \
+        [(int(i), pytest.approx(float(v), abs=1e-7)) for v, i in zip(*q.topk(5))]
+
+    panel.mode_picker.value = "force"
+    panel.expert_picker.value = tuple(forced)
+    panel.run_button.click()
+    assert "force experts" in panel.output.value and panel.result["experts"] == forced
+    panel.expert_picker.value = (0,)
+    panel.run_button.click()
+    assert "cannot run" in panel.output.value and "k=4" in panel.output.value
+
+
+def test_intervention_panel_checks_arguments(model):
+    ids = model.tokenizer.encode(PROMPT)
+    panel = W.InterventionPanel(model, ids)
+    assert panel.layer_picker.options == tuple(range(6)) and panel.layer_picker.value == 0
+    assert f"prompt={len(ids)} tokens" in repr(panel)
+    for args, message in [((9, [1], "ablate"), "layer"), ((3, [32], "ablate"), "experts"),
+                          ((3, [1, 2], "force"), "k=4"), ((3, [1], "zap"), "mode"), ((3, [], "ablate"), "empty")]:
+        with pytest.raises(ValueError, match=message):
+            panel.run(*args)
+    for prompt in ([], [ids, ids]):
+        with pytest.raises(ValueError, match="prompt must be text or one non-empty sequence"):
+            W.InterventionPanel(model, prompt)
+    with pytest.raises(ValueError, match="top"):
+        W.InterventionPanel(model, ids, top=0)

@@ -1,0 +1,547 @@
+"""Notebook widgets over routing data: a routing dashboard, a token view, a long-context navigator and an
+intervention panel. Each is an `ipywidgets.VBox` (it displays itself) whose data path lives in plain methods
+that run without a browser.
+
+`source` is a routing Dataset (`wb.open_store(path)`, `analysis.from_cache(...)`) or a store path. Counting
+happens here in Python, streaming the store in blocks (the analyses in `workbench.analysis`, or bounded
+blocks of one layer for the navigator); the browser only receives aggregates. Payloads stay small: E x E
+and bins x E matrices are rounded to 1/1000 of their largest value (2-D arrays travel as JSON text), and the
+navigator caps bins x experts at MAX_CELLS values, so a 1M-token store with 384 experts sends well under
+2 MB per widget.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import html
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ipywidgets
+import numpy as np
+import plotly.graph_objects as go
+import torch
+import xarray as xr
+from plotly.subplots import make_subplots
+
+from . import analysis as A
+from .interventions import ablate, force
+from .models.blocks import Router
+from .store import open_store
+
+# 32 categorical colours (16 hues at two lightnesses, all readable under black text); expert e gets
+# PALETTE[e % 32], in the token view and in the navigator's lines alike
+PALETTE = tuple("#%02x%02x%02x" % tuple(round(255 * c) for c in colorsys.hls_to_rgb(
+    (i * 5 % 16) / 16, 0.80 if i < 16 else 0.64, 0.70)) for i in range(32))
+MAX_CELLS = 150_000  # the navigator's bins x experts bound: about 1.3 MB of heatmap as JSON
+MAX_WINDOW = 4096  # tokens one TokenView window may show
+BLOCK_ENTRIES = 1 << 20  # routing entries (tokens x k) the navigator reads per block
+Source = xr.Dataset | str | os.PathLike
+
+
+def _open(source: Source) -> tuple[xr.Dataset, str]:
+    """The routing Dataset of `source` (routed layers only, topk_ids as layer, token, k) and a name for it."""
+    if isinstance(source, (str, os.PathLike)):
+        ds, name = open_store(source), str(source)
+    elif isinstance(source, xr.Dataset):
+        ds, name = source, str(source.encoding.get("source", "in-memory Dataset"))
+    else:
+        raise ValueError(f"source must be a store path or an xarray Dataset, got {type(source).__name__}")
+    try:
+        ds = A._routing(ds)
+        A._experts(ds)
+    except ValueError as e:
+        raise ValueError(f"source {name}: {e}") from None
+    if ds.sizes["token"] == 0:
+        raise ValueError(f"source {name} holds no tokens")
+    return ds, name
+
+
+def _layers(ds: xr.Dataset) -> list[int]:
+    return [int(x) for x in ds.layer.values]
+
+
+def _check_layer(layer: Any, layers: list[int]) -> int:
+    """`layer` as an int, if it is one of `layers`; else a ValueError naming them."""
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or int(layer) not in layers:
+        raise ValueError(f"layer must be one of the routed layers {layers}, got {layer!r}")
+    return int(layer)
+
+
+def _pick_layer(layer: int | None, layers: list[int], hashed: Sequence[bool]) -> int:
+    """`layer` checked against `layers`; by default the first layer not hash-routed (else the first)."""
+    if layer is None:
+        return next((x for x, h in zip(layers, hashed) if not h), layers[0])
+    return _check_layer(layer, layers)
+
+
+def _check_int(value: Any, name: str, lo: int, hi: int) -> int:
+    """`value` as an int in [lo, hi], else a ValueError naming `name` and the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer between {lo} and {hi}, got {value!r}")
+    return int(value)
+
+
+def _byte_text(i: int) -> str:
+    """A byte-level token as text: printable ASCII as itself, anything else escaped (\\n, \\x00)."""
+    if 32 <= i < 127:
+        return chr(i)
+    return {9: "\\t", 10: "\\n", 13: "\\r"}.get(i, f"\\x{i:02x}")
+
+
+def _visible(text: str) -> str:
+    """`text` with control characters escaped, so whitespace tokens show."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _color(expert: int) -> str:
+    return PALETTE[expert % len(PALETTE)]
+
+
+def _compact(matrix: np.ndarray) -> list[list[float | None]]:
+    """A matrix for a heatmap as nested lists rounded to 1/1000 of its largest value or finer, NaN as None:
+    a FigureWidget sends 2-D arrays to the browser as JSON text, so this keeps a 384 x 384 matrix near 1.3 MB
+    and valid JSON."""
+    finite = matrix[np.isfinite(matrix)]
+    top = float(np.abs(finite).max()) if finite.size else 0.0
+    rounded = np.round(matrix, 3 - math.floor(math.log10(top)) if top > 0 else 0)
+    return [[None if x != x else x for x in row] for row in rounded.tolist()]
+
+
+# ---------------------------------------------------------------- routing dashboard
+
+
+class RoutingDashboard(ipywidgets.VBox):
+    """Expert load per layer (click a cell to select a layer and expert), the selected layer's co-activation
+    matrix and the selected expert's share of each domain's tokens (`labels`: one domain per token, as
+    `analysis.domain_specialisation` takes them), or without labels its load at every layer."""
+
+    def __init__(self, source: Source, *, labels: Any = None, layer: int | None = None,
+                 expert: int | None = None):
+        super().__init__()
+        self.dataset, self.source = _open(source)
+        ds = self.dataset
+        self.layers, self.n_experts, self.k = _layers(ds), A._experts(ds), ds.sizes["k"]
+        self.load = A.expert_load(ds)
+        self.coactivation_data = A.coactivation(ds)
+        self.domains = None if labels is None else A.domain_specialisation(ds, labels)
+        hashed = self.load.hash_routed.values.tolist()
+        layer = _pick_layer(layer, self.layers, hashed)
+        if expert is None:
+            expert = int(self.load.share.sel(layer=layer).argmax("expert"))
+        self.header = ipywidgets.HTML(self._header(hashed))
+        self.heatmap = go.FigureWidget(go.Heatmap(
+            z=_compact(self.load.share.values), x=list(range(self.n_experts)), y=self.layers,
+            customdata=np.round(self.load.relative_load.values, 2).tolist(), colorscale="Viridis", zmin=0,
+            colorbar=dict(title="share"),
+            hovertemplate="layer %{y}, expert %{x}<br>share of the layer's slots %{z:.4f}<br>"
+                          "%{customdata:.2f} x uniform (k/E of the tokens)<extra></extra>"))
+        self.heatmap.update_layout(title="expert load", xaxis_title="expert", height=120 + 28 * len(self.layers),
+                                   yaxis=dict(title="layer", tickmode="array", tickvals=self.layers),
+                                   margin=dict(t=50, b=40))
+        self.heatmap.data[0].on_click(self._on_click)
+        self.coactivation = go.FigureWidget(go.Heatmap(
+            x=list(range(self.n_experts)), y=list(range(self.n_experts)), colorscale="Viridis", zmin=0,
+            hovertemplate="of the tokens that chose expert %{y}, %{z:.3f} also chose %{x}<extra></extra>"))
+        self.coactivation.update_layout(xaxis_title="expert j", yaxis=dict(title="expert i", autorange="reversed"),
+                                        width=440, height=440, margin=dict(t=50))
+        self.coactivation.data[0].on_click(self._on_coactivation_click)
+        self.bars = go.FigureWidget(go.Bar())
+        baseline = self.k / self.n_experts if self.domains is not None else 1 / self.n_experts
+        self.bars.add_hline(y=baseline, line_dash="dash", line_color="gray",
+                            annotation_text="uniform k/E" if self.domains is not None else "uniform 1/E")
+        self.bars.update_layout(width=500, height=440, margin=dict(t=50), yaxis_title="share",
+                                xaxis=dict(title="domain" if self.domains is not None else "layer", type="category"))
+        self.select(layer, expert)
+        linked = ipywidgets.HBox([self.coactivation, self.bars], layout=ipywidgets.Layout(flex_flow="row wrap"))
+        self.children = [self.header, self.heatmap, linked]
+
+    def _header(self, hashed: list[bool]) -> str:
+        ds = self.dataset
+        hash_layers = [x for x, h in zip(self.layers, hashed) if h]
+        facts = [("source", self.source), ("tokens", f"{ds.sizes['token']:,}"),
+                 ("layers", ", ".join(map(str, self.layers))), ("experts", str(self.n_experts)), ("k", str(self.k))]
+        if hash_layers:
+            facts.append(("hash-routed", ", ".join(map(str, hash_layers))))
+        return " &middot; ".join(f"<b>{name}</b> {html.escape(value)}" for name, value in facts)
+
+    def select(self, layer: int, expert: int) -> None:
+        """Show `expert` at `layer` in the co-activation and bar figures."""
+        layer = _check_layer(layer, self.layers)
+        expert = _check_int(expert, "expert", 0, self.n_experts - 1)
+        self.selected = (layer, expert)
+        E = self.n_experts
+        with self.coactivation.batch_update():
+            self.coactivation.data[0].z = _compact(self.coactivation_data.coactivation.sel(layer=layer).values)
+            self.coactivation.layout.title = f"co-activation, layer {layer}"
+            box = dict(type="rect", line=dict(color="red", width=2), xref="x", yref="y")
+            self.coactivation.layout.shapes = [
+                dict(box, x0=-0.5, x1=E - 0.5, y0=expert - 0.5, y1=expert + 0.5),
+                dict(box, x0=expert - 0.5, x1=expert + 0.5, y0=-0.5, y1=E - 0.5)]
+        with self.bars.batch_update():
+            bar = self.bars.data[0]
+            if self.domains is not None:
+                bar.x = [str(d) for d in self.domains.domain.values]
+                bar.y = self.domains.specialisation.sel(layer=layer, expert=expert).values
+                bar.marker.color = _color(expert)
+                self.bars.layout.title = f"expert {expert}, layer {layer}: share of each domain's tokens"
+            else:
+                bar.x = self.layers
+                bar.y = self.load.share.sel(expert=expert).values
+                bar.marker.color = ["crimson" if x == layer else "lightgray" for x in self.layers]
+                self.bars.layout.title = f"expert {expert}, layer {layer}: share of routing slots at every layer"
+
+    def _on_click(self, trace: Any, points: Any, state: Any) -> None:
+        if points.xs:
+            self.select(int(points.ys[0]), int(points.xs[0]))
+
+    def _on_coactivation_click(self, trace: Any, points: Any, state: Any) -> None:
+        if points.xs:
+            self.select(self.selected[0], int(points.xs[0]))
+
+    def __repr__(self) -> str:
+        layer, expert = self.selected
+        return (f"RoutingDashboard(source={self.source!r}, tokens={self.dataset.sizes['token']:,}, "
+                f"layers={self.layers}, experts={self.n_experts}, k={self.k}, selected=(layer {layer}, "
+                f"expert {expert}){', by domain' if self.domains is not None else ''})")
+
+
+# ---------------------------------------------------------------- token view
+
+
+class TokenView(ipywidgets.VBox):
+    """A window of the traced text, each token coloured by its first-choice expert at one layer; hovering a
+    token shows its position, text, top-k experts and weights. Reads only the window from the store."""
+
+    def __init__(self, source: Source, *, layer: int | None = None, start: int = 0, length: int = 200,
+                 decode: Callable[[int], str] | None = None):
+        super().__init__()
+        self.dataset, self.source = _open(source)
+        ds = self.dataset
+        if "input_ids" not in ds:
+            raise ValueError(f"source {self.source} has no input_ids to show")
+        self.n_tokens = ds.sizes["token"]
+        layers = _layers(ds)
+        layer = _pick_layer(layer, layers, A.hash_routed(ds).values.tolist())
+        start = _check_int(start, "start", 0, self.n_tokens - 1)
+        length = _check_int(length, "length", 1, MAX_WINDOW)
+        if decode is None:
+            byte_level = int(ds.input_ids.max()) < 256
+            decode = _byte_text if byte_level else str
+        self.decode = decode
+        self.layer_picker = ipywidgets.Dropdown(options=layers, value=layer, description="layer")
+        self.start_box = ipywidgets.BoundedIntText(value=start, min=0, max=self.n_tokens - 1, description="start")
+        self.length_box = ipywidgets.BoundedIntText(value=length, min=1, max=MAX_WINDOW, description="length")
+        self.prev_button = ipywidgets.Button(description="< prev")
+        self.next_button = ipywidgets.Button(description="next >")
+        self.prev_button.on_click(lambda _: self._step(-1))
+        self.next_button.on_click(lambda _: self._step(1))
+        for control in (self.layer_picker, self.start_box, self.length_box):
+            control.observe(lambda _: self._render(), "value")
+        self.text = ipywidgets.HTML()
+        self.legend = ipywidgets.HTML()
+        self._render()
+        self.children = [ipywidgets.HBox([self.layer_picker, self.start_box, self.length_box, self.prev_button,
+                                          self.next_button]),
+                         self.legend, self.text]
+
+    @property
+    def layer(self) -> int:
+        return self.layer_picker.value
+
+    @property
+    def start(self) -> int:
+        return self.start_box.value
+
+    @property
+    def length(self) -> int:
+        return self.length_box.value
+
+    def _step(self, direction: int) -> None:
+        self.start_box.value = min(max(self.start + direction * self.length, 0), self.n_tokens - 1)
+
+    def window(self) -> xr.Dataset:
+        """The shown tokens' ids, top-k experts and (where stored) weights at the chosen layer, read from the
+        store for the window only (it ends at the last token)."""
+        part = self.dataset.isel(token=slice(self.start, min(self.start + self.length, self.n_tokens)))
+        names = [v for v in ("input_ids", "topk_ids", "topk_weights") if v in part]
+        return part[names].sel(layer=self.layer).compute()
+
+    def html(self) -> str:
+        """The HTML shown for the window: one span per token, background = first-choice expert, title = routing."""
+        return self.text.value
+
+    def _tokens_html(self, win: xr.Dataset) -> str:
+        ids, experts = win.input_ids.values, win.topk_ids.values
+        weights = win.topk_weights.values if "topk_weights" in win else None
+        spans = []
+        for j, pos in enumerate(win.token.values):
+            text = self.decode(int(ids[j]))
+            title = f"token {pos}: {text} | experts {', '.join(str(e) for e in experts[j])}"
+            if weights is not None:
+                title += " | weights " + ", ".join(f"{w:.2f}" for w in weights[j])
+            style = f"background:{_color(int(experts[j, 0]))}" if experts[j, 0] >= 0 else ""
+            spans.append(f'<span style="{style}" title="{html.escape(title)}">{html.escape(text)}</span>')
+        return ('<div style="font-family:monospace;white-space:pre-wrap;line-height:1.9">'
+                + "".join(spans) + "</div>")
+
+    def _legend_html(self, win: xr.Dataset) -> str:
+        """The experts that are first choice somewhere in the window, most frequent first, with their colours."""
+        first = win.topk_ids.values[:, 0]
+        experts, counts = np.unique(first[first >= 0], return_counts=True)
+        chips = [f'<span style="background:{_color(int(e))};padding:0 4px;margin-right:4px">'
+                 f"expert {e}: {c}</span>" for e, c in sorted(zip(experts, counts), key=lambda x: -x[1])]
+        return f"<div>first choice at layer {self.layer}: {''.join(chips)}</div>"
+
+    def _render(self) -> None:
+        win = self.window()
+        self.text.value = self._tokens_html(win)
+        self.legend.value = self._legend_html(win)
+
+    def __repr__(self) -> str:
+        stop = min(self.start + self.length, self.n_tokens)
+        return (f"TokenView(source={self.source!r}, layer={self.layer}, tokens {self.start:,}..{stop:,} "
+                f"of {self.n_tokens:,})")
+
+
+# ---------------------------------------------------------------- long-context navigator
+
+
+class LongContextNavigator(ipywidgets.VBox):
+    """Expert load along the sequence at one layer: a heatmap of each expert's share of the routing slots per
+    bin of positions and the most loaded experts as lines. Zooming or panning the x axis re-aggregates the
+    visible range into `bins` bins here in Python; the figure never holds more than `bins` points per series.
+
+    `bins` is capped so that bins x experts <= MAX_CELLS (150,000) values: with 384 experts, 390 bins.
+    """
+
+    def __init__(self, source: Source, *, layer: int | None = None, bins: int = 400, experts: int = 8):
+        super().__init__()
+        self.dataset, self.source = _open(source)
+        ds = self.dataset
+        self.n_tokens, self.n_experts = ds.sizes["token"], A._experts(ds)
+        self.bins = min(_check_int(bins, "bins", 1, 1 << 30), max(1, MAX_CELLS // self.n_experts))
+        self.experts = min(_check_int(experts, "experts", 0, 1 << 30), self.n_experts)
+        layers = _layers(ds)
+        layer = _pick_layer(layer, layers, A.hash_routed(ds).values.tolist())
+        self.layer_picker = ipywidgets.Dropdown(options=layers, value=layer, description="layer")
+        self.layer_picker.observe(lambda _: self.view(*self.range), "value")
+        self.reset_button = ipywidgets.Button(description="reset zoom")
+        self.reset_button.on_click(lambda _: self.view(0, self.n_tokens))
+        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.04)
+        fig.add_trace(go.Heatmap(colorscale="Viridis", zmin=0,
+                                 colorbar=dict(title="share", len=0.6, y=1, yanchor="top"),
+                                 hovertemplate="position %{x:.0f}, expert %{y}: share %{z:.4f}<extra></extra>"),
+                      row=1, col=1)
+        for _ in range(self.experts):
+            fig.add_trace(go.Scatter(mode="lines", line_shape="hv"), row=2, col=1)
+        fig.update_layout(height=560, margin=dict(t=50), legend=dict(y=0.35, yanchor="top"))
+        fig.update_yaxes(title_text="expert", row=1, col=1)
+        fig.update_yaxes(title_text="share of slots", row=2, col=1)
+        fig.update_xaxes(title_text="token position", row=2, col=1)
+        self.figure = go.FigureWidget(fig)
+        self.range = (0, self.n_tokens)
+        self.view(0, self.n_tokens)
+        for axis in ("xaxis", "xaxis2"):
+            self.figure.layout.on_change(self._on_range, f"{axis}.range")
+            self.figure.layout.on_change(self._on_autorange, f"{axis}.autorange")
+        self.children = [ipywidgets.HBox([self.layer_picker, self.reset_button]), self.figure]
+
+    @property
+    def layer(self) -> int:
+        return self.layer_picker.value
+
+    def _bounds(self, start: Any, stop: Any) -> tuple[int, int]:
+        start = _check_int(start, "start", 0, self.n_tokens - 1)
+        return start, _check_int(stop, "stop", start + 1, self.n_tokens)
+
+    def aggregate(self, start: int, stop: int) -> xr.DataArray:
+        """Each expert's share of the routing slots of the chosen layer in min(bins, stop - start) bins of
+        positions [start, stop), as (bin, expert) with the bins' first positions in `bin_start`."""
+        start, stop = self._bounds(start, stop)
+        E, n = self.n_experts, stop - start
+        nb = min(self.bins, n)
+        ids = self.dataset.topk_ids.sel(layer=[self.layer])
+        read = A._reader(ids, self.dataset.encoding.get("source"))
+        step = max(1, BLOCK_ENTRIES // ids.sizes["k"])
+        counts = np.zeros(nb * E, np.int64)
+        for s in range(start, stop, step):
+            e = min(s + step, stop)
+            block = read(s, e)[0]  # [tokens, k]
+            cell = ((np.arange(s, e) - start) * nb // n)[:, None] * E + block
+            counts += np.bincount(cell[block >= 0], minlength=nb * E)
+        counts = counts.reshape(nb, E)
+        share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        edges = start - (-np.arange(nb + 1) * n // nb)  # bin b holds positions with (p - start) * nb // n == b
+        return xr.DataArray(share, dims=("bin", "expert"), name="share",
+                            coords={"bin_start": ("bin", edges[:-1]), "bin_stop": ("bin", edges[1:]),
+                                    "expert": np.arange(E)},
+                            attrs={"layer": self.layer, "start": start, "stop": stop,
+                                   "definition": "slots of the bin routed to the expert / slots of the bin"})
+
+    def view(self, start: int, stop: int) -> None:
+        """Show positions [start, stop), re-aggregated into at most `bins` bins (what a zoom does)."""
+        share = self.aggregate(start, stop)
+        start, stop = share.attrs["start"], share.attrs["stop"]
+        self.range = (start, stop)
+        edges = np.append(share.bin_start.values, stop)
+        top = np.argsort(-share.values.sum(0), kind="stable")[:self.experts]
+        with self.figure.batch_update():
+            heat = self.figure.data[0]
+            heat.x, heat.y, heat.z = edges, share.expert.values, _compact(share.values.T)
+            for line, e in zip(self.figure.data[1:], top):
+                line.x, line.y = share.bin_start.values, share.values[:, e].astype(np.float32)
+                line.name, line.line.color = f"expert {e}", _color(int(e))
+            self.figure.layout.title = (f"expert load along the sequence, layer {self.layer}: tokens "
+                                        f"{start:,}..{stop:,} in {share.sizes['bin']} bins")
+            self.figure.layout.xaxis.range = self.figure.layout.xaxis2.range = (start, stop)
+
+    def _on_range(self, layout: Any, xrange: Any) -> None:
+        if xrange is None:
+            return
+        start = min(max(math.floor(xrange[0]), 0), self.n_tokens - 1)
+        stop = min(max(math.ceil(xrange[1]), start + 1), self.n_tokens)
+        if (start, stop) != self.range:
+            self.view(start, stop)
+
+    def _on_autorange(self, layout: Any, autorange: Any) -> None:
+        if autorange is True and self.range != (0, self.n_tokens):
+            self.view(0, self.n_tokens)
+
+    def __repr__(self) -> str:
+        start, stop = self.range
+        return (f"LongContextNavigator(source={self.source!r}, layer={self.layer}, tokens {start:,}..{stop:,} "
+                f"of {self.n_tokens:,}, bins={self.bins}, experts={self.n_experts})")
+
+
+# ---------------------------------------------------------------- intervention panel
+
+
+class InterventionPanel(ipywidgets.VBox):
+    """Ablate or force experts at one layer for a prompt and compare the next-token predictions with the
+    unchanged forward: top tokens before and after, the largest logit changes, and whether the argmax moved."""
+
+    def __init__(self, model: Any, prompt: str | Sequence[int] | torch.Tensor, *, layer: int | None = None,
+                 tokenizer: Any = None, top: int = 10):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        self.top = _check_int(top, "top", 1, 1 << 20)
+        self.ids = self._encode(prompt)
+        self.routers = {int(i): m for i, block in model.layers.items() for m in block.modules()
+                        if isinstance(m, Router)}
+        if not self.routers:
+            raise ValueError("model has no MoE layer to intervene on")
+        layers = sorted(self.routers)
+        layer = _pick_layer(layer, layers, [])
+        logits, cache = model.run_with_cache(self.ids, names=["layers.*.router.topk_ids"])
+        self.logits = logits[0, -1].float()
+        self.routing = {x: cache[f"layers.{x}.router.topk_ids"][0, -1].tolist() for x in layers}
+        self.result: dict[str, Any] | None = None
+        self.layer_picker = ipywidgets.Dropdown(options=layers, value=layer, description="layer")
+        self.expert_picker = ipywidgets.SelectMultiple(description="experts", rows=8)
+        self.mode_picker = ipywidgets.ToggleButtons(options=["ablate", "force"], value="ablate")
+        self.run_button = ipywidgets.Button(description="run", button_style="primary")
+        self.run_button.on_click(lambda _: self._run_clicked())
+        self.info = ipywidgets.HTML()
+        self.output = ipywidgets.HTML()
+        self.layer_picker.observe(lambda _: self._layer_changed(), "value")
+        self._layer_changed()
+        self.children = [ipywidgets.HBox([self.layer_picker, self.expert_picker,
+                                          ipywidgets.VBox([self.mode_picker, self.run_button])]),
+                         self.info, self.output]
+
+    def _encode(self, prompt: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """The prompt as ids [1, T]: text through the tokenizer, or token ids as given."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but the model has no tokenizer; pass tokenizer= or token ids")
+            prompt = self.tokenizer.encode(prompt)
+        ids = torch.as_tensor(prompt, dtype=torch.long)
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.dim() != 1 or len(ids) == 0:
+            raise ValueError(f"prompt must be text or one non-empty sequence of token ids, got shape "
+                             f"{list(ids.shape)}")
+        return ids[None]
+
+    def _text(self, token: int) -> str:
+        text = self.tokenizer.decode([token]) if self.tokenizer is not None else ""
+        return _visible(text) if text and text != "\ufffd" else f"<{token}>"
+
+    def _top(self, logits: torch.Tensor) -> list[tuple[str, int, float]]:
+        p = logits.softmax(-1)
+        values, ids = p.topk(min(self.top, len(p)))
+        return [(self._text(int(i)), int(i), float(v)) for v, i in zip(values, ids)]
+
+    def run(self, layer: int, experts: Sequence[int], mode: str = "ablate") -> dict[str, Any]:
+        """The prompt's next-token prediction with `experts` ablated (their weights zeroed) or forced (one id
+        per routing slot) at `layer` for every token, against the unchanged forward: top tokens before and
+        after as (text, id, probability), the largest logit changes as (text, id, before, after, delta)."""
+        layer = _check_layer(layer, sorted(self.routers))
+        spec = self.routers[layer].spec
+        experts = [_check_int(e, "experts", 0, spec.experts - 1) for e in experts]
+        if mode == "ablate":
+            if not experts:
+                raise ValueError("experts is empty: pick at least one expert to ablate")
+            hooks = ablate(layer, experts)
+        elif mode == "force":
+            if len(experts) != spec.top_k:
+                raise ValueError(f"experts: forcing needs exactly k={spec.top_k} experts, got {len(experts)}")
+            hooks = force(layer, experts)
+        else:
+            raise ValueError(f"mode must be 'ablate' or 'force', got {mode!r}")
+        with torch.no_grad(), self.model.hooks(hooks):
+            after = self.model(self.ids)[0, -1].float()
+        delta = after - self.logits
+        moved = delta.abs().topk(min(self.top, len(delta))).indices
+        self.result = {
+            "layer": layer, "experts": experts, "mode": mode,
+            "baseline": self._top(self.logits), "intervened": self._top(after),
+            "logit_delta": [(self._text(int(i)), int(i), float(self.logits[i]), float(after[i]), float(delta[i]))
+                            for i in moved],
+            "changed": int(after.argmax()) != int(self.logits.argmax()),
+        }
+        return self.result
+
+    def _layer_changed(self) -> None:
+        layer = self.layer_picker.value
+        self.expert_picker.options = list(range(self.routers[layer].spec.experts))
+        routed = self.routing[layer]
+        self.expert_picker.value = routed[:1]
+        self.info.value = (f"the prompt's last token is routed to experts {', '.join(map(str, routed))} at layer "
+                           f"{layer}; forcing takes k={len(routed)} experts")
+
+    def _run_clicked(self) -> None:
+        try:
+            result = self.run(self.layer_picker.value, list(self.expert_picker.value), self.mode_picker.value)
+        except ValueError as e:
+            self.output.value = f"<b>cannot run</b>: {html.escape(str(e))}"
+            return
+        self.output.value = self.table_html(result)
+
+    @staticmethod
+    def table_html(result: dict[str, Any]) -> str:
+        """A `run` result as HTML: top tokens before and after side by side, then the largest logit changes."""
+        def cell(text: str) -> str:
+            return f"<td><code>{html.escape(text)}</code></td>"
+
+        rows = "".join(
+            f"<tr><td>{i + 1}</td>{cell(b[0])}<td>{b[2]:.3f}</td>{cell(a[0])}<td>{a[2]:.3f}</td></tr>"
+            for i, (b, a) in enumerate(zip(result["baseline"], result["intervened"])))
+        changes = "".join(f"<tr>{cell(t)}<td>{before:.3f}</td><td>{after:.3f}</td><td>{d:+.3f}</td></tr>"
+                          for t, _, before, after, d in result["logit_delta"])
+        verdict = (f"argmax changed: {html.escape(result['baseline'][0][0])} -> "
+                   f"{html.escape(result['intervened'][0][0])}" if result["changed"] else "argmax unchanged")
+        return (f"<p>{result['mode']} experts {', '.join(map(str, result['experts']))} at layer {result['layer']}: "
+                f"<b>{verdict}</b></p><div style='display:flex;gap:2em'>"
+                "<table><tr><th>#</th><th>before</th><th>p</th><th>after</th><th>p</th></tr>" + rows + "</table>"
+                "<table><tr><th>token</th><th>logit before</th><th>after</th><th>change</th></tr>"
+                + changes + "</table></div>")
+
+    def __repr__(self) -> str:
+        source = getattr(self.model, "source", None) or type(self.model).__name__
+        return (f"InterventionPanel(model={source!r}, prompt={self.ids.shape[1]} tokens, "
+                f"layers={sorted(self.routers)}, top={self.top})")
