@@ -52,6 +52,7 @@ import xarray as xr
 import zarr
 from numba import njit, prange
 
+from . import publish
 from .parallel import torch_threads
 from .store import TRAILING_DIMS, _layer, _var_name, trailing_dims
 
@@ -125,8 +126,10 @@ def from_cache(cache: Mapping[str, Any], input_ids: ArrayLike, *, n_experts: int
         lg = _numpy(logits)
         data["predicted_ids"] = (("token",), lg.reshape(-1, lg.shape[-1]).argmax(-1).astype(np.int32))
     k = data["topk_ids"][1].shape[-1]
-    return xr.Dataset(data, coords={"layer": np.asarray(layer_coord, np.int64), "token": np.arange(n)},
-                      attrs={"n_experts": int(n_experts), "k": int(k), "routed_layers": routed})
+    ds = xr.Dataset(data, coords={"layer": np.asarray(layer_coord, np.int64), "token": np.arange(n)},
+                    attrs={"n_experts": int(n_experts), "k": int(k), "routed_layers": routed})
+    publish.record_dataset(ds)  # only under `workbench publish` / `verify`: the routing hash
+    return ds
 
 
 def _numpy(x: ArrayLike) -> np.ndarray:

@@ -184,6 +184,59 @@ def plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parameters(pairs: list[list[str]] | None) -> dict:
+    from workbench.publish import parse_value
+
+    return {name: parse_value(value) for name, value in pairs or []}
+
+
+@user_errors
+def publish(args: argparse.Namespace) -> int:
+    """Execute a notebook in a fresh kernel; write it executed, as offline HTML, and with its manifest."""
+    import json
+
+    from workbench.publish import NotebookError, publish as run_publish
+
+    try:
+        out = run_publish(args.notebook, args.out, _parameters(args.parameter), timeout=args.timeout,
+                          kernel=args.kernel)
+    except NotebookError as e:
+        print(f"workbench publish: error: {e}\nnothing was written to {args.out}", file=sys.stderr)
+        return 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"published {args.notebook} to {out}: {', '.join(sorted(manifest['files']))}, manifest.json "
+          f"({len(manifest['models'])} model(s), {len(manifest['inputs'])} input file(s), "
+          f"{len(manifest['traces'])} routing trace(s); executed in {manifest['execution']['wall_s']:.1f} s)")
+    return 0
+
+
+@user_errors
+def verify(args: argparse.Namespace) -> int:
+    """Re-execute a published notebook and compare what it loads, reads and traces with its manifest."""
+    import warnings
+
+    from workbench.publish import ReproducibilityWarning, read_manifest, verify as run_verify
+
+    manifest = read_manifest(args.dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ReproducibilityWarning)
+        differences = run_verify(args.dir, timeout=args.timeout, parameters=_parameters(args.parameter))
+    for w in caught:
+        if issubclass(w.category, ReproducibilityWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if differences:
+        print(f"NOT verified: {args.dir}: {len(differences)} difference(s)")
+        for line in differences:
+            print(f"  {line}")
+        return 1
+    print(f"verified: {args.dir}: {manifest['notebook']['name']} re-executed with the same notebook, parameters and "
+          f"seeds; {len(manifest['models'])} model(s), {len(manifest['inputs'])} input file(s) and "
+          f"{len(manifest['traces'])} routing trace(s) identical")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workbench", description="MoE research and interpretability workbench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +289,35 @@ def main(argv: list[str] | None = None) -> int:
                         "T` does (DeepSeek-V4; T must divide N, num_attention_heads and o_groups; with --gpu-memory, "
                         "world sizes that are multiples of T are searched)")
     p.set_defaults(func=plan)
+    p = sub.add_parser("publish", help="execute a notebook; write it executed, as offline HTML, with a provenance "
+                                       "manifest",
+                       description="Executes NOTEBOOK in a fresh kernel (papermill; cwd: its folder) and writes "
+                                   "DIR/NAME.ipynb (executed), DIR/NAME.html (no kernel or network needed; plotly.js "
+                                   "inline; widgets show their static fallback), DIR/source/NAME.ipynb and "
+                                   "DIR/manifest.json: versions, hardware, parameters, seeds, the hashes of every "
+                                   "model file, input file and routing trace. A failing cell writes nothing.")
+    p.add_argument("notebook", help="notebook to execute (.ipynb)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (a previous publication is replaced)")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="set a parameter of the cell tagged `parameters` (True/False/None, numbers parsed); repeatable")
+    p.add_argument("--timeout", type=float, default=3600, metavar="S", help="seconds per cell (0: no limit)")
+    p.add_argument("--kernel", metavar="NAME", help="kernel to run (default: the notebook's kernelspec)")
+    p.set_defaults(func=publish)
+    p = sub.add_parser("verify", help="re-execute a published notebook and compare with its manifest",
+                       description="Re-executes DIR/source/NAME.ipynb in the notebook's original folder with the "
+                                   "recorded parameters and compares the notebook, parameters, seeds, model, config, "
+                                   "tokenizer and input file hashes, routing trace hashes and the workbench version; "
+                                   "package versions and hardware are reported as warnings. Exit 0: verified; 1: "
+                                   "differences, one per line. Routing traces are bit-reproducible for a given "
+                                   "backend, dtype, machine and thread count: `torch` and `grouped` on CPU in "
+                                   "float32 repeat exactly with the same torch thread count; another CPU, BLAS or "
+                                   "thread count can change the low bits of routing weights (verify then says "
+                                   "whether the top-k ids still agree).")
+    p.add_argument("dir", metavar="DIR", help="folder written by `workbench publish`")
+    p.add_argument("--timeout", type=float, default=3600, metavar="S", help="seconds per cell (0: no limit)")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="re-execute with this parameter changed (reported as a difference); repeatable")
+    p.set_defaults(func=verify)
     args = parser.parse_args(argv)
     return args.func(args)
 

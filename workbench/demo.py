@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import publish
+
 DATA = Path(__file__).resolve().parent.parent / "data"
 EMBEDDED_MODEL = DATA / "models" / "wb-v4-mini"
 CORPUS = DATA / "corpus"
@@ -54,7 +56,7 @@ def heldout_texts(max_bytes: int) -> dict[str, bytes]:
     """The first `max_bytes` of each domain's held-out split (cut at a UTF-8 character boundary)."""
     texts = {}
     for path in sorted(CORPUS.glob("*.heldout.txt")):
-        data = path.read_bytes()[:max_bytes]
+        data = publish.record_input(path).read_bytes()[:max_bytes]  # a published analysis's input
         texts[path.name.split(".")[0]] = data.decode("utf-8", errors="ignore").encode()
     return texts
 

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, publish
 from .config import Config
 from .errors import CheckpointError
 from .models import family
@@ -112,6 +112,7 @@ def load(
             module.backend = backend
     model.source, model.revision, model.commit = str(source), revision, commit
     model.checkpoint_dir, model.tokenizer = folder, tokenizer
+    publish.record_model(model, weights)  # only under `workbench publish` / `verify`: hashes for the manifest
     return model
 
 

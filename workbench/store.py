@@ -64,7 +64,7 @@ import zarr
 from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec
 
-from . import distributed
+from . import distributed, publish
 from .checkpoint import sha256
 from .errors import HookError
 from .models.base import CausalLM, State
@@ -181,6 +181,8 @@ def trace(
         if parallel:
             start = distributed.broadcast_int(start)
         _run(model, ids, out, root, plan, start, progress and writer, t0)
+    if writer:
+        publish.record_store(out, seed)  # only under `workbench publish` / `verify`: the routing hash
     return out
 
 
