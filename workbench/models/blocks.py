@@ -685,17 +685,3 @@ class MoE(nn.Module):
             outs = self.hp_expert_out(outs.view(*shape, k, -1), topk_ids=ids.view(*shape, k)).view(N, k, -1)
             y = moe_sum(outs, weights)
         return y
-        if want_hidden:
-            edited = self.hp_hidden(hidden.view(*shape, k, -1), topk_ids=ids.view(*shape, k)).view(N * k, -1)
-            if not torch.equal(edited, hidden.view(N * k, -1)):  # an edit: rerun the down projections on it
-                pairs = ids.flatten()
-                order = torch.sort(pairs, stable=True).indices
-                ends = torch.bincount(pairs, minlength=ex.gate_proj.shape[0]).cumsum(0).tolist()
-                out = x.new_empty(N * k, x.shape[-1])
-                out[order] = ex.grouped_down(edited[order], ends)
-                outs = out.view(N, k, -1)
-                y = (outs * weights[..., None]).sum(dim=1)
-        if want_out:
-            outs = self.hp_expert_out(outs.view(*shape, k, -1), topk_ids=ids.view(*shape, k)).view(N, k, -1)
-            y = (outs * weights[..., None]).sum(dim=1)
-        return y
