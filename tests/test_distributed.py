@@ -114,8 +114,8 @@ def test_tensor_parallel_attention_equals_one_process(reference, world, tp, tmp_
     for rank in range(world):
         got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
         for name, ref in want.items():
-            if ref.dtype.is_floating_point:  # attention outputs are summed across ranks: activations move more
-                tol = 1e-5 if ".router." in name or "." not in name else 1e-4
+            if ref.dtype.is_floating_point:  # attention outputs are summed across ranks: activations and logits
+                tol = 1e-5 if ".router." in name else 1e-4  # move by up to the project's logit tolerance
                 assert_close_scaled(got[name], ref, tol, f"rank {rank} {name}")
             else:
                 assert torch.equal(got[name], ref), f"rank {rank}: {name} differs"
