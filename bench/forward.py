@@ -1,7 +1,8 @@
 """Forward throughput of the backends against transformers (and nnsight) on the same checkpoint, in one run.
 
 For one random checkpoint (a ~150M-parameter DeepSeek-V3-style model, a ~150M Mixtral-style one, or a small
-V4), fp32, one sequence of --tokens tokens, best of --repeat, it prints tokens/s of:
+V4), fp32, one sequence of --tokens tokens, best of --repeat (timed in rounds that run each in turn),
+it prints tokens/s of:
 - transformers with its experts implementations (eager, grouped_mm; --hf-experts adds others): the best is the peer;
 - workbench with the `torch` (reference) and `grouped` backends, unhooked;
 - workbench `grouped` recording the full routing trace (every layer's topk_ids and topk_weights), and
@@ -48,13 +49,21 @@ HF_EXPERTS = ("eager", "grouped_mm")  # batched_mm also exists: 40x slower than 
 
 
 def best_time(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
+    return best_times({"": fn}, repeat)[""]
+
+
+def best_times(fns: dict, repeat: int) -> dict[str, float]:
+    """Best of `repeat` for each function, timed in rounds that run each once in turn: a slow spell of this
+    shared machine then lands on every run alike instead of on whichever happened to be timing."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {k: [] for k in fns}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: min(v) for k, v in times.items()}
 
 
 def matmul_flops(n: int = 1024, repeat: int = 5) -> float:
@@ -126,14 +135,15 @@ def main() -> None:
         routing = ["layers.*.router.topk_ids", "layers.*.router.topk_weights"]
         routers = ["layers.*.router.*"]
         per_expert = routing + ["layers.*.experts.*"]
-        times = {}
+        hf_runs = {}
         for impl in args.hf_experts:
             try:
                 hf.set_experts_implementation(impl)
             except (ValueError, AttributeError) as e:
                 print(f"transformers experts_implementation={impl}: unavailable ({e})")
                 continue
-            times[f"transformers ({impl})"] = best_time(lambda: hf(ids), args.repeat)
+            hf_runs[f"transformers ({impl})"] = lambda impl=impl: (hf.set_experts_implementation(impl), hf(ids))
+        times = best_times(hf_runs, args.repeat)
         peer = min(times, key=times.get)
         hf.set_experts_implementation(peer.split("(")[1].rstrip(")"))
         g = ours["grouped"]
@@ -145,10 +155,10 @@ def main() -> None:
             f"nnsight on {peer}: router outputs": nnsight_router_capture(hf, ids),
             "workbench grouped: router outputs": lambda: g.run_with_cache(ids, names=routers),
         }
-        times.update({k: best_time(f, args.repeat) for k, f in runs.items()})
+        times.update(best_times(runs, args.repeat))
         short = ids[:, : args.short_tokens]  # a prompt: where tracing overheads, not the forward, dominate
-        capture = {"nnsight": best_time(nnsight_router_capture(hf, short), args.repeat),
-                   "workbench": best_time(lambda: g.run_with_cache(short, names=routers), args.repeat)}
+        capture = best_times({"nnsight": nnsight_router_capture(hf, short),
+                              "workbench": lambda: g.run_with_cache(short, names=routers)}, args.repeat)
         peak = matmul_flops()
     flops = 2 * active_params(g) * args.tokens + attention_flops(cfg, args.tokens)
     print(f"{args.family}: {sum(p.numel() for p in g.parameters()) / 1e6:.1f}M params, "
