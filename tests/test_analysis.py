@@ -373,6 +373,20 @@ def test_from_cache_builds_the_store_layout(stored):
         A.from_cache(cache, tokens)
 
 
+def test_public_reading_helpers(stored):
+    """routed_view, expert_count and token_reader: what the widgets build on, on a store and in memory."""
+    ds, *_ = stored
+    assert A.expert_count(ds) == 32 and A.routed_view(ds).topk_ids.dims == ("layer", "token", "k")
+    for source in (ds.encoding["source"], None):
+        read = A.token_reader(ds.topk_ids, source)
+        np.testing.assert_array_equal(read(500, 700), ds.topk_ids.isel(token=slice(500, 700)).values)
+    np.testing.assert_array_equal(A.token_reader(ds.input_ids.compute())(3, 9), ds.input_ids.values[3:9])
+    with pytest.raises(ValueError, match="n_experts"):
+        A.expert_count(ds.assign_attrs(n_experts=None))
+    with pytest.raises(ValueError, match="no topk_ids"):
+        A.routed_view(ds.drop_vars("topk_ids"))
+
+
 def test_store_analyses_equal_in_memory(stored, monkeypatch):
     """Every analysis over the dask-backed store (direct zarr reads, blocks of whole chunks) equals the same
     data in memory scanned in 333-token blocks, and the hash-routed layers show."""

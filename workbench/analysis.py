@@ -15,6 +15,10 @@ its value under uniform random routing. Definitions follow the papers (see the r
 - router saturation (OLMoE) and top-k Jaccard between two traces of the same tokens.
 - cross-layer joint routing counts, token/domain-expert mutual information, router confidence, super experts.
 
+For code of its own (the widgets are such code), `routed_view`, `expert_count` and `token_reader` are the same
+entry points the analyses use: the routed layers in (layer, token, k) order, the expert count, and a reader of
+token ranges that goes straight to a store's zarr chunks.
+
 Layers are the checkpoint's own numbers. Hash-routed layers (DeepSeek-V4's first layers route by token id) are
 kept; every per-layer result carries a `hash_routed(layer)` coordinate, detected from the data (`hash_routed`).
 
@@ -215,8 +219,10 @@ def _stored(da: xr.DataArray, source: str | None) -> _Stored | None:
     return stored if np.array_equal(stored.reader()(0, m), first, equal_nan=da.dtype.kind == "f") else None
 
 
-def _reader(da: xr.DataArray, source: str | None) -> Callable[[int, int], np.ndarray]:
-    """read(s, e): the values of `da` at token positions [s, e) as numpy, token axis where `da` has it."""
+def token_reader(da: xr.DataArray, source: str | None = None) -> Callable[[int, int], np.ndarray]:
+    """read(s, e): the values of `da` at token positions [s, e) as numpy, token axis where `da` has it. With
+    `source` (the store path, `ds.encoding["source"]`) a plain store variable is read straight from its zarr
+    chunks, skipping dask's graph: the fast path for scanning a long store block by block."""
     stored = _stored(da, source)
     if stored is not None:
         return stored.reader()
@@ -257,7 +263,7 @@ def _scan(ds: xr.Dataset, das: Sequence[xr.DataArray],
     the GIL) while the caller counts the current one."""
     n = das[0].sizes["token"]
     source = ds.encoding.get("source")
-    readers = [_reader(da, source) for da in das]
+    readers = [token_reader(da, source) for da in das]
     edges = _bounds(das, n)
     spans = [(max(s - lookback, 0), e) for s, e in zip(edges[:-1], edges[1:])]
 
@@ -275,7 +281,7 @@ def _scan(ds: xr.Dataset, das: Sequence[xr.DataArray],
             yield span[0], span[1], blocks
 
 
-def _routing(ds: xr.Dataset) -> xr.Dataset:
+def routed_view(ds: xr.Dataset) -> xr.Dataset:
     """`ds` restricted to its routed layers (a store's dense layers hold -1), topk_ids as (layer, token, k)."""
     if "topk_ids" not in ds:
         raise ValueError("the Dataset has no topk_ids; open a store with wb.open_store or build one with from_cache")
@@ -291,7 +297,8 @@ def _routing(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
-def _experts(ds: xr.Dataset) -> int:
+def expert_count(ds: xr.Dataset) -> int:
+    """How many experts route in `ds` (its `n_experts` attr), with a clear error where it is missing."""
     e = ds.attrs.get("n_experts")
     if not e:
         raise ValueError("the Dataset's attrs do not say n_experts; build it with from_cache(..., n_experts=E)")
@@ -310,11 +317,11 @@ def _labels(labels: ArrayLike, n: int) -> tuple[np.ndarray, np.ndarray]:
 def hash_routed(ds: xr.Dataset) -> xr.DataArray:
     """Per layer, whether its routing is a fixed function of the token id (DeepSeek-V4's hash layers): on the
     first HASH_PROBE_TOKENS tokens every repeated id got exactly the same ranked experts (and ids repeat)."""
-    ds = _routing(ds)
+    ds = routed_view(ds)
     m = min(ds.sizes["token"], HASH_PROBE_TOKENS)
     source = ds.encoding.get("source")
-    ids = _reader(ds.topk_ids, source)(0, m)
-    tokens = _reader(ds.input_ids, source)(0, m) if "input_ids" in ds else None
+    ids = token_reader(ds.topk_ids, source)(0, m)
+    tokens = token_reader(ds.input_ids, source)(0, m) if "input_ids" in ds else None
     if tokens is None:
         flags = [False] * len(ids)
     else:
@@ -330,7 +337,7 @@ def _finish(out: xr.Dataset, ds: xr.Dataset, **attrs: Any) -> xr.Dataset:
     """Common coords and attrs: the hash_routed flag per layer, n_experts, k, tokens scanned."""
     if "layer" in out.dims:
         out = out.assign_coords(hash_routed=hash_routed(ds))
-    out.attrs.update({"n_experts": _experts(ds), "k": int(ds.sizes["k"]), "tokens": int(ds.sizes["token"]), **attrs})
+    out.attrs.update({"n_experts": expert_count(ds), "k": int(ds.sizes["k"]), "tokens": int(ds.sizes["token"]), **attrs})
     return out
 
 
@@ -634,8 +641,8 @@ def _max_abs_step(start: int, arrays: list[np.ndarray], acc: list[np.ndarray], t
 def expert_load(ds: xr.Dataset) -> xr.Dataset:
     """Per layer and expert: routing counts and share; per layer: normalised entropy, coefficient of variation,
     Gini, dead experts, MaxVio and DeepSeek's relative load (actual / uniform)."""
-    ds = _routing(ds)
-    E, L = _experts(ds), ds.sizes["layer"]
+    ds = routed_view(ds)
+    E, L = expert_count(ds), ds.sizes["layer"]
     counts, tokens = _accumulate(ds, [ds.topk_ids], _load_step, [((L, E), np.int64), ((L,), np.int64)])
     return _load_dataset(counts, tokens, ds)
 
@@ -690,8 +697,8 @@ def coactivation(ds: xr.Dataset, mode: str = "all_pairs") -> xr.Dataset:
     top-k (k - 1 pairs per token), as OLMoE's released analysis counts them."""
     if mode not in ("all_pairs", "adjacent_ranks"):
         raise ValueError(f"mode must be 'all_pairs' or 'adjacent_ranks', got {mode!r}")
-    ds = _routing(ds)
-    E, L, k = _experts(ds), ds.sizes["layer"], ds.sizes["k"]
+    ds = routed_view(ds)
+    E, L, k = expert_count(ds), ds.sizes["layer"], ds.sizes["k"]
     pairs, counts, _ = _accumulate(ds, [ds.topk_ids], _coactivation_step,
                                    [((L, E, E), np.int64), ((L, E), np.int64), ((L,), np.int64)],
                                    params=(mode == "adjacent_ranks",))
@@ -714,7 +721,7 @@ def coactivation(ds: xr.Dataset, mode: str = "all_pairs") -> xr.Dataset:
 
 def _joint(ds: xr.Dataset, codes: np.ndarray, groups: int, top: int) -> np.ndarray:
     """counts[layer, group, expert] of routing slots of rank < top, tokens grouped by `codes` (-1: skipped)."""
-    E, L = _experts(ds), ds.sizes["layer"]
+    E, L = expert_count(ds), ds.sizes["layer"]
     return _accumulate(ds, [ds.topk_ids], _joint_step, [((L, groups, E), np.int64)], [codes], (top,))[0]
 
 
@@ -722,8 +729,8 @@ def domain_specialisation(ds: xr.Dataset, labels: ArrayLike) -> xr.Dataset:
     """OLMoE's domain specialisation: of a domain's tokens, the share that has expert e among its top-k,
     N(e, domain) / N(domain) (uniform k/E); `relative` is that over k/E, DeepSeek's relative load per
     (domain, layer, expert). `labels`: one domain label per token."""
-    ds = _routing(ds)
-    E, k = _experts(ds), ds.sizes["k"]
+    ds = routed_view(ds)
+    E, k = expert_count(ds), ds.sizes["k"]
     codes, names = _labels(labels, ds.sizes["token"])
     counts = _joint(ds, codes, len(names), k).transpose(1, 0, 2)
     tokens = np.bincount(codes, minlength=len(names))
@@ -766,8 +773,8 @@ def vocabulary_specialisation(ds: xr.Dataset, against: str | ArrayLike = "input"
     """OLMoE's vocabulary specialisation: for each token id x seen at least `min_count` times, the share of its
     occurrences routed to expert e, N(e, x) / N(x), with x the input token, the next token or the predicted
     token (`against`). top1=True counts only the first choice (as OLMoE's released script does)."""
-    ds = _routing(ds)
-    E, k = _experts(ds), ds.sizes["k"]
+    ds = routed_view(ds)
+    E, k = expert_count(ds), ds.sizes["k"]
     ids = _token_ids(ds, against)
     occurrences = np.bincount(ids[ids >= 0])
     kept = np.flatnonzero(occurrences >= min_count)
@@ -813,7 +820,7 @@ def mutual_information(ds: xr.Dataset, labels: str | ArrayLike = "token", *, top
     "token" (the input token id) or one label per token (e.g. its domain). Each routing slot is one (label,
     expert) sample (top1: first choice only). `mi_shuffled` is the same with the labels randomly permuted over
     the tokens (seed): the finite-sample value of independent labels, to subtract."""
-    ds = _routing(ds)
+    ds = routed_view(ds)
     k = ds.sizes["k"]
     if isinstance(labels, str) and labels == "token":
         ids = _token_ids(ds, "input")
@@ -843,8 +850,8 @@ def repetition(ds: xr.Dataset, labels: ArrayLike | None = None) -> xr.Dataset:
     first choice (random 1/E), with intersecting top-2 sets ("first or second choice", random
     1 - C(E-2, 2) / C(E, 2)), and their mean top-k overlap |E_t ∩ E_t-1| / k (random k/E). With per-token
     `labels` (e.g. domain) pairs are counted per label and pairs across a label change are left out."""
-    ds = _routing(ds)
-    E, L, k, n = _experts(ds), ds.sizes["layer"], ds.sizes["k"], ds.sizes["token"]
+    ds = routed_view(ds)
+    E, L, k, n = expert_count(ds), ds.sizes["layer"], ds.sizes["k"], ds.sizes["token"]
     if labels is None:
         codes, names = np.zeros(n, np.int32), None
     else:
@@ -871,19 +878,19 @@ def saturation(a: xr.Dataset, b: xr.Dataset, k: int | None = None) -> xr.Dataset
     """OLMoE's router saturation between two traces of the same tokens (e.g. an early and the final checkpoint):
     per layer the mean |E_a(x) ∩ E_b(x)| / k over tokens (first k ranks, default all), top-1 agreement and the
     top-k Jaccard |A ∩ B| / |A ∪ B|, with their uniform-random values."""
-    a, b = _routing(a), _routing(b)
+    a, b = routed_view(a), routed_view(b)
     if a.sizes["token"] != b.sizes["token"] or list(a.layer.values) != list(b.layer.values):
         raise ValueError(f"the traces differ: {a.sizes['token']} vs {b.sizes['token']} tokens, layers "
                          f"{a.layer.values.tolist()} vs {b.layer.values.tolist()}")
-    E = _experts(a)
+    E = expert_count(a)
     k = min(a.sizes["k"], b.sizes["k"]) if k is None else int(k)
     if not 1 <= k <= min(a.sizes["k"], b.sizes["k"]):
         raise ValueError(f"k must be between 1 and {min(a.sizes['k'], b.sizes['k'])}, got {k}")
     same_tokens = "input_ids" in a and "input_ids" in b
     out = np.zeros((a.sizes["layer"], 4))
     source_b = b.encoding.get("source")
-    read_b = _reader(b.topk_ids, source_b)
-    read_tokens = _reader(b.input_ids, source_b) if same_tokens else None
+    read_b = token_reader(b.topk_ids, source_b)
+    read_tokens = token_reader(b.input_ids, source_b) if same_tokens else None
     scanned = [a.topk_ids, a.input_ids] if same_tokens else [a.topk_ids]
     for s, e, blocks in _scan(a, scanned):
         if same_tokens and not np.array_equal(blocks[1], read_tokens(s, e)):
@@ -905,8 +912,8 @@ def cross_layer(ds: xr.Dataset, pairs: Sequence[tuple[int, int]] | None = None, 
     """Joint routing across layers: for each (layer_from, layer_to) pair (default: consecutive routed layers),
     N(i, j) = tokens routed to i in layer_from and to j in layer_to (all k x k rank combinations, or first
     choices with top1), and the conditional N(i, j) / N_from(i) (uniform: k/E, or 1/E with top1)."""
-    ds = _routing(ds)
-    E, k = _experts(ds), ds.sizes["k"]
+    ds = routed_view(ds)
+    E, k = expert_count(ds), ds.sizes["k"]
     layers = [int(x) for x in ds.layer.values]
     pairs = list(zip(layers[:-1], layers[1:])) if pairs is None else [(int(p), int(q)) for p, q in pairs]
     missing = sorted({x for pair in pairs for x in pair} - set(layers))
@@ -933,7 +940,7 @@ def router_confidence(ds: xr.Dataset, *, bins: int = 20) -> xr.Dataset:
     """Per layer, how decided the router is: mean entropy (bits) of its distribution over experts and mean
     top-1 minus top-2 probability, with histograms of both (entropy normalised to [0, 1]). Uses `router_scores`
     (normalised to sum 1) if recorded, else `router_logits` (softmax), else `topk_weights` (over the k chosen)."""
-    ds = _routing(ds)
+    ds = routed_view(ds)
     for var, logits in (("router_scores", False), ("router_logits", True), ("topk_weights", False)):
         if var in ds:
             break
@@ -962,10 +969,10 @@ def super_experts(ds: xr.Dataset, *, quantile: float = 0.995, ratio: float = 0.1
     """Super experts: per (layer, expert), the maximum |output| of its down projection over the tokens it served
     (`experts_out`, recorded with names=["layers.*.experts.out"]) and where it occurred. An expert is flagged
     when its maximum exceeds the `quantile` of all experts' maxima and `ratio` times the largest."""
-    ds = _routing(ds)
+    ds = routed_view(ds)
     if "experts_out" not in ds:
         raise ValueError("super experts need experts_out: trace with names=['layers.*.experts.out'] (or cache it)")
-    E, L = _experts(ds), ds.sizes["layer"]
+    E, L = expert_count(ds), ds.sizes["layer"]
     out = _order(ds.experts_out.sel(layer=ds.layer.values), "layer", "token", "k")
     token0 = int(ds.token.values[0]) if ds.sizes["token"] else 0
     best, where_token, where_dim = _accumulate(

@@ -50,8 +50,8 @@ def _open(source: Source) -> tuple[xr.Dataset, str]:
     else:
         raise ValueError(f"source must be a store path or an xarray Dataset, got {type(source).__name__}")
     try:
-        ds = A._routing(ds)
-        A._experts(ds)
+        ds = A.routed_view(ds)
+        A.expert_count(ds)
     except ValueError as e:
         raise ValueError(f"source {name}: {e}") from None
     if ds.sizes["token"] == 0:
@@ -123,7 +123,7 @@ class RoutingDashboard(ipywidgets.VBox):
         super().__init__()
         self.dataset, self.source = _open(source)
         ds = self.dataset
-        self.layers, self.n_experts, self.k = _layers(ds), A._experts(ds), ds.sizes["k"]
+        self.layers, self.n_experts, self.k = _layers(ds), A.expert_count(ds), ds.sizes["k"]
         self.load = A.expert_load(ds)
         self.coactivation_data = A.coactivation(ds)
         self.domains = None if labels is None else A.domain_specialisation(ds, labels)
@@ -321,7 +321,7 @@ class LongContextNavigator(ipywidgets.VBox):
         super().__init__()
         self.dataset, self.source = _open(source)
         ds = self.dataset
-        self.n_tokens, self.n_experts = ds.sizes["token"], A._experts(ds)
+        self.n_tokens, self.n_experts = ds.sizes["token"], A.expert_count(ds)
         self.bins = min(_check_int(bins, "bins", 1, 1 << 30), max(1, MAX_CELLS // self.n_experts))
         self.experts = min(_check_int(experts, "experts", 0, 1 << 30), self.n_experts)
         layers = _layers(ds)
@@ -364,7 +364,7 @@ class LongContextNavigator(ipywidgets.VBox):
         E, n = self.n_experts, stop - start
         nb = min(self.bins, n)
         ids = self.dataset.topk_ids.sel(layer=[self.layer])
-        read = A._reader(ids, self.dataset.encoding.get("source"))
+        read = A.token_reader(ids, self.dataset.encoding.get("source"))
         step = max(1, BLOCK_ENTRIES // ids.sizes["k"])
         counts = np.zeros(nb * E, np.int64)
         for s in range(start, stop, step):
