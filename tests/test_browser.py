@@ -119,12 +119,12 @@ def test_routing_display_dashboard_and_linked_click(lab, page):
     dashboard = page.locator(".jp-OutputArea-output", has=page.locator(".js-plotly-plot")).first
     dashboard.screenshot(path=str(ARTIFACTS / "2-dashboard.png"))
 
-    # click the heatmap cell (layer 4, expert 20); rows run upwards from the first layer, columns are experts
+    # click the heatmap cell (layer 4, expert 20); rows run downwards from the first layer, columns are experts
     heatmap = page.locator(".js-plotly-plot").first
     area = heatmap.locator(".nsewdrag").first.bounding_box()
     layer, expert, layers, experts = 4, 20, 6, 32
     x = area["x"] + (expert + 0.5) / experts * area["width"]
-    y = area["y"] + area["height"] - (layer + 0.5) / layers * area["height"]
+    y = area["y"] + (layer + 0.5) / layers * area["height"]
     page.mouse.move(x, y)
     page.wait_for_timeout(300)
     page.mouse.click(x, y)

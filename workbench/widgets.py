@@ -139,7 +139,8 @@ class RoutingDashboard(ipywidgets.VBox):
             hovertemplate="layer %{y}, expert %{x}<br>share of the layer's slots %{z:.4f}<br>"
                           "%{customdata:.2f} x uniform (k/E of the tokens)<extra></extra>"))
         self.heatmap.update_layout(title="expert load", xaxis_title="expert", height=120 + 28 * len(self.layers),
-                                   yaxis=dict(title="layer", tickmode="array", tickvals=self.layers),
+                                   yaxis=dict(title="layer", tickmode="array", tickvals=self.layers,
+                                              autorange="reversed"),  # first layer on top, as the renderer draws
                                    margin=dict(t=50, b=40))
         self.heatmap.data[0].on_click(self._on_click)
         self.coactivation = go.FigureWidget(go.Heatmap(
