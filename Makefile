@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 
 # dev: test tools, the JupyterLab extension built from extensions/jupyterlab (npm registry), and Debian's
 # chromium for the browser test (installed where we may, i.e. as root; the browser test skips without it)
-$(VENV)/.installed-dev: $(VENV)/.installed $(wildcard extensions/jupyterlab/*.json extensions/jupyterlab/src/*)
+$(VENV)/.installed-dev: $(VENV)/.installed $(wildcard extensions/jupyterlab/*.json extensions/jupyterlab/*.toml extensions/jupyterlab/src/*)
 	$(PIP) -e ".[dev]"
 	$(PIP) ./extensions/jupyterlab
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
