@@ -260,6 +260,7 @@ def test_cli_publish_and_verify_exit_codes(tmp_path, monkeypatch, capsys):
                         "--timeout", "300"], capture_output=True, text=True, cwd=tmp_path, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and r.stdout.startswith("published count.ipynb"), r.stdout + r.stderr
+    assert "TCP" not in r.stderr and not list(tmp_path.glob("kernel*"))  # Unix sockets in a private temp folder
     m = json.loads((tmp_path / "site" / "manifest.json").read_text())
     assert m["parameters"] == {"n": 2} and m["parameters_given"] == {"n": 2}
     assert m["seeds"] == {"shuffle": 7} and m["inputs"] == {"data.txt": sha256(tmp_path / "data.txt")}

@@ -408,12 +408,14 @@ def _execute(source: Path, folder: Path, given: Mapping[str, Any], timeout: floa
     os.close(fd)
     t0 = time.perf_counter()
     try:
-        with _run_lock, _environ({LOG_ENV: log, "PLOTLY_RENDERER": PLOTLY_RENDERER}):
+        with _run_lock, _environ({LOG_ENV: log, "PLOTLY_RENDERER": PLOTLY_RENDERER}), \
+                tempfile.TemporaryDirectory(prefix="workbench-kernel-") as sockets:
             try:
                 papermill.execute_notebook(
                     str(source), str(output), parameters=dict(given), kernel_name=kernel, cwd=str(folder),
                     progress_bar=False, log_output=False, request_save_on_cell_execute=False,
-                    execution_timeout=None if timeout is None or timeout <= 0 else timeout, start_timeout=120)
+                    execution_timeout=None if timeout is None or timeout <= 0 else timeout, start_timeout=120,
+                    kernel_manager_class=_private_kernel(Path(sockets)))
             except PapermillExecutionError as e:
                 raise NotebookError(label, f"cell {e.cell_index} (In [{e.exec_count}]) raised {e.ename}: "
                                            f"{_one_line(e.evalue)}", str(e).strip()) from None
@@ -425,6 +427,21 @@ def _execute(source: Path, folder: Path, given: Mapping[str, Any], timeout: floa
         return _read_log(Path(log)), wall
     finally:
         Path(log).unlink(missing_ok=True)
+
+
+def _private_kernel(folder: Path) -> type:
+    """A kernel manager talking to its kernel over Unix sockets in `folder` (a private temporary folder, mode
+    0700) instead of localhost TCP, which any local user could listen to."""
+    from jupyter_client.manager import KernelManager
+
+    if os.name != "posix":  # no Unix sockets: jupyter's default
+        return KernelManager
+
+    class PrivateKernelManager(KernelManager):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(transport="ipc", ip=str(folder / "kernel"), **kwargs)
+
+    return PrivateKernelManager
 
 
 def _one_line(text: str, limit: int = 300) -> str:
