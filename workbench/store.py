@@ -619,6 +619,7 @@ def _run(model: CausalLM, ids: np.ndarray, out: Path, root: zarr.Group | None, p
     arrays = {name: root[name] for name in names} if root is not None else {}
     crash = _crash_point()
     state = State()
+    head = any(not v.hook.startswith("layers.") for v in plan.variables)  # final.* or logits asked for
     with torch.no_grad(), \
             tqdm(total=start, unit="tok", unit_scale=True, desc="replay", disable=not progress or not start) as rbar, \
             tqdm(total=n, initial=start, unit="tok", unit_scale=True, desc="trace", disable=not progress) as bar:
@@ -626,7 +627,7 @@ def _run(model: CausalLM, ids: np.ndarray, out: Path, root: zarr.Group | None, p
             e = min(s + size, n)
             sink = {} if s >= start else None
             with model.hooks(_hooks(plan, s, e, sink)):
-                model(torch.from_numpy(ids[s:e])[None], cache=state)
+                model(torch.from_numpy(ids[s:e])[None], cache=state, head=head)
             if sink is None:
                 rbar.update(e - s)
                 continue

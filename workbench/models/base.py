@@ -107,17 +107,19 @@ class CausalLM(nn.Module):
         """Every hook point, in the order the forward pass reaches it."""
         return list(self._hooks.points)
 
-    def forward(self, input_ids: torch.Tensor, *, cache: State | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, *, cache: State | None = None, head: bool = True) -> torch.Tensor | None:
         """Logits [B, T, vocab] for token ids [B, T] (or [T]).
 
         With `cache=State()` the sequence may be fed chunk by chunk: each call continues where the last
-        one stopped, and the logits equal those of one whole-sequence call.
+        one stopped, and the logits equal those of one whole-sequence call. `head=False` stops after the last
+        layer and returns None (no `final.*` or `logits` hook fires): for callers that only read the layers'
+        hooks, as `trace` is, the output head of a real vocabulary being the costliest matmul of a chunk.
         """
         input_ids, positions = self._start(input_ids, cache)
         x = self.embed(input_ids)
         for i, layer in self.layers.items():
             x = layer(x, positions, input_ids, None if cache is None else cache.layers.setdefault(i, {}))
-        return self._finish(x, cache)
+        return self._finish(x, cache, head)
 
     def _start(self, input_ids: Any, cache: State | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Checked ids [B, T] and their absolute positions [T] (continuing `cache`); tells the hooks both."""
@@ -129,10 +131,13 @@ class CausalLM(nn.Module):
         self._hooks.positions, self._hooks.input_ids = positions, input_ids
         return input_ids, positions
 
-    def _finish(self, x: torch.Tensor, cache: State | None) -> torch.Tensor:
-        """Final norm and head over the last hidden state [B, T, H]; advances `cache` past this chunk."""
+    def _finish(self, x: torch.Tensor, cache: State | None, head: bool = True) -> torch.Tensor | None:
+        """Final norm and head over the last hidden state [B, T, H] (none without `head`); advances `cache`
+        past this chunk."""
         if cache is not None:
             cache.offset += x.shape[1]
+        if not head:
+            return None
         x = self.hp_norm_out(self.norm(x))
         return self.hp_logits(self.lm_head(x))
 

@@ -424,14 +424,15 @@ class DeepseekV4(CausalLM):
         self.index_tables = {f"layers.{i}.ffn.router.tid2eid": cfg.int("n_routed_experts")
                              for i, layer in self.layers.items() if isinstance(layer.ffn.router, HashRouter)}
 
-    def forward(self, input_ids: torch.Tensor, *, cache: State | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, *, cache: State | None = None, head: bool = True) -> torch.Tensor | None:
         """Logits [B, T, vocab]; with `cache=State()` the sequence may be fed chunk by chunk (state per layer:
-        the sliding window's keys, each compressor's pending tokens and pooled entries)."""
+        the sliding window's keys, each compressor's pending tokens and pooled entries). `head=False`: as in
+        `CausalLM.forward`, the hyper-connection head included."""
         input_ids, positions = self._start(input_ids, cache)
         x = self.embed(input_ids)[:, :, None].expand(-1, -1, self.streams, -1).contiguous()
         for i, layer in self.layers.items():
             x = layer(x, positions, input_ids, None if cache is None else cache.layers.setdefault(i, {}))
-        return self._finish(self.hc_head(x), cache)
+        return self._finish(self.hc_head(x) if head else x, cache, head)
 
 
 def build(cfg: Config) -> DeepseekV4:
