@@ -56,6 +56,11 @@ fig = go.Figure(go.Bar(x=list(range(len(load))), y=load))
 fig.update_layout(title=f"expert load, layer {last}")
 fig.show()
 """
+WIDGET = """\
+from workbench.widgets import TokenView
+
+TokenView(ds, start=10, length=30)
+"""
 
 
 def sha256(path: Path) -> str:
@@ -80,7 +85,7 @@ def project(tmp_path_factory):
     for name in MODEL_FILES:
         shutil.copyfile(EMBEDDED_MODEL / name, folder / "model" / name)
     (folder / "input.txt").write_text(TEXT, encoding="utf-8")
-    write_notebook(folder / "analysis.ipynb", PARAMETERS, ANALYSIS, FIGURE)
+    write_notebook(folder / "analysis.ipynb", PARAMETERS, ANALYSIS, FIGURE, WIDGET)
     return folder
 
 
@@ -243,6 +248,8 @@ def test_html_shows_the_figure_offline(published):
             page.goto((out / "analysis.html").as_uri())
             page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
             assert page.locator(".js-plotly-plot .bars path").count() > 0
+            # the token view, as its static snapshot: 30 coloured tokens with their routing on hover
+            assert page.locator(".mwb-snapshot span[title^='token ']").count() == 30
             page.screenshot(path=str(ARTIFACTS / "analysis.png"), full_page=True)
         finally:
             browser.close()

@@ -375,3 +375,50 @@ def test_intervention_panel_checks_arguments(model):
             W.InterventionPanel(model, prompt)
     with pytest.raises(ValueError, match="top"):
         W.InterventionPanel(model, ids, top=0)
+
+
+# ---------------------------------------------------------------- static snapshots
+
+
+def png_size(snapshot: str, title: str) -> tuple[int, int]:
+    """(width, height) of the inline PNG whose alt text is `title`."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    data = re.search(rf"<img alt='{re.escape(html.escape(title))}' src='data:image/png;base64,([^']+)'", snapshot)
+    assert data, f"no image {title!r}"
+    return Image.open(io.BytesIO(base64.b64decode(data[1]))).size
+
+
+def test_every_widget_carries_a_static_snapshot(trace, model):
+    """Where no kernel runs a widget (published HTML, GitHub), its bundle's text/html shows the data it shows
+    live; JupyterLab still gets the widget view."""
+    ds, ids, _ = trace
+    dash = W.RoutingDashboard(ds, layer=11, expert=3)
+    bundle = dash._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle and "static snapshot of RoutingDashboard" in \
+        bundle["text/html"]
+    snap = bundle["text/html"]
+    load_title = wb.display.routing_summary(dash.load)["heatmap"]["title"]
+    assert png_size(snap, load_title)[1] > png_size(snap, load_title)[0] / 10  # 3 layers x 8 experts drawn
+    assert "co-activation, layer 11" in snap and "selected: layer 11, expert 3" in snap and "<b>tokens</b> 203" in snap
+
+    view = W.TokenView(ds, layer=12, start=10, length=20, decode=str)
+    snap = view._repr_mimebundle_()["text/html"]
+    assert view.html() in snap and view.legend.value in snap and len(spans(view)) == 20
+
+    nav = W.LongContextNavigator(ds, layer=10, bins=50)
+    nav.view(20, 120)
+    snap = nav._repr_mimebundle_()["text/html"]
+    title = "expert load along the sequence, layer 10: tokens 20..120 in 50 bins"
+    assert f"<strong>{title}</strong>" in snap
+    width, height = png_size(snap, title)
+    assert width >= 50 and height >= 8 * 2
+
+    panel = W.InterventionPanel(model, PROMPT, layer=3, top=3)
+    assert "routed to experts" in panel._repr_mimebundle_()["text/html"]
+    result = panel.run(3, [panel.routing[3][0]], "ablate")  # a run from code shows in the widget too
+    assert panel.output.value == W.InterventionPanel.table_html(result)
+    assert panel.output.value in panel._repr_mimebundle_()["text/html"]

@@ -146,7 +146,8 @@ def to_png(summary: dict[str, Any]) -> bytes | None:
     step = max(1, L // 16)
     for i in range(0, L, step):
         draw.text((4, top + i * cell_h + max(0, cell_h // 2 - 5)), str(hm["layers"][i]), fill="black")
-    step = max(1, E // max(1, (cell_w * E) // 28))
+    label = 6 * max(len(str(x)) for x in hm["experts"]) + 10  # pixels a column label needs
+    step = max(1, -(-max(label, 28) // cell_w))
     for j in range(0, E, step):
         draw.text((left + j * cell_w, top + L * cell_h + 4), str(hm["experts"][j]), fill="black")
     out = io.BytesIO()

@@ -8,10 +8,15 @@ blocks of one layer for the navigator); the browser only receives aggregates. Pa
 and bins x E matrices are rounded to 1/1000 of their largest value (2-D arrays travel as JSON text), and the
 navigator caps bins x experts at MAX_CELLS values, so a 1M-token store with 384 experts sends well under
 2 MB per widget.
+
+Each widget's display bundle also carries `text/html`: a static snapshot of what it shows when displayed (the
+load heatmap, the coloured tokens, the navigator's heatmap, the panel's last result), which is what a notebook
+shows where no kernel runs the widget: published HTML, GitHub, nbviewer.
 """
 
 from __future__ import annotations
 
+import base64
 import colorsys
 import html
 import math
@@ -27,6 +32,7 @@ import xarray as xr
 from plotly.subplots import make_subplots
 
 from . import analysis as A
+from . import display
 from .interventions import ablate, force
 from .models.blocks import Router
 from .store import open_store
@@ -110,10 +116,32 @@ def _compact(matrix: np.ndarray) -> list[list[float | None]]:
     return [[None if x != x else x for x in row] for row in rounded.tolist()]
 
 
+def _image(png: bytes | None, alt: str) -> str:
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>" \
+        if png else ""
+
+
+def _position(p: int) -> str:
+    """A token position in a few characters: 987, 12K, 1.05M."""
+    return f"{p / 1e6:.2f}M" if p >= 1_000_000 else f"{p / 1e3:.0f}K" if p >= 10_000 else str(p)
+
+
+class _Snapshot:
+    """Adds `text/html` to a widget's display bundle: a static snapshot (`static_html`) of what it shows, for
+    wherever no kernel runs the widget. JupyterLab still draws the live widget (its MIME type ranks first)."""
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        bundle = super()._repr_mimebundle_(**kwargs)
+        bundle["text/html"] = (f"<div class='mwb-snapshot'>{self.static_html()}<p><small>static snapshot of "
+                               f"{html.escape(type(self).__name__)}: run the notebook for the interactive "
+                               "widget</small></p></div>")
+        return bundle
+
+
 # ---------------------------------------------------------------- routing dashboard
 
 
-class RoutingDashboard(ipywidgets.VBox):
+class RoutingDashboard(_Snapshot, ipywidgets.VBox):
     """Expert load per layer (click a cell to select a layer and expert), the selected layer's co-activation
     matrix and the selected expert's share of each domain's tokens (`labels`: one domain per token, as
     `analysis.domain_specialisation` takes them), or without labels its load at every layer."""
@@ -194,6 +222,19 @@ class RoutingDashboard(ipywidgets.VBox):
                 bar.marker.color = ["crimson" if x == layer else "lightgray" for x in self.layers]
                 self.bars.layout.title = f"expert {expert}, layer {layer}: share of routing slots at every layer"
 
+    def static_html(self) -> str:
+        """The header, the load heatmap (white at the uniform share) and the selected layer's co-activation."""
+        layer, expert = self.selected
+        load = display.routing_summary(self.load)["heatmap"]
+        experts = list(range(self.n_experts))
+        coact = {"title": f"co-activation, layer {layer} (row i, column j: N(i, j) / N(i))", "layers": experts,
+                 "experts": experts, "baseline": None,
+                 "values": self.coactivation_data.coactivation.sel(layer=layer).values.tolist()}
+        figures = "".join(f"<p><strong>{html.escape(hm['title'])}</strong><br>"
+                          f"{_image(display.to_png({'heatmap': hm}), hm['title'])}</p>" for hm in (load, coact))
+        return (f"<p>{self._header(self.load.hash_routed.values.tolist())}</p>{figures}"
+                f"<p>selected: layer {layer}, expert {expert}</p>")
+
     def _on_click(self, trace: Any, points: Any, state: Any) -> None:
         if points.xs:
             self.select(int(points.ys[0]), int(points.xs[0]))
@@ -212,7 +253,7 @@ class RoutingDashboard(ipywidgets.VBox):
 # ---------------------------------------------------------------- token view
 
 
-class TokenView(ipywidgets.VBox):
+class TokenView(_Snapshot, ipywidgets.VBox):
     """A window of the traced text, each token coloured by its first-choice expert at one layer; hovering a
     token shows its position, text, top-k experts and weights. Reads only the window from the store."""
 
@@ -274,6 +315,9 @@ class TokenView(ipywidgets.VBox):
         """The HTML shown for the window: one span per token, background = first-choice expert, title = routing."""
         return self.text.value
 
+    def static_html(self) -> str:
+        return self.legend.value + self.text.value
+
     def _tokens_html(self, win: xr.Dataset) -> str:
         ids, experts = win.input_ids.values, win.topk_ids.values
         weights = win.topk_weights.values if "topk_weights" in win else None
@@ -310,7 +354,7 @@ class TokenView(ipywidgets.VBox):
 # ---------------------------------------------------------------- long-context navigator
 
 
-class LongContextNavigator(ipywidgets.VBox):
+class LongContextNavigator(_Snapshot, ipywidgets.VBox):
     """Expert load along the sequence at one layer: a heatmap of each expert's share of the routing slots per
     bin of positions and the most loaded experts as lines. Zooming or panning the x axis re-aggregates the
     visible range into `bins` bins here in Python; the figure never holds more than `bins` points per series.
@@ -386,7 +430,7 @@ class LongContextNavigator(ipywidgets.VBox):
         """Show positions [start, stop), re-aggregated into at most `bins` bins (what a zoom does)."""
         share = self.aggregate(start, stop)
         start, stop = share.attrs["start"], share.attrs["stop"]
-        self.range = (start, stop)
+        self.range, self.shown = (start, stop), share
         edges = np.append(share.bin_start.values, stop)
         top = np.argsort(-share.values.sum(0), kind="stable")[:self.experts]
         with self.figure.batch_update():
@@ -398,6 +442,15 @@ class LongContextNavigator(ipywidgets.VBox):
             self.figure.layout.title = (f"expert load along the sequence, layer {self.layer}: tokens "
                                         f"{start:,}..{stop:,} in {share.sizes['bin']} bins")
             self.figure.layout.xaxis.range = self.figure.layout.xaxis2.range = (start, stop)
+
+    def static_html(self) -> str:
+        """The heatmap shown (experts down, position bins across) as a PNG, white at the uniform share 1/E."""
+        share = self.shown
+        heatmap = {"title": self.figure.layout.title.text, "layers": share.expert.values.tolist(),
+                   "experts": [_position(int(b)) for b in share.bin_start.values],
+                   "values": share.values.T.tolist(), "baseline": 1 / self.n_experts}
+        return (f"<strong>{html.escape(heatmap['title'])}</strong><br>"
+                + _image(display.to_png({"heatmap": heatmap}), heatmap["title"]))
 
     def _on_range(self, layout: Any, xrange: Any) -> None:
         if xrange is None:
@@ -420,7 +473,7 @@ class LongContextNavigator(ipywidgets.VBox):
 # ---------------------------------------------------------------- intervention panel
 
 
-class InterventionPanel(ipywidgets.VBox):
+class InterventionPanel(_Snapshot, ipywidgets.VBox):
     """Ablate or force experts at one layer for a prompt and compare the next-token predictions with the
     unchanged forward: top tokens before and after, the largest logit changes, and whether the argmax moved."""
 
@@ -505,6 +558,7 @@ class InterventionPanel(ipywidgets.VBox):
                             for i in moved],
             "changed": int(after.argmax()) != int(self.logits.argmax()),
         }
+        self.output.value = self.table_html(self.result)
         return self.result
 
     def _layer_changed(self) -> None:
@@ -517,11 +571,12 @@ class InterventionPanel(ipywidgets.VBox):
 
     def _run_clicked(self) -> None:
         try:
-            result = self.run(self.layer_picker.value, list(self.expert_picker.value), self.mode_picker.value)
+            self.run(self.layer_picker.value, list(self.expert_picker.value), self.mode_picker.value)
         except ValueError as e:
             self.output.value = f"<b>cannot run</b>: {html.escape(str(e))}"
-            return
-        self.output.value = self.table_html(result)
+
+    def static_html(self) -> str:
+        return f"<p>{self.info.value}</p>{self.output.value}"
 
     @staticmethod
     def table_html(result: dict[str, Any]) -> str:
