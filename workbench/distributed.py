@@ -24,6 +24,7 @@ over groups of T consecutive ranks (`head_group`); each attention module sums it
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import zlib
 from collections.abc import Iterator
@@ -52,6 +53,7 @@ def init(backend: str | None = None) -> tuple[int, int]:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+        faulthandler.enable()  # a rank that aborts in C++ (a collective library) still says where Python was
     return rank_and_world()
 
 
