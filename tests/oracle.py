@@ -10,6 +10,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import workbench as wb
@@ -66,6 +67,18 @@ def capture_routing(hf_model):
     finally:
         for h in handles:
             h.remove()
+
+
+def by_expert(ids: np.ndarray, *per_slot: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each token's expert ids sorted, and each per-slot array (weights, per-expert activations: the ids' shape
+    first) permuted alike, so two routings compare as sets: the slot order of near-tied experts follows the
+    CPU's rounding."""
+    order = np.argsort(ids, axis=-1, kind="stable")
+    out = [np.take_along_axis(ids, order, -1)]
+    for a in per_slot:
+        index = order.reshape(order.shape + (1,) * (a.ndim - order.ndim))
+        out.append(np.take_along_axis(a, index, order.ndim - 1))
+    return tuple(out)
 
 
 def assert_close_scaled(ours: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:

@@ -20,6 +20,7 @@ import zarr
 import workbench as wb
 from workbench import cli
 from workbench.store import StoreError, open_store, trace
+from oracle import by_expert
 
 MODEL = Path(__file__).resolve().parent.parent / "data" / "models" / "tiny-random-deepseek-v3"
 ROUTED = [1, 2, 3]  # the embedded model: 4 layers, the first dense
@@ -48,12 +49,6 @@ def whole(model, tokens: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
     """Hooked tensors of one whole-sequence forward, batch row 0."""
     _, cache = model.run_with_cache(torch.as_tensor(tokens)[None], names=names)
     return {k: v[0].numpy() for k, v in cache.items()}
-
-
-def by_expert(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each token's (expert ids, weights) sorted by expert id, so two routings compare as sets."""
-    order = np.argsort(ids, axis=-1, kind="stable")
-    return np.take_along_axis(ids, order, -1), np.take_along_axis(weights, order, -1)
 
 
 def files(store: Path) -> dict[str, bytes]:
