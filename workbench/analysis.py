@@ -337,7 +337,8 @@ def _finish(out: xr.Dataset, ds: xr.Dataset, **attrs: Any) -> xr.Dataset:
     """Common coords and attrs: the hash_routed flag per layer, n_experts, k, tokens scanned."""
     if "layer" in out.dims:
         out = out.assign_coords(hash_routed=hash_routed(ds))
-    out.attrs.update({"n_experts": expert_count(ds), "k": int(ds.sizes["k"]), "tokens": int(ds.sizes["token"]), **attrs})
+    out.attrs.update({"n_experts": expert_count(ds), "k": int(ds.sizes["k"]), "tokens": int(ds.sizes["token"]),
+                      **attrs})
     return out
 
 

@@ -118,11 +118,16 @@ def to_html(summary: dict[str, Any], png: bytes | None, xarray_html: str | None 
     """The summary as a table, the heatmap as an inline PNG, and xarray's own view folded below it."""
     rows = "".join(f"<tr><th style='text-align:left'>{html.escape(a)}</th><td style='text-align:left'>"
                    f"{html.escape(b)}</td></tr>" for a, b in summary["fields"])
-    image = f"<img alt='{html.escape(summary['heatmap']['title'])}' src='data:image/png;base64," \
-            f"{base64.b64encode(png).decode()}'/>" if png else ""
+    image = img_tag(png, summary["heatmap"]["title"]) if png else ""
     folded = f"<details><summary>xarray</summary>{xarray_html}</details>" if xarray_html else ""
     return (f"<div class='mwb-routing-html'><strong>{html.escape(summary['title'])}</strong>"
             f"<table>{rows}</table>{image}{folded}</div>")
+
+
+def img_tag(png: bytes | None, alt: str) -> str:
+    """An inline `<img>` of PNG bytes (nothing for None): needs no file and no network."""
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>" \
+        if png else ""
 
 
 def to_png(summary: dict[str, Any]) -> bytes | None:

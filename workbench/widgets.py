@@ -16,7 +16,6 @@ shows where no kernel runs the widget: published HTML, GitHub, nbviewer.
 
 from __future__ import annotations
 
-import base64
 import colorsys
 import html
 import math
@@ -114,11 +113,6 @@ def _compact(matrix: np.ndarray) -> list[list[float | None]]:
     top = float(np.abs(finite).max()) if finite.size else 0.0
     rounded = np.round(matrix, 3 - math.floor(math.log10(top)) if top > 0 else 0)
     return [[None if x != x else x for x in row] for row in rounded.tolist()]
-
-
-def _image(png: bytes | None, alt: str) -> str:
-    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>" \
-        if png else ""
 
 
 def _position(p: int) -> str:
@@ -231,8 +225,9 @@ class RoutingDashboard(_Snapshot, ipywidgets.VBox):
                  "experts": experts, "baseline": None,
                  "values": self.coactivation_data.coactivation.sel(layer=layer).values.tolist()}
         figures = "".join(f"<p><strong>{html.escape(hm['title'])}</strong><br>"
-                          f"{_image(display.to_png({'heatmap': hm}), hm['title'])}</p>" for hm in (load, coact))
-        return (f"<p>{self._header(self.load.hash_routed.values.tolist())}</p>{figures}"
+                          f"{display.img_tag(display.to_png({'heatmap': hm}), hm['title'])}</p>"
+                          for hm in (load, coact))
+        return (f"<p>{self.header.value}</p>{figures}"
                 f"<p>selected: layer {layer}, expert {expert}</p>")
 
     def _on_click(self, trace: Any, points: Any, state: Any) -> None:
@@ -450,7 +445,7 @@ class LongContextNavigator(_Snapshot, ipywidgets.VBox):
                    "experts": [_position(int(b)) for b in share.bin_start.values],
                    "values": share.values.T.tolist(), "baseline": 1 / self.n_experts}
         return (f"<strong>{html.escape(heatmap['title'])}</strong><br>"
-                + _image(display.to_png({"heatmap": heatmap}), heatmap["title"]))
+                + display.img_tag(display.to_png({"heatmap": heatmap}), heatmap["title"]))
 
     def _on_range(self, layout: Any, xrange: Any) -> None:
         if xrange is None:
