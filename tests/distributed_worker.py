@@ -8,7 +8,6 @@ usage: torchrun --nproc-per-node N tests/distributed_worker.py CHECKPOINT OUT_DI
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -65,6 +64,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # no interpreter finalization after a complete run, as `python -m workbench` under torchrun
+    distributed.leave(0)  # no interpreter finalization after a complete run, as `python -m workbench` under torchrun
