@@ -5,9 +5,9 @@ from .hooks import HookContext
 from .loading import load
 from .models.base import State
 from .store import StoreError, open_store, trace
+from .version import __version__
 from . import display, interventions
 
-__version__ = "0.1.0"
 display.register()  # inside IPython: routing Datasets show as routing summaries
 __all__ = ["load", "CheckpointError", "HookError", "InputError", "NonFiniteError", "HookContext", "interventions",
            "State", "trace", "open_store", "StoreError", "__version__"]
