@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench import analysis
+from workbench import analysis, provenance
 from workbench import publish as pub
 from workbench.demo import EMBEDDED_MODEL
 
@@ -93,7 +93,7 @@ def project(tmp_path_factory):
 def published(project, tmp_path_factory):
     """(published folder, routing hash of the store as the publication left it)."""
     out = pub.publish(project / "analysis.ipynb", tmp_path_factory.mktemp("site") / "analysis", timeout=600)
-    return out, pub.routing_hash(wb.open_store(project / "run.zarr"))
+    return out, provenance.routing_hash(wb.open_store(project / "run.zarr"))
 
 
 @pytest.fixture
@@ -151,7 +151,7 @@ def test_publish_writes_notebook_html_and_manifest(project, published):
         _, cache = model.run_with_cache(torch.as_tensor(ids)[None], names=["layers.*.router.topk_ids"])
     finally:
         torch.set_num_threads(threads)
-    assert mem["routing_sha256"] == pub.routing_hash(analysis.from_cache(cache, ids, n_experts=32))
+    assert mem["routing_sha256"] == provenance.routing_hash(analysis.from_cache(cache, ids, n_experts=32))
     assert m["files"] == {name: sha256(out / name)
                           for name in ("analysis.ipynb", "analysis.html", "source/analysis.ipynb")}
     executed = nbformat.read(out / "analysis.ipynb", as_version=4)
@@ -167,10 +167,10 @@ def test_publish_writes_notebook_html_and_manifest(project, published):
 def test_routing_hash_is_layout_independent_and_sensitive(project, published):
     ds = wb.open_store(project / "run.zarr")
     mem = ds.load()
-    assert pub.routing_hash(mem) == pub.routing_hash(ds)
+    assert provenance.routing_hash(mem) == provenance.routing_hash(ds)
     changed = mem.copy(deep=True)
     changed.topk_weights[0, 5, 0] = np.float16(changed.topk_weights.values[0, 5, 0]) + np.float16(0.001)
-    assert pub.routing_hash(changed) != pub.routing_hash(mem)
+    assert provenance.routing_hash(changed) != provenance.routing_hash(mem)
 
 
 def test_verify_untouched_publication(published):
@@ -285,17 +285,17 @@ def test_cli_publish_and_verify_exit_codes(tmp_path, monkeypatch, capsys):
 
 
 def test_recording_is_off_outside_publish(tmp_path, monkeypatch):
-    monkeypatch.delenv(pub.LOG_ENV, raising=False)
-    assert not pub.active()
-    pub.record("input", path="x")  # nothing to write to, nothing raised
-    assert pub.record_seed("s", 3) == 3
-    assert pub.record_input(tmp_path / "missing.txt") == tmp_path / "missing.txt"  # not even read
+    monkeypatch.delenv(provenance.LOG_ENV, raising=False)
+    assert not provenance.active()
+    provenance.record("input", path="x")  # nothing to write to, nothing raised
+    assert provenance.record_seed("s", 3) == 3
+    assert provenance.record_input(tmp_path / "missing.txt") == tmp_path / "missing.txt"  # not even read
     log = tmp_path / "log.jsonl"
-    monkeypatch.setattr(pub, "_env_written", None)
-    monkeypatch.setenv(pub.LOG_ENV, str(log))
+    monkeypatch.setattr(provenance, "_env_written", None)
+    monkeypatch.setenv(provenance.LOG_ENV, str(log))
     (tmp_path / "in.txt").write_text("x")
-    pub.record_input(tmp_path / "in.txt")
-    pub.record_seed("s", 3)
+    provenance.record_input(tmp_path / "in.txt")
+    provenance.record_seed("s", 3)
     kinds = [json.loads(line)["kind"] for line in log.read_text().splitlines()]
     assert kinds[-2:] == ["input", "seed"] and "environment" in kinds
 
