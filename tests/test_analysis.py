@@ -57,7 +57,7 @@ def case(request, monkeypatch):
     seed = request.param
     E, k = (8, 2) if seed == 0 else (12, 3)
     ids = routing(203, 3, E, k, seed, dead=(E - 1, 2), skew=1.5 * seed)
-    monkeypatch.setattr(A, "BLOCK_BYTES", (16 if seed == 2 else 5) * ids.shape[0] * k * 2)
+    monkeypatch.setattr(A.scan, "BLOCK_BYTES", (16 if seed == 2 else 5) * ids.shape[0] * k * 2)
     return dataset(ids, E, chunk=7 if seed != 1 else None), ids, E, k
 
 
@@ -392,7 +392,7 @@ def test_store_analyses_equal_in_memory(stored, monkeypatch):
     data in memory scanned in 333-token blocks, and the hash-routed layers show."""
     ds, *_ = stored
     mem = ds.compute()
-    assert A._stored(ds.topk_ids, ds.encoding["source"]) is not None
+    assert A.scan.locate(ds.topk_ids, ds.encoding["source"]) is not None
     runs = {
         "load": lambda d: A.expert_load(d),
         "coact": lambda d: A.coactivation(d, "adjacent_ranks"),
@@ -407,7 +407,7 @@ def test_store_analyses_equal_in_memory(stored, monkeypatch):
         "subset": lambda d: A.repetition(d.sel(layer=[1, 4]).isel(token=slice(100, 1000))),
     }
     from_store = {name: f(ds) for name, f in runs.items()}
-    monkeypatch.setattr(A, "BLOCK_BYTES", 333 * 6 * 4 * 2)
+    monkeypatch.setattr(A.scan, "BLOCK_BYTES", 333 * 6 * 4 * 2)
     for name, f in runs.items():
         xr.testing.assert_identical(from_store[name], f(mem))
     assert from_store["load"].hash_routed.values.tolist() == [True, True, False, False, False, False]
@@ -419,9 +419,9 @@ def test_a_modified_store_variable_is_read_through_dask(stored):
     """A variable that is no longer a plain selection of the stored array is not read from zarr directly."""
     ds, *_ = stored
     shifted = ds.assign(topk_ids=(ds.topk_ids + 1) % 32)
-    assert A._stored(shifted.topk_ids, ds.encoding["source"]) is None
+    assert A.scan.locate(shifted.topk_ids, ds.encoding["source"]) is None
     swapped = ds.assign(topk_ids=ds.topk_ids.isel(k=[1, 0, 2, 3]))
-    assert A._stored(swapped.topk_ids, ds.encoding["source"]) is None
+    assert A.scan.locate(swapped.topk_ids, ds.encoding["source"]) is None
     want = A.expert_load(ds.compute().assign(topk_ids=(ds.topk_ids.compute() + 1) % 32))
     xr.testing.assert_identical(A.expert_load(shifted), want)
 
@@ -510,15 +510,15 @@ CLUSTER_RUNS = {
 def test_analyses_on_a_cluster_equal_the_local_ones(chunked, client, monkeypatch):
     """Every analysis of a store of 4 chunks (one task each, merged in a tree) run on the cluster equals the same
     analysis run in this process exactly; the cluster is used while its client is current, and only then."""
-    assert A._client() is None
+    assert A.cluster._client() is None
     local = {name: run(chunked) for name, run in CLUSTER_RUNS.items()}
     submitted = submissions(client, monkeypatch)
     with client.as_current():
         for name, run in CLUSTER_RUNS.items():
             submitted.clear()
             xr.testing.assert_identical(run(chunked), local[name])
-            assert A._task in submitted, name
-    assert submitted.count(A._task) == 3  # the last run: tokens 30 to 179 lie in three of the 64-token chunks
+            assert A.cluster._task in submitted, name
+    assert submitted.count(A.cluster._task) == 3  # the last run: tokens 30 to 179 lie in three of the 64-token chunks
 
 
 def test_repetition_on_a_cluster_counts_pairs_across_chunk_boundaries(chunked, client):

@@ -1,10 +1,10 @@
 """moe-workbench: a hookable runtime and research workbench for open-weight Mixture-of-Experts LLMs."""
 
-from .errors import CheckpointError, HookError, InputError, NonFiniteError
+from .errors import CheckpointError, HookError, InputError, NonFiniteError, StoreError
 from .hooks import HookContext
 from .loading import load
 from .models.base import State
-from .store import StoreError, open_store, trace
+from .store import open_store, trace
 from .version import __version__
 from . import display, interventions
 

@@ -132,6 +132,7 @@ def trace(args: argparse.Namespace) -> int:
 @user_errors
 def info(args: argparse.Namespace) -> int:
     """Print a store's dims, variables, sizes, progress and provenance."""
+    from workbench.schema import ROUTING_VARIABLES
     from workbench.store import disk_bytes, open_store
 
     path = Path(args.store)
@@ -144,7 +145,7 @@ def info(args: argparse.Namespace) -> int:
     if "layer" in ds.coords:
         print("layer      " + " ".join(str(int(i)) for i in ds.layer.values))
     print("variables")
-    names = sorted(ds.data_vars, key=lambda n: (n not in ("input_ids", "topk_ids", "topk_weights"), n))
+    names = sorted(ds.data_vars, key=lambda n: (n not in ROUTING_VARIABLES, n))
     width = max(map(len, names), default=0)
     for name in names:
         var = ds[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,10 @@ class Config:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"not valid JSON ({e})", file=str(path)) from None
         return cls(data, str(path))
+
+    def sha256(self) -> str:
+        """Hex digest of the config as canonical JSON (keys sorted): the config hash provenance records."""
+        return hashlib.sha256(json.dumps(self.data, sort_keys=True).encode()).hexdigest()
 
     def __contains__(self, key: str) -> bool:
         return self.data.get(key) is not None

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .schema import TOPK_IDS
+
 if TYPE_CHECKING:
     import xarray as xr
 
@@ -35,7 +37,7 @@ def kind(ds: Any) -> str | None:
         return None
     if "workbench_store" in ds.attrs:
         return "store"
-    if "topk_ids" in ds:
+    if TOPK_IDS in ds:
         return "trace"
     return "analysis" if "metric" in ds.attrs else None
 

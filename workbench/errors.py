@@ -21,6 +21,17 @@ class HookError(RuntimeError):
     """A hook function misbehaved (wrong shape, wrong type); the message names the hook point."""
 
 
+class UnknownHookError(HookError, KeyError):
+    """No hook point matches a name or glob; the message names the closest ones. A KeyError too: a lookup of
+    names that do not exist, as callers catching KeyError expect."""
+
+    __str__ = Exception.__str__  # the message as written, not quoted as KeyError quotes its key
+
+
+class StoreError(ValueError):
+    """A store cannot be written or read as asked; the message says why and what to do instead."""
+
+
 class InputError(ValueError, TypeError):
     """Model input that is not a non-empty [batch, tokens] tensor of ids inside the vocabulary.
 

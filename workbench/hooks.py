@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .errors import HookError
+from .errors import HookError, UnknownHookError
+from .schema import hook_kind, layer_of
 
 HookFn = Callable[[torch.Tensor, "HookContext"], "torch.Tensor | None"]
 
@@ -39,8 +40,7 @@ class HookPoint:
 
     def __init__(self, name: str, registry: HookRegistry):
         self.name = name
-        parts = name.split(".")
-        self.layer = int(parts[1]) if parts[0] == "layers" else None
+        self.layer = layer_of(name)
         self.fns: list[HookFn] = []
         self._registry = registry
 
@@ -87,13 +87,26 @@ _LAYER_ORDER = ("resid_pre", "", "hc.attn.", "attn.", "attn.out", "resid_mid", "
 
 
 def _forward_rank(name: str) -> tuple:
-    parts = name.split(".")
-    if parts[0] != "layers":
+    layer = layer_of(name)
+    if layer is None:
         final = ("final.hc_pre", "final.norm_out", "logits")
         return (float("inf"), final.index(name) if name in final else -1)
-    suffix = ".".join(parts[2:])
+    suffix = hook_kind(name)
     rank = max(i for i, p in enumerate(_LAYER_ORDER) if suffix == p or (p.endswith(".") or not p) and suffix.startswith(p))
-    return (int(parts[1]), rank)
+    return (layer, rank)
+
+
+def match(pattern: str, names: Collection[str]) -> list[str]:
+    """The hook names (of `names`, in their order) matching an exact name or a glob; a pattern matching none is
+    an UnknownHookError naming the closest."""
+    if pattern in names:
+        return [pattern]
+    found = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if not found:
+        close = difflib.get_close_matches(pattern, list(names), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see model.hook_names"
+        raise UnknownHookError(f"no hook point matches {pattern!r}{hint}")
+    return found
 
 
 class HookRegistry:
@@ -117,14 +130,7 @@ class HookRegistry:
 
     def match(self, pattern: str) -> list[str]:
         """Names matching an exact name or a glob; a pattern matching nothing is an error."""
-        if pattern in self.points:
-            return [pattern]
-        names = [n for n in self.points if fnmatch.fnmatchcase(n, pattern)]
-        if not names:
-            close = difflib.get_close_matches(pattern, list(self.points), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; see model.hook_names"
-            raise KeyError(f"no hook point matches {pattern!r}{hint}")
-        return names
+        return match(pattern, self.points)
 
     @contextlib.contextmanager
     def attached(self, hooks: Mapping[str, HookFn] | Iterable[tuple[str, HookFn]]) -> Iterator[None]:

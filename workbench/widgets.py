@@ -34,6 +34,7 @@ from . import analysis as A
 from . import display
 from .interventions import ablate, force
 from .models.blocks import Router
+from .schema import ROUTER_TOPK_IDS, ROUTING_VARIABLES
 from .store import open_store
 
 # 32 categorical colours (16 hues at two lightnesses, all readable under black text); expert e gets
@@ -303,7 +304,7 @@ class TokenView(_Snapshot, ipywidgets.VBox):
         """The shown tokens' ids, top-k experts and (where stored) weights at the chosen layer, read from the
         store for the window only (it ends at the last token)."""
         part = self.dataset.isel(token=slice(self.start, min(self.start + self.length, self.n_tokens)))
-        names = [v for v in ("input_ids", "topk_ids", "topk_weights") if v in part]
+        names = [v for v in ROUTING_VARIABLES if v in part]
         return part[names].sel(layer=self.layer).compute()
 
     def html(self) -> str:
@@ -485,9 +486,9 @@ class InterventionPanel(_Snapshot, ipywidgets.VBox):
             raise ValueError("model has no MoE layer to intervene on")
         layers = sorted(self.routers)
         layer = _pick_layer(layer, layers, [])
-        logits, cache = model.run_with_cache(self.ids, names=["layers.*.router.topk_ids"])
+        logits, cache = model.run_with_cache(self.ids, names=[f"layers.*.{ROUTER_TOPK_IDS}"])
         self.logits = logits[0, -1].float()
-        self.routing = {x: cache[f"layers.{x}.router.topk_ids"][0, -1].tolist() for x in layers}
+        self.routing = {x: cache[f"layers.{x}.{ROUTER_TOPK_IDS}"][0, -1].tolist() for x in layers}
         self.result: dict[str, Any] | None = None
         self.layer_picker = ipywidgets.Dropdown(options=layers, value=layer, description="layer")
         self.expert_picker = ipywidgets.SelectMultiple(description="experts", rows=8)

@@ -1,0 +1,29 @@
+"""Routing analyses from the MoE literature over a routing Dataset: a store opened with `open_store` (dask-backed,
+read chunk by chunk, never whole) or an in-memory trace built by `from_cache`. Both share one code path.
+
+- `dataset`: building a routing Dataset in memory, the routed view and expert count every analysis reads.
+- `scan`: reading token blocks, straight from a store's zarr chunks where it can.
+- `cluster`: counting over the blocks, here or on a dask.distributed cluster.
+- `kernels`: the numba kernels that count.
+- `metrics`: the analyses, with their definitions.
+
+For code of its own (the widgets are such code), `routed_view`, `expert_count` and `token_reader` are the same
+entry points the analyses use: the routed layers in (layer, token, k) order, the expert count, and a reader of
+token ranges that goes straight to a store's zarr chunks.
+
+Layers are the checkpoint's own numbers. Hash-routed layers (DeepSeek-V4's first layers route by token id) are
+kept; every per-layer result carries a `hash_routed(layer)` coordinate, detected from the data (`hash_routed`).
+"""
+
+from .cluster import TASKS_PER_THREAD
+from .dataset import (HASH_MIN_REPEATS, HASH_PROBE_TOKENS, ArrayLike, expert_count, from_cache, hash_routed,
+                      routed_view)
+from .kernels import FIXED_POINT
+from .metrics import (coactivation, cross_layer, domain_specialisation, eplb_weight, expert_load, mutual_information,
+                      repetition, router_confidence, saturation, super_experts, vocabulary_specialisation)
+from .scan import BLOCK_BYTES, token_reader
+
+__all__ = ["from_cache", "routed_view", "expert_count", "hash_routed", "token_reader", "expert_load", "eplb_weight",
+           "coactivation", "domain_specialisation", "vocabulary_specialisation", "mutual_information", "repetition",
+           "saturation", "cross_layer", "router_confidence", "super_experts", "BLOCK_BYTES", "HASH_PROBE_TOKENS",
+           "HASH_MIN_REPEATS", "TASKS_PER_THREAD", "FIXED_POINT", "ArrayLike"]

@@ -1,0 +1,13 @@
+"""Streaming activation store: `trace` runs one long sequence chunk by chunk through a model and writes what
+its hooks see to a zarr v3 store; `open_store` reads it back as an xarray Dataset lazily backed by dask.
+
+Its variables follow `workbench.schema`; `layout` lays them out in chunks, `disk` opens, creates and locks the
+store (crash safety), `tracing` runs the chunked forward and commits each chunk.
+"""
+
+from ..errors import StoreError
+from ..schema import TRAILING_DIMS, trailing_dims
+from .disk import disk_bytes, open_store
+from .tracing import trace
+
+__all__ = ["trace", "open_store", "disk_bytes", "StoreError", "TRAILING_DIMS", "trailing_dims"]

@@ -1,0 +1,314 @@
+"""The trace loop: `trace` runs one long sequence chunk by chunk through a model and writes what its hooks see
+to a store laid out by `layout`, committing each chunk as `disk` describes.
+
+Resume rebuilds the attention state by replaying the committed prefix with the same hooks registered chunk by
+chunk (some hooks select different kernels) and their values dropped, so the continued forward is exactly the
+uninterrupted one; a snapshot of a full-attention state would cost bytes proportional to the whole prefix at
+every chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import operator
+import platform
+import resource
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from .. import distributed, hooks, publish
+from ..checkpoint import sha256
+from ..errors import StoreError
+from ..models.base import CausalLM, State
+from ..schema import DTYPES, INPUT_IDS, ROUTING_HOOKS, TOPK_IDS, TOPK_WEIGHTS, hook_kind, layer_of
+from .disk import (FORMAT, check_format, crash_here, crash_point, disk_bytes, existing_attrs, io_errors, prepare,
+                   write_lock)
+from .layout import Layout, StoredVariable, lay_out
+
+
+def trace(
+    model: CausalLM,
+    tokens: Sequence[int] | np.ndarray | torch.Tensor,
+    out: str | Path,
+    *,
+    names: Iterable[str] | str | None = None,
+    chunk_tokens: int = 8192,
+    layers: Iterable[int] | None = None,
+    windows: Iterable[tuple[int, int]] | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    seed: int | None = None,
+) -> Path:
+    """Run `tokens` (one sequence) through `model` chunk by chunk and stream routing, plus the hooks named
+    by glob in `names` (restricted to `layers` and token `windows`), to the zarr store `out`.
+
+    An incomplete store at `out` from the same model, tokens and arguments is resumed (resume=True); a
+    complete one is refused unless overwrite=True. `seed` is recorded as the seed that made `tokens`.
+    The run's summary lands in the store's attrs (`open_store(out).attrs["summary"]`).
+    """
+    t0 = time.perf_counter()
+    parallel = model.parallel is not None
+    writer = not parallel or model.parallel.rank == 0  # expert-parallel ranks run the forward, rank 0 writes
+    with contextlib.ExitStack() as stack:
+        with distributed.agreed(parallel):
+            ids = _check_tokens(tokens, model.vocab_size)
+            chunk_tokens = _positive_int(chunk_tokens, "chunk_tokens")
+            windows = _check_windows(windows, len(ids))
+            patterns = [names] if isinstance(names, str) else list(names or [])
+            layers = None if layers is None else sorted({_integer(x, "a layer number") for x in layers})
+            layout = lay_out(model, ids, _select(model, patterns, layers), windows, chunk_tokens)
+            out = Path(out).expanduser()
+            root, start = None, 0
+            if writer:
+                existing_attrs(out)  # refuse a path that holds something else before creating anything there
+                stack.enter_context(write_lock(out))
+                attrs = existing_attrs(out)
+                if attrs is not None and not overwrite:
+                    check_format(out, attrs, "pass overwrite=True (CLI: --overwrite) to replace it, or write "
+                                 "elsewhere")
+                if attrs is not None and attrs.get("complete") and not overwrite:
+                    raise StoreError(f"{out} already holds a complete trace; pass overwrite=True (CLI: "
+                                     "--overwrite) to replace it")
+                prov = _provenance(model, ids, seed, patterns, layers, windows, chunk_tokens, layout, progress)
+                root, start = prepare(out, attrs, prov, layout, resume, overwrite)
+        if parallel:
+            start = distributed.broadcast_int(start)
+        _run(model, ids, out, root, layout, start, progress and writer, t0)
+    if writer:
+        publish.record_store(out, seed)  # only under `workbench publish` / `verify`: the routing hash
+    return out
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def _integer(x: Any, what: str) -> int:
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise ValueError(f"{what} must be an integer, got {x!r}") from None
+
+
+def _positive_int(x: Any, what: str) -> int:
+    n = _integer(x, what)
+    if n < 1:
+        raise ValueError(f"{what} must be at least 1, got {n}")
+    return n
+
+
+def _check_tokens(tokens: Any, vocab: int) -> np.ndarray:
+    """One sequence of token ids as int64, every id inside the vocabulary."""
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().cpu().numpy()
+    ids = np.asarray(tokens)
+    if ids.ndim == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.ndim != 1:
+        raise ValueError(f"tokens must be one sequence, shape [T] or [1, T]; got shape {list(ids.shape)}")
+    if ids.size == 0:
+        raise ValueError("tokens is empty: nothing to trace")
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be integer ids, got dtype {ids.dtype}")
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab))
+    if bad.size:
+        raise ValueError(f"token id {ids[bad[0]]} at position {bad[0]} is outside the vocabulary [0, {vocab})")
+    return ids.astype(np.int64)
+
+
+def _check_windows(windows: Iterable[tuple[int, int]] | None, n: int) -> list[tuple[int, int]] | None:
+    if windows is None:
+        return None
+    out = []
+    for w in windows:
+        try:
+            a, b = (operator.index(x) for x in w)
+        except (TypeError, ValueError):
+            raise ValueError(f"window {w!r} must be a (start, stop) pair of token positions") from None
+        if not 0 <= a < b <= n:
+            raise ValueError(f"window ({a}, {b}) must satisfy 0 <= start < stop <= {n} (the number of tokens)")
+        out.append((a, b))
+    if not out:
+        raise ValueError("windows is empty; pass None to record the named hooks at every token")
+    return sorted(out)
+
+
+def _select(model: CausalLM, patterns: list[str], layers: list[int] | None) -> list[str]:
+    """The hook points named by `patterns` (globs), within `layers`, routing left out (always recorded)."""
+    hook_names = model.hook_names
+    chosen: dict[str, None] = {}
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(f"names must be hook names or globs (strings), got {pattern!r}")
+        chosen.update((n, None) for n in hooks.match(pattern, hook_names) if hook_kind(n) not in ROUTING_HOOKS)
+    if layers is not None:
+        have = sorted({i for i in map(layer_of, hook_names) if i is not None})
+        missing = [i for i in layers if i not in have]
+        if missing:
+            raise ValueError(f"layers {missing} are not in this model (it has layers {have[0]} to {have[-1]})")
+        kept = [n for n in chosen if layer_of(n) is None or layer_of(n) in layers]
+        if chosen and not kept:
+            raise ValueError(f"names {patterns} select no hook point in layers {layers}")
+        return kept
+    return list(chosen)
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def _versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "zarr": zarr.__version__,
+            "xarray": metadata.version("xarray"), "dask": metadata.version("dask"), "numpy": np.__version__}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _provenance(model: CausalLM, ids: np.ndarray, seed: int | None, names: list[str], layers: list[int] | None,
+                windows: list[tuple[int, int]] | None, chunk_tokens: int, layout: Layout, progress: bool) -> dict:
+    """The root attrs of a new store, normalised to what JSON gives back."""
+    import workbench
+
+    folder = getattr(model, "checkpoint_dir", None)
+    files = sorted(Path(folder).glob("*.safetensors")) if folder else []
+    total = sum(f.stat().st_size for f in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing weights",
+              disable=not progress or total < 2**30) as bar:
+        weights = {}
+        for f in files:  # the loader's digests, remembered per file: a checkpoint verified on load is not reread
+            weights[f.name] = sha256(f)
+            bar.update(f.stat().st_size)
+    attrs = {
+        "workbench_store": FORMAT,
+        "source": model.source, "revision": model.revision, "commit": model.commit,
+        "model_type": model.config.get("model_type"),
+        "weights_sha256": weights,
+        "config_sha256": model.config.sha256(),
+        "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
+        "device": str(model.embed.weight.device),
+        "torch_threads": torch.get_num_threads(),
+        "world_size": 1 if model.parallel is None else model.parallel.world,
+        "backend": model.backend,
+        "workbench_version": workbench.__version__,
+        "versions": _versions(),
+        "seed": seed,
+        "tokens_total": len(ids),
+        "tokens_sha256": hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest(),
+        "names": names, "layers": layers, "windows": windows,
+        "chunk_tokens": chunk_tokens,
+        "chunks": {v.name: v.chunks for v in layout.variables},
+        "routed_layers": layout.routed, "k": layout.k, "n_experts": layout.experts,
+        "created": _now(),
+        "committed_tokens": 0, "complete": False,
+    }
+    return json.loads(json.dumps(attrs))
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _capture(sink: dict | None, start: int, spans: list[tuple[int, int]]):
+    """A hook keeping copies of the `spans` of its tensor (batch row 0) in `sink`; None: keep nothing."""
+    def keep(x: torch.Tensor, ctx) -> None:
+        if sink is not None:
+            sink[ctx.name] = [x[0, a - start:b - start].detach().to("cpu", copy=True) for a, b in spans]
+    return keep
+
+
+def _hooks(layout: Layout, start: int, stop: int, sink: dict | None) -> list:
+    pairs = []
+    for v in layout.variables:
+        spans = v.spans(start, stop)
+        if spans:
+            fn = _capture(sink, start, spans)
+            pairs += [(hook, fn) for hook in v.hooks]
+    return pairs
+
+
+def _as_numpy(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy().astype(dtype, copy=False)
+
+
+def _write(array: zarr.Array, v: StoredVariable, spans: list[tuple[int, int]], sink: dict) -> None:
+    for j, (a, b) in enumerate(spans):
+        if v.layered:
+            block = np.full((v.shape[0], b - a, *v.trailing), v.fill, v.dtype)
+            for hook, i in v.hooks.items():
+                block[i] = _as_numpy(sink[hook][j], v.dtype)
+            array[:, a:b] = block
+        else:
+            (hook,) = v.hooks
+            array[a:b] = _as_numpy(sink[hook][j], v.dtype)
+
+
+def _run(model: CausalLM, ids: np.ndarray, out: Path, root: zarr.Group | None, layout: Layout, start: int,
+         progress: bool, t0: float) -> None:
+    """The chunked forward: replay up to `start`, then record and commit chunk by chunk (no root: a rank that
+    only computes)."""
+    n, size = len(ids), layout.chunk_tokens
+    names = ("token", INPUT_IDS, *(v.name for v in layout.variables))
+    arrays = {name: root[name] for name in names} if root is not None else {}
+    crash = crash_point()
+    state = State()
+    head = any(not v.layered for v in layout.variables)  # final.* or logits asked for
+    with torch.no_grad(), \
+            tqdm(total=start, unit="tok", unit_scale=True, desc="replay", disable=not progress or not start) as rbar, \
+            tqdm(total=n, initial=start, unit="tok", unit_scale=True, desc="trace", disable=not progress) as bar:
+        for i, s in enumerate(range(0, n, size)):
+            e = min(s + size, n)
+            sink = {} if s >= start else None
+            with model.hooks(_hooks(layout, s, e, sink)):
+                model(torch.from_numpy(ids[s:e])[None], cache=state, head=head)
+            if sink is None:
+                rbar.update(e - s)
+                continue
+            crash_here(crash, i, "forward")
+            # under expert parallelism only rank 0 writes, and a failed write stops every rank
+            with distributed.agreed(model.parallel is not None), io_errors(out, f"writing tokens {s:,}..{e:,}"):
+                if root is not None:
+                    for j, v in enumerate(layout.variables):
+                        _write(arrays[v.name], v, v.spans(s, e), sink)
+                        if j == 0:
+                            crash_here(crash, i, "write")
+                    arrays[INPUT_IDS][s:e] = ids[s:e].astype(DTYPES[INPUT_IDS])
+                    arrays["token"][s:e] = np.arange(s, e)
+                    crash_here(crash, i, "marker")
+                    marker: dict[str, Any] = {"committed_tokens": e}
+                    if e == n:
+                        marker.update(complete=True, completed=_now(), summary=_summary(out, layout, n, start, t0))
+                    root.attrs.update(marker)
+            crash_here(crash, i, "committed")
+            bar.update(e - s)
+
+
+def _peak_rss() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _summary(out: Path, layout: Layout, n: int, start: int, t0: float) -> dict[str, Any]:
+    """What this run did and cost: tokens, layers, bytes on disk (per routing entry), time, peak memory."""
+    wall = time.perf_counter() - t0
+    routing = sum(disk_bytes(out / v) for v in (TOPK_IDS, TOPK_WEIGHTS) if (out / v).exists())
+    entries = n * len(layout.routed) * layout.k
+    return {
+        "tokens": n, "traced_tokens": n - start, "resumed_at": start,
+        "layers": len(layout.layers), "routed_layers": len(layout.routed), "k": layout.k,
+        "bytes_on_disk": disk_bytes(out), "routing_bytes": routing,
+        "bytes_per_routing_entry": routing / entries if entries else None,
+        "wall_s": round(wall, 3), "tokens_per_s": round((n - start) / wall, 1),
+        "peak_rss_bytes": _peak_rss(),
+    }
