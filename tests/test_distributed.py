@@ -27,8 +27,10 @@ LENGTH = 17
 
 
 def torchrun(n: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run the worker (or `-m workbench ...`) on n local gloo processes; single-threaded ranks."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    """Run the worker (or `-m workbench ...`) on n local gloo processes; single-threaded ranks importing the
+    workbench this process imports (the caller's PYTHONPATH kept behind the tests folder)."""
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
