@@ -33,7 +33,7 @@ from plotly.subplots import make_subplots
 from . import analysis as A
 from . import display
 from .interventions import ablate, force
-from .models.blocks import Router
+from .models.moe import Router
 from .store import open_store
 
 # 32 categorical colours (16 hues at two lightnesses, all readable under black text); expert e gets
