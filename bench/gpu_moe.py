@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from workbench.kernels import fused_experts, reference_route, route
 from workbench.kernels.backend import has_triton
-from workbench.models.blocks import RouterSpec
+from workbench.routing import RouterSpec
 
 FP8_BLOCK = (128, 128)
 

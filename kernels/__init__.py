@@ -4,12 +4,13 @@ Installed as `workbench.kernels`. Importing it never imports triton: every publi
 kernel when triton is installed and the tensor is on a CUDA device (or TRITON_INTERPRET=1, the numpy
 interpreter, for tests on CPU), and its `reference_*` twin otherwise. `triton_*` forces the kernel.
 
-Routing (semantics of `workbench.models.blocks.Router.select` + `Router.weigh`)::
+Routing (semantics of `workbench.routing.select_experts` + `weigh_experts`, as `workbench.models.moe.Router`)::
 
     ids, weights = route(logits, spec, correction_bias=None, ids_dtype=torch.int64)
     # logits [N, E] -> topk_ids [N, k] (int32 or int64), topk_weights [N, k] fp32
 
-Routed experts (semantics of `Experts` / `MoE.routed` with the SiLU gate; GELU-gated experts stay on torch)::
+Routed experts (semantics of `workbench.models.moe.Experts` / `MoE.routed` with the SiLU gate; GELU-gated
+experts stay on torch)::
 
     y, hidden, out = fused_experts(x, ids, weights, gate, up, down, *, limit=None, alpha=None,
                                    biases=None, scales=None, block=(128, 128),

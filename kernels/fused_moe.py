@@ -1,6 +1,6 @@
 """Fused routed experts: grouped GEMMs over the aligned pairs, SwiGLU in the epilogue, a slot-ordered top-k sum.
 
-Semantics are those of `workbench.models.blocks.Experts` / `MoE.routed` with a SiLU gate: `limit` clamps gate
+Semantics are those of `workbench.models.moe.Experts` / `MoE.routed` with a SiLU gate: `limit` clamps gate
 above and up both sides (DeepSeek-V4, GPT-OSS), `alpha` selects GPT-OSS's (up + 1) * gate * sigmoid(alpha * gate).
 Weights are stacked [E, I, H] (gate, up; or gate and up fused [E, 2I, H], gate rows first) and [E, H, I] (down),
 in the activation dtype or as FP8 e4m3 with one fp32 (or ue8m0) multiplier per `block` (workbench.quant layout).

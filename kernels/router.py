@@ -1,15 +1,15 @@
 """Fused router: score function, biased group-limited top-k and the routing weights in one pass.
 
-Semantics are those of `workbench.models.blocks.Router.select` + `Router.weigh` (REFERENCES: routing, per
-family): the correction bias only steers selection, dropped groups are masked with -inf, ties go to the lower
-index, and the weights come from the unbiased scores.
+Semantics are those of `workbench.routing.select_experts` + `weigh_experts`, as `workbench.models.moe.Router`
+routes (docs/references.md, "routing, per family"): the correction bias only steers selection, dropped groups
+are masked with -inf, ties go to the lower index, and the weights come from the unbiased scores.
 """
 
 from __future__ import annotations
 
 import torch
 
-from workbench.models.blocks import RouterSpec, router_scores, select_experts, weigh_experts
+from workbench.routing import RouterSpec, router_scores, select_experts, weigh_experts
 
 from .backend import cdiv, next_pow2, use_triton
 
@@ -23,7 +23,7 @@ def _groups_limited(spec: RouterSpec) -> bool:
 
 def reference_route(logits: torch.Tensor, spec: RouterSpec,
                     correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert ids [N, k] (int64) and weights [N, k] (fp32) of logits [N, E], computed as blocks.Router does."""
+    """Expert ids [N, k] (int64) and weights [N, k] (fp32) of logits [N, E], computed as models.moe.Router does."""
     scores = router_scores(logits.float(), spec.score)
     ids = select_experts(scores, spec, correction_bias)
     return ids, weigh_experts(scores, ids, spec)

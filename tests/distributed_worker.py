@@ -2,7 +2,7 @@
 checkpoint, run hooked, plain, chunked and hook-edited forwards and a trace, and save what this rank saw.
 
 usage: torchrun --nproc-per-node N tests/distributed_worker.py CHECKPOINT OUT_DIR LENGTH [--mismatch-hooks]
-                                                                          [--tensor-parallel T]
+                                                                          [--tensor-parallel T] [--backend B]
 """
 
 from __future__ import annotations
@@ -46,11 +46,36 @@ def run(model, out: Path, length: int, rank: int) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in got.items()}
 
 
+def count_backends() -> dict[str, int]:
+    """Count calls of each routed-experts backend (MoE.loop, .grouped, .fused: "torch", "grouped", "triton") and of
+    the Triton gate/up kernel, from now on in this process."""
+    from workbench import kernels
+    from workbench.models.moe import MoE
+
+    calls = {"torch": 0, "grouped": 0, "triton": 0, "triton kernel": 0}
+
+    def count(owner, name: str, key: str) -> None:
+        fn = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+
+        setattr(owner, name, counted)
+
+    for key, name in (("torch", "loop"), ("grouped", "grouped"), ("triton", "fused")):
+        count(MoE, name, key)
+    count(kernels.fused_moe, "triton_expert_hidden", "triton kernel")
+    return calls
+
+
 def main() -> None:
     folder, out, length = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     rank, world = distributed.init()
     tp = int(sys.argv[sys.argv.index("--tensor-parallel") + 1]) if "--tensor-parallel" in sys.argv else 1
-    model = wb.load(folder, dtype=torch.float32, tensor_parallel=tp)
+    backend = sys.argv[sys.argv.index("--backend") + 1] if "--backend" in sys.argv else "auto"
+    calls = count_backends()
+    model = wb.load(folder, dtype=torch.float32, tensor_parallel=tp, backend=backend)
     if "--mismatch-hooks" in sys.argv:
         with model.hooks({"logits": lambda x, ctx: None} if rank == 1 else {}):
             model(torch.zeros(1, 3, dtype=torch.long))
@@ -58,7 +83,9 @@ def main() -> None:
     save_file(got, str(out / f"rank{rank}.safetensors"))
     held = {name: p.shape[0] for name, p in model.named_parameters() if name.endswith("experts.down_proj")}
     heads = {name: p.shape[0] for name, p in model.named_parameters() if name.endswith("attn_sink")}
-    (out / f"rank{rank}.json").write_text(json.dumps({**model.load_report, "experts_held": held, "heads": heads}))
+    report = {**model.load_report, "experts_held": held, "heads": heads, "backend": model.backend,
+              "backend_calls": calls}
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
     distributed.shutdown()
 
 

@@ -13,8 +13,8 @@ import transformers as tf
 from safetensors.torch import load_file, save_file
 
 import workbench as wb
-from workbench.models import blocks
-from workbench.models.blocks import topk_entries
+from workbench.models import indexer
+from workbench.models.indexer import topk_entries
 from oracle import (B, assert_chunked_equals_whole, assert_parity, input_ids, make_checkpoint,
                     routing_is_nontrivial)
 
@@ -143,8 +143,8 @@ def test_tiled_index_topk_equals_reference(shape, tiles, monkeypatch):
     """The tiled CPU path (matmul per tile + fused numba scan) picks exactly what `topk_entries` of the whole
     score map picks: on integer dot products (ties everywhere, zero and negative head weights), on random
     ones, with per-query limits including 0, and with tiles smaller than the sequence."""
-    monkeypatch.setattr(blocks, "INDEX_ROWS", tiles[0])
-    monkeypatch.setattr(blocks, "INDEX_TILE", tiles[1])
+    monkeypatch.setattr(indexer, "INDEX_ROWS", tiles[0])
+    monkeypatch.setattr(indexer, "INDEX_TILE", tiles[1])
     t, heads, n, k = shape
     g = torch.Generator().manual_seed(n)
     limit = torch.randint(0, n + 1, (t,), generator=g)
@@ -153,8 +153,8 @@ def test_tiled_index_topk_equals_reference(shape, tiles, monkeypatch):
                           torch.randint(-2, 3, (t, heads), generator=g).float()),
                          (torch.randn(t, heads, 16, generator=g), torch.randn(16, n, generator=g),
                           torch.randn(t, heads, generator=g))):
-        got = blocks.index_topk(q, w, keys_t, limit, k)
-        assert torch.equal(got, topk_entries(blocks.index_scores(q, w, keys_t, limit), k))
+        got = indexer.index_topk(q, w, keys_t, limit, k)
+        assert torch.equal(got, topk_entries(indexer.index_scores(q, w, keys_t, limit), k))
         assert ((got >= 0).sum(-1) == limit.clamp(max=k)).all()
 
 
@@ -164,11 +164,11 @@ def test_numba_kernels_keep_torch_thread_count():
     code = """
 import numpy as np, torch, xarray as xr
 from workbench import analysis
-from workbench.models import blocks
+from workbench.models import indexer
 torch.set_num_threads(1)
 q, w, keys_t = torch.randn(9, 2, 8), torch.randn(9, 2), torch.randn(8, 40)
 for _ in range(2):
-    blocks.index_topk(q, w, keys_t, torch.full((9,), 40), 4)
+    indexer.index_topk(q, w, keys_t, torch.full((9,), 40), 4)
     print(torch.get_num_threads())
 ids = np.random.default_rng(0).integers(0, 8, (2, 500, 2)).astype(np.int16)
 analysis.expert_load(xr.Dataset({"topk_ids": (("layer", "token", "k"), ids)}, attrs={"n_experts": 8, "k": 2}))
@@ -187,8 +187,8 @@ def test_indexer_tiling_does_not_change_picks(case, monkeypatch):
     ids = input_ids(VOCAB, seed=5, length=150)
     names = [n for n in wb.load(folder).hook_names if n.endswith(("topk_ids", "indexer_topk"))]
     whole = wb.load(folder).run_with_cache(ids, names=names)
-    monkeypatch.setattr(blocks, "INDEX_ROWS", 8)
-    monkeypatch.setattr(blocks, "INDEX_TILE", 5)
+    monkeypatch.setattr(indexer, "INDEX_ROWS", 8)
+    monkeypatch.setattr(indexer, "INDEX_TILE", 5)
     tiled = wb.load(folder).run_with_cache(ids, names=names)
     assert torch.equal(whole[0], tiled[0])
     assert all(torch.equal(whole[1][n], tiled[1][n]) for n in names) and any("indexer" in n for n in names)

@@ -1,7 +1,8 @@
 """Expert parallelism with torch.distributed (gloo, 2 and 3 processes under torchrun) against one process: logits,
-every routing and per-expert hook, chunked and hook-edited forwards, the trace store; each rank reads only its
-experts; failures on one rank reach every rank."""
+every routing and per-expert hook, chunked and hook-edited forwards, the trace store, with each routed-experts
+backend; each rank reads only its experts; failures on one rank reach every rank."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -27,8 +28,10 @@ LENGTH = 17
 
 
 def torchrun(n: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run the worker (or `-m workbench ...`) on n local gloo processes; single-threaded ranks."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    """Run the worker (or `-m workbench ...`) on n local gloo processes; single-threaded ranks importing the
+    workbench this process imports (the caller's PYTHONPATH kept behind the tests folder)."""
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -78,6 +81,7 @@ def test_expert_parallel_equals_one_process(reference, world, tmp_path):
         assert loaded["expert_bytes_total"] == report["expert_bytes_total"] > 0
         assert loaded["expert_bytes_read"] == report["expert_bytes_total"] * owned // experts
         assert loaded["bytes_read"] - loaded["expert_bytes_read"] == report["bytes_read"] - report["expert_bytes_read"]
+        assert loaded["backend"] == "grouped" and loaded["backend_calls"]["grouped"] > 0  # `auto` on a CPU
     # the store rank 0 wrote is the single-process one
     a, b = wb.open_store(single / "store.zarr"), wb.open_store(tmp_path / "store.zarr")
     assert set(a.data_vars) == set(b.data_vars) and a.attrs["complete"] and b.attrs["complete"]
@@ -93,6 +97,42 @@ def test_expert_parallel_equals_one_process(reference, world, tmp_path):
         np.testing.assert_array_equal(np.isnan(y), np.isnan(x))
         assert_close_scaled(torch.from_numpy(np.nan_to_num(y)), torch.from_numpy(np.nan_to_num(x)), 1e-4, name)
     assert not list((tmp_path).glob("store.zarr/**/*.partial"))
+
+
+@pytest.fixture(scope="module", params=["torch", "triton"])
+def backend_reference(request, tmp_path_factory):
+    """A V3 checkpoint and what one process computes on it with the `torch` or `triton` backend (Triton kernels
+    under the interpreter: conftest sets TRITON_INTERPRET=1)."""
+    backend = request.param
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    folder = tmp_path_factory.mktemp(f"v3-{backend}")
+    make_checkpoint(CASES["v3-grouped"](), folder)
+    torch.set_num_threads(1)
+    model = wb.load(folder, dtype=torch.float32, backend=backend)
+    assert model.backend == backend
+    return folder, backend, run(model, tmp_path_factory.mktemp(f"v3-{backend}-single"), LENGTH, 0)
+
+
+def test_expert_parallel_runs_the_model_backend(backend_reference, tmp_path):
+    """Each rank runs its received rows with the model's backend (and no other), hooks included: logits, routing
+    and per-expert tensors equal one process running the same backend."""
+    folder, backend, want = backend_reference
+    r = torchrun(2, str(WORKER), str(folder), str(tmp_path), str(LENGTH), "--backend", backend)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in range(2):
+        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        assert got.keys() == want.keys()
+        for name, ref in want.items():
+            if ref.dtype.is_floating_point:
+                assert_close_scaled(got[name], ref, 1e-5, f"{backend} rank {rank} {name}")
+            else:
+                assert torch.equal(got[name], ref), f"{backend} rank {rank}: {name} differs"
+        loaded = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        calls = loaded["backend_calls"]
+        assert loaded["backend"] == backend and calls[backend] > 0, calls
+        assert all(calls[other] == 0 for other in ("torch", "grouped", "triton") if other != backend), calls
+        assert (calls["triton kernel"] > 0) == (backend == "triton"), calls  # the kernel, not its reference
 
 
 @pytest.mark.parametrize("world,tp", [(2, 2), (4, 2)])

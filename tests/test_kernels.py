@@ -21,7 +21,8 @@ pytest.importorskip("triton", reason="triton is not installed: the kernel tests 
 
 import workbench.kernels as K  # noqa: E402
 from workbench.hooks import HookRegistry  # noqa: E402
-from workbench.models.blocks import MoE, Router, RouterSpec, router_scores  # noqa: E402
+from workbench.models.moe import MoE, Router  # noqa: E402
+from workbench.routing import RouterSpec, router_scores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -256,7 +257,7 @@ def test_moe_sum_matches_reference():
 
 
 def test_references_match_the_model_moe():
-    """The kernels' references reproduce blocks.MoE.routed (weights, hidden and unweighted out) in fp32."""
+    """The kernels' references reproduce moe.MoE.routed (weights, hidden and unweighted out) in fp32."""
     experts, hid, inter, n, k = 4, 16, 12, 7, 2
     spec = RouterSpec(experts, k)
     hooks = HookRegistry()
@@ -282,7 +283,7 @@ def test_references_match_the_model_moe():
 def test_imports_and_runs_references_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch, workbench.kernels as K\n"
-            "from workbench.models.blocks import RouterSpec\n"
+            "from workbench.routing import RouterSpec\n"
             "assert not K.backend.has_triton()\n"
             "ids, w = K.route(torch.randn(3, 8), RouterSpec(8, 2, renormalize=True))\n"
             "y, _, _ = K.fused_experts(torch.randn(3, 4), ids, w, torch.randn(8, 6, 4), torch.randn(8, 6, 4),\n"

@@ -1,21 +1,12 @@
-"""Expert parallelism over torch.distributed: each rank holds a contiguous range of every MoE layer's routed
-experts and everything else (embeddings, attention, norms, routers, shared experts) replicated.
+"""Process groups and collectives for expert and tensor parallelism over torch.distributed.
 
 Launch with torchrun (`torchrun --nproc-per-node N -m workbench trace ...`, or a script calling `init()` then
-`wb.load`). Every rank runs the same program on the same tokens. Within an MoE block:
-
-1. the router runs on every token on every rank, so the `router.*` hooks see the whole [B, T, ...] tensors
-   (global expert ids) on every rank, and an edit made by a hook applies everywhere;
-2. rank r takes the r-th contiguous share of the token rows, sends each (token, slot) pair's input row to the
-   rank owning its expert (one all-to-all), the owners run their experts, a second all-to-all returns the
-   outputs, and rank r weighs and sums them and adds its rows' shared expert;
-3. an all-gather gives every rank the whole block output again.
-
-Which rank sends how many rows where follows from the replicated routing, so no counts are exchanged.
-`experts.hidden` / `experts.out` / `shared.out` hooks, when registered, get the whole token-major tensors
-(assembled by an all-reduce, every pair filled by exactly its owner); with none registered nothing extra
-moves. The hooks registered must be the same on every rank (a torchrun script registers them alike): each
-forward checks this, and that the token ids agree, with one small all-gather, and raises HookError otherwise.
+`wb.load`). Every rank runs the same program on the same tokens. Under expert parallelism each rank holds a
+contiguous range of every MoE layer's routed experts (`ExpertParallel`) and everything else (embeddings,
+attention, norms, routers, shared experts) replicated; the MoE block (`workbench.models.moe`) dispatches and
+combines its rows with the collectives below. The hooks registered must be the same on every rank (a torchrun
+script registers them alike): each forward checks this, and that the token ids agree, with one small all-gather,
+and raises HookError otherwise.
 
 Tensor parallelism (opt-in, where a family's attention has `split_heads`: DeepSeek-V4) splits attention heads
 over groups of T consecutive ranks (`head_group`); each attention module sums its output over its group.
@@ -43,7 +34,6 @@ _OTHER_RANK = {"CheckpointError": CheckpointError, "InputError": InputError, "Ho
 
 if TYPE_CHECKING:
     from .hooks import HookRegistry
-    from .models.blocks import MoE
 
 
 def init(backend: str | None = None) -> tuple[int, int]:
@@ -184,7 +174,7 @@ def _device(t: torch.Tensor) -> torch.device:
     return t.device
 
 
-def _all_gather_rows(rows: torch.Tensor, ep: ExpertParallel, n: int) -> torch.Tensor:
+def all_gather_rows(rows: torch.Tensor, ep: ExpertParallel, n: int) -> torch.Tensor:
     """Every rank's share of `n` rows (this rank's is `rows`), concatenated in rank order: [n, ...]."""
     size = -(-n // ep.world)
     padded = rows.new_zeros(size, *rows.shape[1:])
@@ -194,66 +184,17 @@ def _all_gather_rows(rows: torch.Tensor, ep: ExpertParallel, n: int) -> torch.Te
     return torch.cat([p[: b - a] for p, (a, b) in zip(parts, (ep.rows(n, r) for r in range(ep.world)))])
 
 
-def _exchange(rows: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+def all_to_all_rows(rows: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
     """One all-to-all: `send[r]` consecutive rows go to rank r; returns the rows received, by source rank."""
     out = rows.new_empty(sum(recv), *rows.shape[1:])
     dist.all_to_all_single(out, rows.contiguous(), recv, send)
     return out
 
 
-def _whole(hp: Any, pairs: torch.Tensor, values: torch.Tensor, n: int, k: int, shape: tuple[int, ...],
-           ids: torch.Tensor) -> torch.Tensor:
-    """The token-major [n, k, D] tensor of a per-expert hook from each rank's (pair, value) rows, through the hook."""
-    full = values.new_zeros(n * k, values.shape[-1])
-    full[pairs] = values
-    dist.all_reduce(full)  # every pair is filled by exactly one rank
-    return hp(full.view(*shape, k, -1), topk_ids=ids.view(*shape, k)).view(n, k, -1)
-
-
-def moe_forward(moe: MoE, x: torch.Tensor, token_ids: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The MoE block over flat tokens x [n, H] (the same on every rank) with this rank's experts; returns the
-    block output [n, H] (before the `moe.out` hook), the same on every rank."""
-    ep: ExpertParallel = moe.parallel
-    ids, weights = moe.router(x, shape, token_ids)
-    n, k = ids.shape
-    weights = weights.to(x.dtype)
-    lo, hi = ep.rows(n)
-    owner = ep.owner(ids).flatten()  # [n * k] rank of each (token, slot) pair
-    source = torch.bucketize(torch.arange(n, device=x.device), torch.tensor(
-        [ep.rows(n, r)[0] for r in range(1, ep.world)], device=x.device), right=True).repeat_interleave(k)
-    counts = torch.bincount(source * ep.world + owner, minlength=ep.world**2).view(ep.world, ep.world).tolist()
-    send, recv = counts[ep.rank], [counts[s][ep.rank] for s in range(ep.world)]
-
-    # dispatch: this rank's pairs, ordered by owner (stable, so row-major within each owner)
-    mine = owner[lo * k:hi * k]
-    order = torch.sort(mine, stable=True).indices
-    pair = order + lo * k  # global flat (token, slot) index of each row sent
-    got = _exchange(x[pair // k], send, recv)
-    # received rows, by source rank then row-major: exactly the pairs this rank owns, in flat order
-    held = (owner == ep.rank).nonzero().squeeze(1)
-    expert = ids.flatten()[held]
-
-    by_expert = torch.sort(expert, stable=True).indices  # this rank's experts run on contiguous blocks
-    ends = torch.bincount(expert - ep.owned.start, minlength=len(ep.owned)).cumsum(0).tolist()
-    hidden = moe.experts.grouped_hidden(got[by_expert], ends)
-    if moe.hp_hidden.active:
-        sorted_pairs = held[by_expert]
-        hidden = _whole(moe.hp_hidden, sorted_pairs, hidden, n, k, shape, ids).flatten(0, 1)[sorted_pairs]
-    out = torch.empty_like(got)
-    out[by_expert] = moe.experts.grouped_down(hidden, ends)  # back in the order received
-
-    if moe.hp_expert_out.active:
-        outs = _whole(moe.hp_expert_out, held, out, n, k, shape, ids)
-        y = (outs[lo:hi] * weights[lo:hi, :, None]).sum(dim=1)
-    else:
-        back = _exchange(out, recv, send)  # combine: outputs return in the order their inputs were sent
-        # add each token's experts in ascending id order, as one process does: the same sums bit for bit
-        add = torch.sort(ids.flatten()[pair] + (pair // k) * ep.experts, stable=True).indices
-        y = x.new_zeros(hi - lo, x.shape[-1])
-        y.index_add_(0, pair[add] // k - lo, (back * weights.flatten()[pair, None])[add])
-    if moe.shared is not None:
-        s = moe.shared_out(x[lo:hi])
-        if moe.hp_shared.active:
-            s = moe.hp_shared(_all_gather_rows(s, ep, n).view(*shape, -1)).flatten(0, -2)[lo:hi]
-        y = y + s
-    return _all_gather_rows(y, ep, n)
+def all_reduce_rows(rows: torch.Tensor, at: torch.Tensor, n: int) -> torch.Tensor:
+    """The [n, ...] tensor every rank fills at its indices `at` with its `rows`, summed over ranks (each index
+    filled by exactly one rank, so the sum assembles the whole)."""
+    full = rows.new_zeros(n, *rows.shape[1:])
+    full[at] = rows
+    dist.all_reduce(full)
+    return full

@@ -20,7 +20,7 @@ from .config import Config
 from .errors import CheckpointError
 from .models import family
 from .models.base import CausalLM, Split, Targets, map_tensor
-from .models.blocks import MoE
+from .models.moe import MoE
 from . import quant
 from .tokenizer import load_tokenizer
 
@@ -59,7 +59,7 @@ def load(
 
     `expert_parallel` (default: whenever torch.distributed is initialised with more than one rank, e.g. under
     torchrun after `workbench.distributed.init()`) makes this rank read and hold only its own range of every
-    MoE layer's routed experts (see workbench.distributed); files with recorded hashes are then hashed by one
+    MoE layer's routed experts (see workbench.models.moe); files with recorded hashes are then hashed by one
     rank each, and a failure on any rank is raised on every rank. `tensor_parallel=T` also splits attention
     heads over groups of T consecutive ranks (T dividing the world size, e.g. the GPUs of one node) where the
     family supports it (DeepSeek-V4). `model.load_report` says what was read.
@@ -171,7 +171,7 @@ def _build(fam: ModuleType, cfg: Config) -> CausalLM:
 # checkpoint tensor -> our (parameter, slot)s, its split, its scale tensor if quantised, and the part this rank
 # holds, (dim, start, stop), under expert or tensor parallelism (None: all of it)
 Cut = tuple[int, int, int]
-Plan = dict[str, tuple[Targets, Split | None, str | None, Cut | None]]
+LoadPlan = dict[str, tuple[Targets, Split | None, str | None, Cut | None]]
 
 
 def _shard_experts(model: CausalLM, rank: int, world: int) -> dict[str, distributed.ExpertParallel]:
@@ -206,7 +206,7 @@ def _split_heads(model: CausalLM, size: int, cfg: Config) -> dict[str, tuple[int
 
 def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, scheme: quant.Scheme | None,
           shards: dict[str, distributed.ExpertParallel],
-          heads: dict[str, tuple[int, int, int, int]]) -> tuple[Plan, int]:
+          heads: dict[str, tuple[int, int, int, int]]) -> tuple[LoadPlan, int]:
     """Map every checkpoint tensor onto our parameters and check shapes and coverage, reading no data;
     under expert parallelism (`shards`) other ranks' experts are checked but left out of the plan, under
     tensor parallelism (`heads`) this rank's part of a split tensor is planned. Also returns the bytes the
@@ -215,7 +215,7 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, sch
     if model.tied:
         params.pop("lm_head.weight", None)
     filled: dict[str, set] = defaultdict(set)
-    plan: Plan = {}
+    plan: LoadPlan = {}
     expert_bytes = 0
     paired = {quant.scale_of(n, tensors) for n, i in tensors.items() if _quant_kind(i.dtype, scheme)} - {None}
     for name, info in tensors.items():
@@ -300,7 +300,7 @@ def _nbytes(info: checkpoint.TensorInfo) -> int:
     return info.offsets[1] - info.offsets[0]
 
 
-def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Plan,
+def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: LoadPlan,
           scheme: quant.Scheme | None, shards: dict[str, distributed.ExpertParallel]) -> dict[str, int]:
     """Stream tensors file by file through memory-mapped reads into the parameters, dequantising one at a time;
     returns the bytes read, in all and of routed experts, beside the checkpoint's totals."""

@@ -35,8 +35,9 @@ from . import checkpoint, quant
 from .config import Config
 from .errors import CheckpointError
 from .loading import KEEP_FP32, _build
-from .models import blocks, deepseek_v4, family
+from .models import deepseek_v4, family
 from .models.deepseek_v32 import SparseMLA
+from .models.layers import GroupedQueryAttention
 from .models.mla import MLA
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -401,7 +402,7 @@ def _fp4_bytes(shape: tuple[int, ...]) -> int:
 def _state_terms(attn: nn.Module, prefix: str, kept: dict[str, torch.dtype], dtype: torch.dtype) -> list[Keys | Pooled]:
     """What one layer's attention keeps per sequence, as the runtime's `State` holds it."""
     size = dtype.itemsize
-    if isinstance(attn, deepseek_v4.Attention):
+    if isinstance(attn, deepseek_v4.V4Attention):
         terms: list[Keys | Pooled] = [Keys(attn.window, POSITION_BYTES + attn.head_dim * size)]
         pooled = {"compressor": attn.compressor,
                   "indexer.compressor": None if attn.indexer is None else attn.indexer.compressor}
@@ -413,7 +414,7 @@ def _state_terms(attn: nn.Module, prefix: str, kept: dict[str, torch.dtype], dty
     if isinstance(attn, MLA):
         index = attn.indexer.dim if isinstance(attn, SparseMLA) else 0
         return [Keys(None, POSITION_BYTES + (attn.kv_rank + attn.rope + index) * size)]
-    if isinstance(attn, blocks.Attention):
+    if isinstance(attn, GroupedQueryAttention):
         return [Keys(attn.window, POSITION_BYTES + 2 * attn.kv_heads * attn.head_dim * size)]
     raise ValueError(f"the attention state of {type(attn).__name__} is not modelled by `workbench plan`")
 

@@ -33,7 +33,7 @@ from plotly.subplots import make_subplots
 from . import analysis as A
 from . import display
 from .interventions import ablate, force
-from .models.blocks import Router
+from .models.moe import Router
 from .schema import ROUTER_TOPK_IDS, ROUTING_VARIABLES
 from .store import open_store
 

@@ -13,7 +13,7 @@ from torch import nn
 from ..config import Config
 from ..errors import CheckpointError, InputError, NonFiniteError
 from ..hooks import HookContext, HookFn, HookRegistry
-from .blocks import RMSNorm
+from .layers import RMSNorm
 
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -69,7 +69,7 @@ def tensor_bytes(d: dict) -> int:
 
 
 class CausalLM(nn.Module):
-    """A decoder-only language model with named hook points (see DESIGN.md for the vocabulary).
+    """A decoder-only language model with named hook points (vocabulary: docs/architecture.md, "hook points").
 
     Families build it from their layers; `workbench.load` fills the weights and sets `source`,
     `revision`, `commit`, `config` and `tokenizer`.

@@ -1,7 +1,8 @@
 """DeepSeek-V2 / V3 (V3.1, R1) and Kimi-K2: MLA attention, dense first layers, then shared + routed experts.
 
-Routing (REFERENCES: routing, per family): V3 `noaux_tc` selects on sigmoid + correction bias within the
-best groups (group score = sum of its top-2); V2 softmax `greedy` or `group_limited_greedy` (group score = max).
+Routing (docs/references.md, "routing, per family"): V3 `noaux_tc` selects on sigmoid + correction bias within
+the best groups (group score = sum of its top-2); V2 softmax `greedy` or `group_limited_greedy` (group score =
+max).
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from torch import nn
 from ..config import Config
 from ..errors import CheckpointError
 from ..hooks import HookRegistry
+from ..routing import RouterSpec
 from .base import CausalLM, DecoderLayer, Rule, hf_rules
-from .blocks import DenseFFN, MoE, RouterSpec, activation
+from .layers import DenseFFN, activation
 from .mla import MLA, mla_rotary, mla_softmax_scale
+from .moe import MoE
 
 # model_type -> (topk_method, norm_topk_prob, routed_scaling_factor, first_k_dense_replace) when config.json
 # leaves them out, as the reference config classes default them

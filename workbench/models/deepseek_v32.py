@@ -1,5 +1,5 @@
 """DeepSeek-V3.2 (DSA): V3's MLA and MoE, plus a lightning indexer that lets each query attend only to the
-`index_topk` earlier keys it scores highest (REFERENCES: "V3.2 indexer").
+`index_topk` earlier keys it scores highest (docs/references.md, "V3.2 indexer").
 
 Indexer: per-head queries from the normed q latent, one shared key per token (LayerNorm with bias), rotate-half
 RoPE on the first `qk_rope_head_dim` channels of both (unlike MLA's interleaved layout); the score of key s
@@ -19,7 +19,8 @@ from ..errors import CheckpointError
 from ..hooks import HookRegistry
 from . import deepseek
 from .base import CausalLM, Rule
-from .blocks import Rotary, topk_entries
+from .indexer import topk_entries
+from .layers import Rotary
 from .mla import MLA, mla_rotary, mla_softmax_scale
 
 INDEX_KEY_EPS = 1e-6  # the indexer key LayerNorm's eps (fixed, not the config's rms_norm_eps)

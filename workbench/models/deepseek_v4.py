@@ -1,5 +1,5 @@
 """DeepSeek-V4 (V4-Flash, V4-Pro): hyper-connected residual streams, sliding-window attention with pooled
-long-range entries (CSA / HCA), hash-routed and sqrtsoftplus-routed MoE (REFERENCES: "V4").
+long-range entries (CSA / HCA), hash-routed and sqrtsoftplus-routed MoE (docs/references.md, "V4").
 
 - Residual: `hc_mult` streams [B, T, n, H]. Before each block a linear map of the RMS-normalised flattened
   streams gives three mixings: `pre` (sigmoid + eps) collapses the streams into the block input, `post`
@@ -31,8 +31,11 @@ from torch import nn
 from ..config import Config
 from ..errors import CheckpointError
 from ..hooks import HookRegistry
+from ..routing import RouterSpec
 from .base import CausalLM, Rule, State
-from .blocks import MoE, RMSNorm, Rotary, Router, RouterSpec, activation, index_topk, remember
+from .indexer import index_topk
+from .layers import RMSNorm, Rotary, activation, remember
+from .moe import MoE, Router
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 LEGACY_RATIOS = {0: SLIDING, 4: CSA, 128: HCA}  # `compress_ratios` of older configs, per layer
@@ -202,7 +205,7 @@ class Indexer(nn.Module):
         return torch.stack([index_topk(q[b].float(), w[b], keys[b].T, complete, self.topk) for b in range(B)])
 
 
-class Attention(nn.Module):
+class V4Attention(nn.Module):
     """V4 attention of one layer kind (sliding, CSA or HCA); names follow the checkpoint's `attn.*`.
 
     Hook `{prefix}.attn.indexer_topk` (CSA) [B, T, index_topk] int64: the pooled entries each query attends
@@ -391,7 +394,7 @@ class HashRouter(Router):
 class Layer(nn.Module):
     """One V4 block pair on the streams: mHC-collapsed input -> attention -> spread, then the same for the MoE."""
 
-    def __init__(self, cfg: Config, attn: Attention, ffn: MoE, hooks: HookRegistry, prefix: str):
+    def __init__(self, cfg: Config, attn: V4Attention, ffn: MoE, hooks: HookRegistry, prefix: str):
         super().__init__()
         hidden, eps = cfg.int("hidden_size"), cfg.float("rms_norm_eps", 1e-6)
         self.hp_pre = hooks.point(f"{prefix}.resid_pre")
@@ -464,7 +467,7 @@ def build(cfg: Config) -> DeepseekV4:
 
     def layer(i: int) -> Layer:
         p, kind = f"layers.{i}", types[i]
-        attn = Attention(cfg, kind, rotary["main" if kind == SLIDING else "compress"], rates.get(kind, 1), hooks, p)
+        attn = V4Attention(cfg, kind, rotary["main" if kind == SLIDING else "compress"], rates.get(kind, 1), hooks, p)
         router = (lambda *a: HashRouter(*a, vocab)) if hashed[i] else None
         ffn = MoE(hidden, hashed_spec if hashed[i] else learned, inter, hooks, p, act=act, shared_inter=inter,
                   limit=limit, router=router)

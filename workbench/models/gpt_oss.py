@@ -8,8 +8,10 @@ import torch
 from ..config import Config
 from ..errors import CheckpointError
 from ..hooks import HookRegistry
+from ..routing import RouterSpec
 from .base import LAYER_TYPES, CausalLM, DecoderLayer, Rule, hf_rules, layer_windows
-from .blocks import MoE, RouterSpec, gqa
+from .layers import gqa
+from .moe import MoE
 
 def build(cfg: Config) -> CausalLM:
     """GPT-OSS with empty weights; refuses MXFP4-quantised checkpoints up front (only float experts load)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import Config
 from ..hooks import HookRegistry
 from .base import CausalLM, DecoderLayer, hf_rules, layer_windows
-from .blocks import DenseFFN, activation, gqa
+from .layers import DenseFFN, activation, gqa
 
 
 def build(cfg: Config) -> CausalLM:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from .blocks import RMSNorm, Rotary, attend, remember, yarn_mscale
+from .layers import RMSNorm, Rotary, attend, remember, yarn_mscale
 
 LATENT_EPS = 1e-6  # the q/kv latent norms use their default eps, not the config's rms_norm_eps
 

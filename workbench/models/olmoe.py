@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from ..config import Config
 from ..hooks import HookRegistry
+from ..routing import RouterSpec
 from .base import CausalLM, DecoderLayer, Rule, hf_rules
-from .blocks import MoE, RouterSpec, activation, gqa
+from .layers import activation, gqa
+from .moe import MoE
 
 
 def build(cfg: Config) -> CausalLM:

@@ -1,0 +1,273 @@
+"""Layers shared by the model families: RMSNorm, activations, rotary embeddings, causal attention over a
+chunk's state, grouped-query attention, the gated MLP."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from ..errors import CheckpointError
+from ..hooks import HookRegistry
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, scaled by a learned weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu}
+
+
+def activation(cfg: Config, key: str = "hidden_act") -> Any:
+    """The activation function a config names."""
+    return ACTIVATIONS[cfg.choice(key, tuple(ACTIVATIONS), "silu")]
+
+
+# ---------------------------------------------------------------- rotary
+
+
+def rope_frequencies(dim: int, params: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for `dim` rotary dims and the cos/sin scale ("attention factor") of the rope type."""
+    base = float(params["rope_theta"])
+    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
+    kind = params["rope_type"]
+    if kind == "default":
+        return inv, 1.0
+    if kind == "linear":
+        return inv / float(params["factor"]), 1.0
+    if kind == "llama3":
+        factor, lo, hi = float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old = float(params["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mixed = (1 - smooth) * inv / factor + smooth * inv
+        out = torch.where(wavelen > old / lo, inv / factor, inv)
+        return torch.where((wavelen >= old / hi) & (wavelen <= old / lo), mixed, out), 1.0
+    if kind == "yarn":
+        return _yarn(inv, dim, base, params)
+    raise CheckpointError(f"rope type {kind!r} is not supported (default, linear, llama3, yarn)")
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature correction: 0.1 * mscale * ln(scale) + 1 for scale > 1."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(inv: torch.Tensor, dim: int, base: float, p: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv:2309.00071): interpolate low frequencies, keep high ones, blend with a linear ramp."""
+    factor = float(p["factor"])
+    orig = float(p["original_max_position_embeddings"])
+    if p.get("attention_factor") is not None:
+        attn = float(p["attention_factor"])
+    elif p.get("mscale") and p.get("mscale_all_dim"):
+        attn = yarn_mscale(factor, p["mscale"]) / yarn_mscale(factor, p["mscale_all_dim"])
+    else:
+        attn = yarn_mscale(factor)
+    fast, slow = float(p.get("beta_fast") or 32), float(p.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(fast), correction_dim(slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    return inv / factor * ramp + inv * (1 - ramp), attn
+
+
+class Rotary:
+    """Rotary position embedding over the first `dim` channels of each head.
+
+    `interleaved=True` rotates adjacent pairs (DeepSeek's MLA layout); otherwise the two halves are
+    paired (the rotate-half layout of Llama and most HF checkpoints).
+    """
+
+    def __init__(self, dim: int, params: dict[str, Any], interleaved: bool = False):
+        self.dim, self.interleaved = dim, interleaved
+        self.inv_freq, self.scale = rope_frequencies(dim, params)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables [T, dim/2] for absolute positions."""
+        angles = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        return (angles.cos() * self.scale).to(dtype), (angles.sin() * self.scale).to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x [B, heads, T, D]; channels past `dim` pass through unchanged."""
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        if self.interleaved:
+            a, b = rot[..., 0::2], rot[..., 1::2]
+            rot = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+        else:
+            a, b = rot.chunk(2, dim=-1)
+            rot = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+        return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+
+
+# ---------------------------------------------------------------- attention
+
+
+def remember(state: dict[str, torch.Tensor] | None, window: int | None, positions: torch.Tensor,
+             **new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Append this chunk's keys/values (tensors [B, heads, T, *]) to a layer's state and return all of them.
+
+    The state then keeps only what later chunks can attend to: the last `window - 1` positions for a
+    sliding layer, everything otherwise. With no state (a whole-sequence forward) the chunk is returned.
+    """
+    if state is None:
+        return (positions, *new.values())
+    full = {"pos": torch.cat((state["pos"], positions)) if state else positions}
+    for name, t in new.items():
+        full[name] = torch.cat((state[name], t), dim=2) if state else t
+    keep = full["pos"] > positions[-1] + 1 - window if window is not None else slice(None)
+    state.update(pos=full["pos"][keep], **{n: full[n][:, :, keep] for n in new})
+    return tuple(full.values())
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention: q [B,Hq,T,D], k/v [B,Hkv,S,*]; GQA by head groups.
+
+    `window` keeps keys with q_pos - k_pos < window; `sinks` [Hq] adds one learned logit per head to the
+    softmax denominator (it absorbs probability mass but contributes no value).
+    """
+    if sinks is None and q.shape[-1] != v.shape[-1]:
+        # MLA's value heads are narrower than its query/key heads; torch's fused CPU kernel needs one head size:
+        # zero padding changes no dot product and no value, and avoids materialising the [T, S] scores
+        d = max(q.shape[-1], v.shape[-1])
+        pad = [F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v)]
+        return attend(*pad, q_pos, k_pos, scale, window)[..., : v.shape[-1]]
+    gqa = q.shape[1] != k.shape[1]
+    if sinks is None and window is None and torch.equal(q_pos, k_pos):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    return probs.to(v.dtype) @ v
+
+
+class GroupedQueryAttention(nn.Module):
+    """Grouped-query attention with optional QKV/O bias, q/k RMSNorm, sliding window and attention sinks.
+
+    `qk_norm`: None, "head" (per-head RMSNorm over head_dim, Qwen3) or "full" (over the whole
+    projection, OLMoE). `clip` clamps q, k (after a "full" norm) and v to [-clip, clip] (OLMoE's clip_qkv).
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        rotary: Rotary,
+        *,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm: str | None = None,
+        eps: float = 1e-6,
+        window: int | None = None,
+        sinks: bool = False,
+        clip: float | None = None,
+    ):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.rotary, self.window, self.qk_norm, self.clip = rotary, window, qk_norm, clip
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=o_bias)
+        if qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
+        elif qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(heads * head_dim, eps), RMSNorm(kv_heads * head_dim, eps)
+        self.sinks = nn.Parameter(torch.empty(heads)) if sinks else None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rotary.cos_sin(positions, q.dtype)
+        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        k_pos, k, v = remember(state, self.window, positions, k=k, v=v)
+        out = attend(q, k, v, positions, k_pos, self.head_dim**-0.5, self.window, self.sinks)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def gqa(cfg: Config, **options: Any) -> GroupedQueryAttention:
+    """Attention sized by the standard HF fields (hidden_size, attention/KV heads, head_dim, rope)."""
+    hidden, heads = cfg.int("hidden_size"), cfg.int("num_attention_heads")
+    head_dim = cfg.int("head_dim", hidden // heads)
+    kv_heads = cfg.int("num_key_value_heads", heads)
+    return GroupedQueryAttention(hidden, heads, kv_heads, head_dim, Rotary(head_dim, cfg.rope()), **options)
+
+
+# ---------------------------------------------------------------- feed-forward
+
+
+class MLP(nn.Module):
+    """Dense gated MLP: down(act(gate(x)) * up(x)); `limit` clamps gate above and up both sides (DeepSeek-V4)."""
+
+    def __init__(self, hidden: int, inter: int, act: Any = F.silu, limit: float | None = None):
+        super().__init__()
+        self.act, self.limit = act, limit
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.limit is not None:
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        return self.down_proj(self.act(gate) * up)
+
+
+class DenseFFN(MLP):
+    """A dense MLP block at a layer position, with its `mlp.out` hook."""
+
+    def __init__(self, hidden: int, inter: int, act: Any, hooks: HookRegistry, prefix: str):
+        super().__init__(hidden, inter, act)
+        self.hp_out = hooks.point(f"{prefix}.mlp.out")
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Same call as MoE; a dense block does not look at the token ids."""
+        return self.hp_out(super().forward(x))

@@ -1,0 +1,339 @@
+"""The MoE block: router, routed experts (run by one of three backends), optional shared expert, per-expert hooks,
+and expert parallelism.
+
+Backends (`MoE.backend`, set by `workbench.load`): "torch" runs the experts one at a time (the reference loop),
+"grouped" sorts the (token, slot) pairs by expert so each expert's rows are one contiguous matmul (the CPU fast
+path), "triton" runs the fused kernels of `workbench.kernels`. Whichever runs, the `experts.hidden` and
+`experts.out` hooks see token-major [B, T, k, D] tensors.
+
+Expert parallelism (`MoE.parallel`, set by `workbench.load` under torchrun): each rank holds a contiguous range of
+the routed experts and everything else replicated, and every rank runs the same program on the same tokens.
+Within the block:
+
+1. the router runs on every token on every rank, so the `router.*` hooks see the whole [B, T, ...] tensors
+   (global expert ids) on every rank, and an edit made by a hook applies everywhere;
+2. rank r takes the r-th contiguous share of the token rows, sends each (token, slot) pair's input row to the
+   rank owning its expert (one all-to-all), the owners run their experts on the rows they received with the
+   model's backend, a second all-to-all returns the outputs, and rank r weighs and sums them and adds its rows'
+   shared expert;
+3. an all-gather gives every rank the whole block output again.
+
+Which rank sends how many rows where follows from the replicated routing, so no counts are exchanged.
+`experts.hidden` / `experts.out` / `shared.out` hooks, when registered, get the whole token-major tensors
+(assembled by an all-reduce, every pair filled by exactly its owner); with none registered nothing extra
+moves. `workbench.distributed` holds the process group, the collectives and each rank's share
+(`ExpertParallel`, whose check makes every rank run a forward with the same hooks and tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed
+from ..hooks import HookPoint, HookRegistry
+from ..routing import RouterSpec, router_scores, select_experts, weigh_experts
+from .layers import MLP
+
+# passes a backend's per-pair tensor [N, k, D] (pair = (row, slot)) through a per-expert hook point
+Tap = Callable[[HookPoint, torch.Tensor], torch.Tensor]
+
+
+class Router(nn.Module):
+    """Linear router with the family's selection rule; fires the `router.*` hooks in the order they are made.
+
+    Selection may use a correction bias and group limits; the weights are then computed for the
+    (possibly hook-edited) ids, so forcing ids yields the weights the router would give those experts.
+    """
+
+    def __init__(self, hidden: int, spec: RouterSpec, hooks: HookRegistry, prefix: str):
+        super().__init__()
+        self.spec = spec
+        self.weight = nn.Parameter(torch.empty(spec.experts, hidden))
+        self.bias = nn.Parameter(torch.empty(spec.experts)) if spec.logit_bias else None
+        self.correction_bias = nn.Parameter(torch.empty(spec.experts)) if spec.correction_bias else None
+        self.hp_logits = hooks.point(f"{prefix}.router.logits")
+        self.hp_scores = hooks.point(f"{prefix}.router.scores")
+        self.hp_ids = hooks.point(f"{prefix}.router.topk_ids")
+        self.hp_weights = hooks.point(f"{prefix}.router.topk_weights")
+        self.backend = "torch"  # "triton": select and weigh in one kernel (workbench.kernels.route)
+
+    def select(self, scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Top-k expert ids [N, k] from fp32 scores [N, E] of tokens `token_ids` [N]; ties go to the lower index."""
+        return select_experts(scores, self.spec, self.correction_bias)
+
+    def weigh(self, scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Weights [N, k] that multiply the outputs of experts `ids`."""
+        return weigh_experts(scores, ids, self.spec)
+
+    def forward(self, x: torch.Tensor, shape: tuple[int, ...],
+                token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route flat tokens x [N, H] with ids [N]; hooks see token-major tensors of `shape` [B, T, ...]."""
+        logits = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+        logits = self.hp_logits(logits.view(*shape, -1)).flatten(0, -2)
+        if self.backend == "triton" and not self.hp_scores.active and type(self).select is Router.select:
+            from ..kernels import route
+
+            chosen, weights = route(logits, self.spec, self.correction_bias)
+            ids = self.hp_ids(chosen.view(*shape, -1)).flatten(0, -2)
+            if not torch.equal(ids, chosen):
+                weights = self.weigh(router_scores(logits, self.spec.score), ids)  # a hook chose other experts
+            weights = weights.view(*shape, -1)
+        else:
+            scores = self.hp_scores(router_scores(logits, self.spec.score).view(*shape, -1)).flatten(0, -2)
+            ids = self.hp_ids(self.select(scores, token_ids).view(*shape, -1)).flatten(0, -2)
+            weights = self.weigh(scores, ids).view(*shape, -1)
+        weights = self.hp_weights(weights, topk_ids=ids.view(*shape, -1)).flatten(0, -2)
+        return ids, weights
+
+
+def expert_blocks(ends: list[int]) -> Iterator[tuple[int, slice]]:
+    """(expert, its rows) of rows sorted by expert, expert e owning rows ends[e-1]..ends[e]; empty experts skipped."""
+    for e, (start, end) in enumerate(zip([0, *ends], ends)):
+        if end > start:
+            yield e, slice(start, end)
+
+
+class Experts(nn.Module):
+    """Routed experts stored stacked ([E, I, H] gate/up, [E, H, I] down), computed one expert at a time.
+
+    `limit` clamps gate above and up both sides before the GLU (DeepSeek-V4, GPT-OSS); `alpha` selects
+    GPT-OSS's variant out = (up + 1) * gate * sigmoid(alpha * gate) instead of act(gate) * up.
+    """
+
+    def __init__(self, n: int, hidden: int, inter: int, act: Any = F.silu, *, bias: bool = False,
+                 limit: float | None = None, alpha: float | None = None):
+        super().__init__()
+        self.act, self.limit, self.alpha = act, limit, alpha
+        self.gate_proj = nn.Parameter(torch.empty(n, inter, hidden))
+        self.up_proj = nn.Parameter(torch.empty(n, inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
+        if bias:
+            self.gate_bias = nn.Parameter(torch.empty(n, inter))
+            self.up_bias = nn.Parameter(torch.empty(n, inter))
+            self.down_bias = nn.Parameter(torch.empty(n, hidden))
+        else:
+            self.gate_bias = self.up_bias = self.down_bias = None
+
+    def hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's activated hidden state for rows x [n, H]."""
+        gate = F.linear(x, self.gate_proj[e], None if self.gate_bias is None else self.gate_bias[e])
+        up = F.linear(x, self.up_proj[e], None if self.up_bias is None else self.up_bias[e])
+        return self.glu(gate, up)
+
+    def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The gated activation of gate and up projections (clamped first where the family clamps)."""
+        if self.limit is not None:
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        if self.alpha is None:
+            return self.act(gate) * up
+        return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+
+    def grouped_hidden(self, rows: torch.Tensor, ends: list[int]) -> torch.Tensor:
+        """Activated hidden states of rows [n, H] sorted by expert (expert e owns rows ends[e-1]..ends[e]): each
+        expert's rows one contiguous block, written in place; the activation stays per block, in cache."""
+        hidden = rows.new_empty(len(rows), self.gate_proj.shape[1])
+        for e, block in expert_blocks(ends):
+            hidden[block] = self.hidden(e, rows[block])
+        return hidden
+
+    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        """Expert e's output for activated hidden rows h [n, I]."""
+        return F.linear(h, self.down_proj[e], None if self.down_bias is None else self.down_bias[e])
+
+    def grouped_down(self, hidden: torch.Tensor, ends: list[int]) -> torch.Tensor:
+        """Outputs [n, H] of activated hidden rows sorted by expert (as in `grouped_hidden`)."""
+        out = hidden.new_empty(len(hidden), self.down_proj.shape[1])
+        for e, block in expert_blocks(ends):
+            out[block] = self.down(e, hidden[block])
+        return out
+
+
+class MoE(nn.Module):
+    """Router + routed experts + optional (gated) shared expert, with the per-expert hooks.
+
+    Per-expert hidden/out tensors are only materialised (token-major, [B,T,k,*]) while a hook asks
+    for them; otherwise each expert's rows are scattered straight into the output. With `parallel` set
+    (expert parallelism) `experts` holds only this rank's range of experts.
+    """
+
+    def __init__(self, hidden: int, spec: RouterSpec, inter: int, hooks: HookRegistry, prefix: str, *,
+                 act: Any = F.silu, shared_inter: int | None = None, shared_gate: bool = False,
+                 expert_bias: bool = False, limit: float | None = None, alpha: float | None = None,
+                 router: type[Router] | None = None):
+        super().__init__()
+        self.router = (router or Router)(hidden, spec, hooks, prefix)
+        self.experts = Experts(spec.experts, hidden, inter, act, bias=expert_bias, limit=limit, alpha=alpha)
+        self.shared = MLP(hidden, shared_inter, act, limit) if shared_inter else None
+        self.shared_gate = nn.Linear(hidden, 1, bias=False) if shared_gate else None
+        self.hp_hidden = hooks.point(f"{prefix}.experts.hidden")
+        self.hp_expert_out = hooks.point(f"{prefix}.experts.out")
+        self.hp_shared = hooks.point(f"{prefix}.shared.out") if self.shared is not None else None
+        self.hp_out = hooks.point(f"{prefix}.moe.out")
+        self.parallel: distributed.ExpertParallel | None = None  # this rank's share of the experts, expert-parallel
+        self.backend = "torch"  # how routed experts run: "torch" (reference loop), "grouped", "triton"
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H] of tokens token_ids [B, T] (hash routing selects by token id)."""
+        shape = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
+        if self.parallel is not None:
+            return self.hp_out(self._expert_parallel(flat, token_ids.reshape(-1), shape).view_as(x))
+        ids, weights = self.router(flat, shape, token_ids.reshape(-1))
+        y = self.routed(flat, ids, weights.to(x.dtype), shape)
+        if self.shared is not None:
+            y = y + self.hp_shared(self.shared_out(flat).view_as(x)).view_as(flat)
+        return self.hp_out(y.view_as(x))
+
+    def shared_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared expert's output for rows x [n, H], gated where the family gates it."""
+        s = self.shared(x)
+        return torch.sigmoid(self.shared_gate(x)) * s if self.shared_gate is not None else s
+
+    def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shape: tuple[int, ...],
+               tap: Tap | None = None) -> torch.Tensor:
+        """Sum_k weights[:, k] * expert_{ids[:, k]}(x) by the backend. The per-expert hooks see the [N, k, D] pair
+        tensors through `tap`: by default token-major [*shape, k, D] (expert parallelism taps whole tensors)."""
+        tap = tap or _token_major(ids, shape)
+        if self.backend == "grouped":
+            return self.grouped(x, ids, weights, tap)
+        if self.backend == "triton":
+            return self.fused(x, ids, weights, tap)
+        return self.loop(x, ids, weights, tap)
+
+    def loop(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, tap: Tap) -> torch.Tensor:
+        """The "torch" backend, the reference: one expert at a time over the (token, slot) pairs that chose it."""
+        N, k = ids.shape
+        groups = [(e, *torch.where(ids == e)) for e in ids.unique().tolist()]
+        hidden = None
+        if self.hp_hidden.active:
+            hidden = x.new_zeros(N, k, self.experts.down_proj.shape[-1])
+            for e, tok, slot in groups:
+                hidden[tok, slot] = self.experts.hidden(e, x[tok])
+            hidden = tap(self.hp_hidden, hidden)
+        y = torch.zeros_like(x)
+        outs = x.new_zeros(N, k, x.shape[-1]) if self.hp_expert_out.active else None
+        for e, tok, slot in groups:
+            h = hidden[tok, slot] if hidden is not None else self.experts.hidden(e, x[tok])
+            o = self.experts.down(e, h)
+            if outs is not None:
+                outs[tok, slot] = o
+            else:
+                y.index_add_(0, tok, o * weights[tok, slot, None])
+        if outs is not None:
+            outs = tap(self.hp_expert_out, outs)
+            y = (outs * weights[..., None]).sum(dim=1)
+        return y
+
+    def grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, tap: Tap) -> torch.Tensor:
+        """The "grouped" backend: the pairs sorted by expert, one gather, each expert's rows one contiguous matmul,
+        one scatter-add (the CPU fast path). Per-expert hooks get per-pair copies of the sorted buffers, made only
+        while a hook asks."""
+        N, k = ids.shape
+        pairs = ids.flatten()
+        order = torch.sort(pairs, stable=True).indices  # row-major within each expert
+        ends = torch.bincount(pairs, minlength=self.experts.gate_proj.shape[0]).cumsum(0).tolist()
+        rows, tokens = x[order // k], order // k
+        if not (self.hp_hidden.active or self.hp_expert_out.active):  # each block straight into the output
+            y, w = torch.zeros_like(x), weights.flatten()[order, None]
+            for e, block in expert_blocks(ends):
+                out = self.experts.down(e, self.experts.hidden(e, rows[block]))
+                y.index_add_(0, tokens[block], out * w[block])
+            return y
+        hidden = self.experts.grouped_hidden(rows, ends)
+        if self.hp_hidden.active:
+            hidden = tap(self.hp_hidden, _by_pair(hidden, order, k)).flatten(0, 1)[order]
+        out = self.experts.grouped_down(hidden, ends)
+        if self.hp_expert_out.active:
+            outs = tap(self.hp_expert_out, _by_pair(out, order, k))
+            return (outs * weights[..., None]).sum(dim=1)
+        return torch.zeros_like(x).index_add_(0, tokens, out * weights.flatten()[order, None])
+
+    def fused(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, tap: Tap) -> torch.Tensor:
+        """The "triton" backend (workbench.kernels): row gather, grouped GEMMs and the gated activation fused.
+        Per-expert hooks read the kernels' own per-pair intermediates; after a hook edits them the later stages
+        rerun on the edit."""
+        from ..kernels import expert_out, fused_experts, moe_sum
+
+        ex = self.experts
+        if ex.alpha is None and ex.act is not F.silu:
+            return self.grouped(x, ids, weights, tap)  # the kernels fuse SiLU gates (and GPT-OSS's) only
+        want_hidden, want_out = self.hp_hidden.active, self.hp_expert_out.active
+        biases = None if ex.gate_bias is None else (ex.gate_bias, ex.up_bias, ex.down_bias)
+        y, hidden, outs = fused_experts(x, ids, weights, ex.gate_proj, ex.up_proj, ex.down_proj, limit=ex.limit,
+                                        alpha=ex.alpha, biases=biases, want_hidden=want_hidden, want_out=want_out)
+        if want_hidden:
+            edited = tap(self.hp_hidden, hidden)
+            if not torch.equal(edited, hidden):
+                outs = expert_out(edited, ids, None, ex.down_proj, bias=ex.down_bias)
+                y = moe_sum(outs, weights)
+        if want_out:
+            outs = tap(self.hp_expert_out, outs)
+            y = moe_sum(outs, weights)
+        return y
+
+    def _expert_parallel(self, x: torch.Tensor, token_ids: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The block over flat tokens x [n, H] (the same on every rank) with this rank's experts, run by the
+        backend on the rows this rank receives (see the module docstring); returns the block output [n, H]
+        (before the `moe.out` hook), the same on every rank."""
+        ep = self.parallel
+        ids, weights = self.router(x, shape, token_ids)
+        n, k = ids.shape
+        weights = weights.to(x.dtype)
+        lo, hi = ep.rows(n)
+        owner = ep.owner(ids).flatten()  # [n * k] rank of each (token, slot) pair
+        source = torch.bucketize(torch.arange(n, device=x.device), torch.tensor(
+            [ep.rows(n, r)[0] for r in range(1, ep.world)], device=x.device), right=True).repeat_interleave(k)
+        counts = torch.bincount(source * ep.world + owner, minlength=ep.world**2).view(ep.world, ep.world).tolist()
+        send, recv = counts[ep.rank], [counts[s][ep.rank] for s in range(ep.world)]
+
+        # dispatch: this rank's pairs, ordered by owner (stable, so row-major within each owner)
+        pair = torch.sort(owner[lo * k:hi * k], stable=True).indices + lo * k  # global pair index of each row sent
+        got = distributed.all_to_all_rows(x[pair // k], send, recv)
+        # received rows, by source rank then row-major: exactly the pairs this rank owns, in flat order
+        held = (owner == ep.rank).nonzero().squeeze(1)
+        local = ids.flatten()[held, None] - ep.owned.start  # each row one pair [m, 1] of this rank's experts
+        token_major = _token_major(ids, shape)
+
+        def whole(hp: HookPoint, t: torch.Tensor) -> torch.Tensor:
+            """Hooks see the whole token-major tensor (every pair filled by its owner); this rank keeps its pairs."""
+            full = distributed.all_reduce_rows(t.flatten(0, 1), held, n * k)
+            return token_major(hp, full.view(n, k, -1)).flatten(0, 1)[held, None]
+
+        out = self.routed(got, local, got.new_ones(local.shape), shape, whole)  # unweighted expert outputs
+        back = distributed.all_to_all_rows(out, recv, send)  # combine: outputs return in the order sent
+        if self.hp_expert_out.active:  # the hook's outputs, weighed and summed in slot order as one process does
+            outs = torch.empty_like(back)
+            outs[pair - lo * k] = back
+            y = (outs.view(hi - lo, k, x.shape[-1]) * weights[lo:hi, :, None]).sum(dim=1)
+        else:  # each token's experts added in ascending id order, as the torch and grouped backends add them
+            add = torch.sort(ids.flatten()[pair] + (pair // k) * ep.experts, stable=True).indices
+            y = x.new_zeros(hi - lo, x.shape[-1])
+            y.index_add_(0, pair[add] // k - lo, (back * weights.flatten()[pair, None])[add])
+        if self.shared is not None:
+            s = self.shared_out(x[lo:hi])
+            if self.hp_shared.active:
+                s = self.hp_shared(distributed.all_gather_rows(s, ep, n).view(*shape, -1)).flatten(0, -2)[lo:hi]
+            y = y + s
+        return distributed.all_gather_rows(y, ep, n)
+
+
+def _token_major(ids: torch.Tensor, shape: tuple[int, ...]) -> Tap:
+    """The tap of one process: pair tensors [N, k, D] shown to a hook as [*shape, k, D] with their expert ids."""
+    n, k = ids.shape
+
+    def tap(hp: HookPoint, t: torch.Tensor) -> torch.Tensor:
+        return hp(t.view(*shape, k, -1), topk_ids=ids.view(*shape, k)).reshape(n, k, -1)
+
+    return tap
+
+
+def _by_pair(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows sorted by expert (row i holds pair order[i]) as the per-pair tensor [N, k, D]."""
+    out = torch.empty_like(rows)
+    out[order] = rows
+    return out.view(len(rows) // k, k, rows.shape[-1])
