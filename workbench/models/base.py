@@ -19,13 +19,33 @@ from .layers import RMSNorm
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
-def layer_windows(cfg: Config, default_types: list[str]) -> list[int | None]:
-    """Sliding-window size per layer (None = full attention), from `layer_types` or the family's default."""
-    n = cfg.int("num_hidden_layers")
+def layer_windows(cfg: Config, default_types: list[str]) -> tuple[int | None, ...]:
+    """Sliding-window size per layer (None = full attention), from `layer_types` or the family's default (one
+    type per layer)."""
+    n = len(default_types)
     types = cfg.get("layer_types") or default_types
     if len(types) < n or any(t not in LAYER_TYPES for t in types):
         raise CheckpointError(f"layer_types must list {n} of {', '.join(LAYER_TYPES)}", file=cfg.file)
-    return [cfg.int("sliding_window") if t == "sliding_attention" else None for t in types[:n]]
+    return tuple(cfg.int("sliding_window") if t == "sliding_attention" else None for t in types[:n])
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelArgs:
+    """The config.json fields every family reads. Each family extends it as `Args`, built once by
+    `Args.from_config(cfg)`, where every field is read, defaulted and checked."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    eps: float  # rms_norm_eps of the block norms and the final norm
+    tied: bool  # the output head shares the embedding (tie_word_embeddings)
+
+    @staticmethod
+    def common(cfg: Config, eps: float) -> ModelArgs:
+        """The shared fields; `eps` is the family's rms_norm_eps when config.json leaves it out."""
+        return ModelArgs(vocab=cfg.int("vocab_size"), hidden=cfg.int("hidden_size"),
+                         layers=cfg.int("num_hidden_layers"), eps=cfg.float("rms_norm_eps", eps),
+                         tied=bool(cfg.get("tie_word_embeddings", False)))
 
 
 class DecoderLayer(nn.Module):
@@ -75,17 +95,16 @@ class CausalLM(nn.Module):
     `revision`, `commit`, `config` and `tokenizer`.
     """
 
-    def __init__(self, cfg: Config, hooks: HookRegistry, layers: Iterable[tuple[int, nn.Module]], *, eps: float):
+    def __init__(self, cfg: Config, args: ModelArgs, hooks: HookRegistry, layers: Iterable[tuple[int, nn.Module]]):
         super().__init__()
         self.config, self._hooks = cfg, hooks
-        vocab, hidden = cfg.int("vocab_size"), cfg.int("hidden_size")
-        self.vocab_size = vocab
-        self.embed = nn.Embedding(vocab, hidden)
+        self.vocab_size = args.vocab
+        self.embed = nn.Embedding(args.vocab, args.hidden)
         self.layers = nn.ModuleDict({str(i): layer for i, layer in layers})
-        self.norm = RMSNorm(hidden, eps)
+        self.norm = RMSNorm(args.hidden, args.eps)
         self.hp_norm_out = hooks.point("final.norm_out")
-        self.tied = bool(cfg.get("tie_word_embeddings", False))
-        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self.tied = args.tied
+        self.lm_head = nn.Linear(args.hidden, args.vocab, bias=False)
         self.hp_logits = hooks.point("logits")
         hooks.sort()
         self.source: str | None = None

@@ -8,6 +8,7 @@ max).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -15,9 +16,9 @@ from ..config import Config
 from ..errors import CheckpointError
 from ..hooks import HookRegistry
 from ..routing import RouterSpec
-from .base import CausalLM, DecoderLayer, Rule, hf_rules
+from .base import CausalLM, DecoderLayer, ModelArgs, Rule, hf_rules
 from .layers import DenseFFN, activation
-from .mla import MLA, mla_rotary, mla_softmax_scale
+from .mla import MLA, MLAArgs
 from .moe import MoE
 
 # model_type -> (topk_method, norm_topk_prob, routed_scaling_factor, first_k_dense_replace) when config.json
@@ -28,6 +29,27 @@ DEFAULTS = {
     "kimi_k2": ("noaux_tc", True, 2.5, 3),
     "deepseek_v32": ("noaux_tc", True, 2.5, 3),
 }
+
+
+@dataclass(frozen=True, kw_only=True)
+class Args(ModelArgs):
+    """DeepSeek-V2/V3 fields."""
+
+    mla: MLAArgs
+    router: RouterSpec
+    moe: tuple[bool, ...]  # per layer: MoE (True) or dense MLP
+    inter: int | None  # dense MLP width (intermediate_size); None when every layer is MoE
+    moe_inter: int  # routed expert width (moe_intermediate_size)
+    shared_inter: int  # the shared experts as one MLP: n_shared_experts * moe_intermediate_size (0: none)
+    act: Callable
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Args:
+        base = ModelArgs.common(cfg, eps=1e-6)
+        moe, moe_inter = tuple(moe_layers(cfg)), cfg.int("moe_intermediate_size")
+        return cls(**vars(base), mla=MLAArgs.from_config(cfg), router=router_spec(cfg), moe=moe,
+                   inter=None if all(moe) else cfg.int("intermediate_size"), moe_inter=moe_inter,
+                   shared_inter=cfg.int("n_shared_experts", 0, min=0) * moe_inter, act=activation(cfg))
 
 
 def _flag(cfg: Config, key: str, default: bool) -> bool:
@@ -78,27 +100,27 @@ def moe_layers(cfg: Config) -> list[bool]:
     return [i >= first and i % freq == 0 for i in range(n)]
 
 
-def build(cfg: Config, attention: Callable[[HookRegistry, str], nn.Module] | None = None) -> CausalLM:
-    """The model for a DeepSeek-V2/V3-style config.json; `attention(hooks, prefix)` swaps in a variant of MLA."""
+def build(cfg: Config) -> CausalLM:
+    """The model for a DeepSeek-V2/V3-style config.json."""
+    args = Args.from_config(cfg)
+    rotary, scale = args.mla.rotary(), args.mla.softmax_scale()
+    return decoder(cfg, args, lambda hooks, prefix: MLA(args.hidden, args.mla, rotary, scale))
+
+
+def decoder(cfg: Config, args: Args, attention: Callable[[HookRegistry, str], nn.Module]) -> CausalLM:
+    """V2/V3's layers with `attention(hooks, prefix)` (MLA, or V3.2's sparse variant) in each."""
     hooks = HookRegistry()
-    hidden, eps = cfg.int("hidden_size"), cfg.float("rms_norm_eps", 1e-6)
-    if attention is None:
-        rotary, scale = mla_rotary(cfg), mla_softmax_scale(cfg)
-        attention = lambda hooks, prefix: MLA(cfg, rotary, scale)  # noqa: E731
-    spec = router_spec(cfg)
-    act = activation(cfg)
-    moe = moe_layers(cfg)
-    shared = cfg.int("n_shared_experts", 0, min=0) * cfg.int("moe_intermediate_size")
 
     def layer(i: int) -> DecoderLayer:
         p = f"layers.{i}"
-        if moe[i]:
-            ffn = MoE(hidden, spec, cfg.int("moe_intermediate_size"), hooks, p, act=act, shared_inter=shared or None)
+        if args.moe[i]:
+            ffn = MoE(args.hidden, args.router, args.moe_inter, hooks, p, act=args.act,
+                      shared_inter=args.shared_inter or None)
         else:
-            ffn = DenseFFN(hidden, cfg.int("intermediate_size"), act, hooks, p)
-        return DecoderLayer(attention(hooks, p), ffn, hidden, eps, hooks, p)
+            ffn = DenseFFN(args.hidden, args.inter, args.act, hooks, p)
+        return DecoderLayer(attention(hooks, p), ffn, args.hidden, args.eps, hooks, p)
 
-    return CausalLM(cfg, hooks, ((i, layer(i)) for i in range(cfg.int("num_hidden_layers"))), eps=eps)
+    return CausalLM(cfg, args, hooks, ((i, layer(i)) for i in range(args.layers)))
 
 
 def _at_least(n: int) -> str:

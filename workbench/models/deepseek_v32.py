@@ -10,6 +10,8 @@ and are not reproduced here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,26 +23,41 @@ from . import deepseek
 from .base import CausalLM, Rule
 from .indexer import topk_entries
 from .layers import Rotary
-from .mla import MLA, mla_rotary, mla_softmax_scale
+from .mla import MLA
 
 INDEX_KEY_EPS = 1e-6  # the indexer key LayerNorm's eps (fixed, not the config's rms_norm_eps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Args(deepseek.Args):
+    """V3's fields and the indexer's."""
+
+    index_heads: int
+    index_dim: int  # width of each indexer query head and of the shared indexer key
+    index_topk: int  # keys each query attends to
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Args:
+        v3 = deepseek.Args.from_config(cfg)
+        if v3.mla.q_rank is None:
+            raise CheckpointError("DeepSeek-V3.2 needs q_lora_rank (the indexer reads the q latent)", file=cfg.file)
+        heads, dim = cfg.int("index_n_heads", 64), cfg.int("index_head_dim", 128)
+        if dim < v3.mla.rope:
+            raise CheckpointError(f"index_head_dim={dim} is smaller than qk_rope_head_dim={v3.mla.rope}",
+                                  file=cfg.file)
+        return cls(**vars(v3), index_heads=heads, index_dim=dim, index_topk=cfg.int("index_topk", 2048))
 
 
 class Indexer(nn.Module):
     """Scores every visible key for every query; names follow the checkpoint's `self_attn.indexer.*`."""
 
-    def __init__(self, cfg: Config, rotary: Rotary):
+    def __init__(self, args: Args, rotary: Rotary):
         super().__init__()
-        hidden, q_rank = cfg.int("hidden_size"), cfg.int("q_lora_rank")
-        self.heads, self.dim = cfg.int("index_n_heads", 64), cfg.int("index_head_dim", 128)
-        if self.dim < rotary.dim:
-            raise CheckpointError(f"index_head_dim={self.dim} is smaller than qk_rope_head_dim={rotary.dim}",
-                                  file=cfg.file)
-        self.rotary = rotary
-        self.wq_b = nn.Linear(q_rank, self.heads * self.dim, bias=False)
-        self.wk = nn.Linear(hidden, self.dim, bias=False)
+        self.heads, self.dim, self.rotary = args.index_heads, args.index_dim, rotary
+        self.wq_b = nn.Linear(args.mla.q_rank, self.heads * self.dim, bias=False)
+        self.wk = nn.Linear(args.hidden, self.dim, bias=False)
         self.k_norm = nn.LayerNorm(self.dim, eps=INDEX_KEY_EPS)
-        self.weights_proj = nn.Linear(hidden, self.heads, bias=False)
+        self.weights_proj = nn.Linear(args.hidden, self.heads, bias=False)
 
     def key(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The shared indexer key [B, 1, T, D] (rotated), as the layer state keeps it."""
@@ -65,13 +82,11 @@ class SparseMLA(MLA):
     to choose the keys (non-causal or unknown positions are ignored).
     """
 
-    def __init__(self, cfg: Config, rotary: Rotary, scale: float, index_rotary: Rotary, hooks: HookRegistry,
+    def __init__(self, args: Args, rotary: Rotary, scale: float, index_rotary: Rotary, hooks: HookRegistry,
                  prefix: str):
-        if "q_lora_rank" not in cfg:
-            raise CheckpointError("DeepSeek-V3.2 needs q_lora_rank (the indexer reads the q latent)", file=cfg.file)
-        super().__init__(cfg, rotary, scale)
-        self.topk = cfg.int("index_topk", 2048)
-        self.indexer = Indexer(cfg, index_rotary)
+        super().__init__(args.hidden, args.mla, rotary, scale)
+        self.topk = args.index_topk
+        self.indexer = Indexer(args, index_rotary)
         self.hp_topk = hooks.point(f"{prefix}.attn.indexer_topk")
 
     def select(self, scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -103,9 +118,11 @@ class SparseMLA(MLA):
 
 def build(cfg: Config) -> CausalLM:
     """The model for a DeepSeek-V3.2-style config.json: V3's layers with indexer-selected sparse MLA."""
-    rotary, scale = mla_rotary(cfg), mla_softmax_scale(cfg)
-    index_rotary = Rotary(cfg.int("qk_rope_head_dim"), cfg.rope(), interleaved=False)
-    return deepseek.build(cfg, lambda hooks, prefix: SparseMLA(cfg, rotary, scale, index_rotary, hooks, prefix))
+    args = Args.from_config(cfg)
+    rotary, scale = args.mla.rotary(), args.mla.softmax_scale()
+    index_rotary = Rotary(args.mla.rope, args.mla.rope_params, interleaved=False)
+    return deepseek.decoder(cfg, args,
+                            lambda hooks, prefix: SparseMLA(args, rotary, scale, index_rotary, hooks, prefix))
 
 
 def rules(cfg: Config) -> list[Rule]:

@@ -21,6 +21,8 @@ Parameter names follow the official checkpoint (`attn.wq_a`, `attn.compressor.ap
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +34,7 @@ from ..config import Config
 from ..errors import CheckpointError
 from ..hooks import HookRegistry
 from ..routing import RouterSpec
-from .base import CausalLM, Rule, State
+from .base import CausalLM, ModelArgs, Rule, State
 from .indexer import index_topk
 from .layers import RMSNorm, Rotary, activation, remember
 from .moe import MoE, Router
@@ -44,12 +46,77 @@ LEGACY_RATIOS = {0: SLIDING, 4: CSA, 128: HCA}  # `compress_ratios` of older con
 # ---------------------------------------------------------------- config
 
 
+@dataclass(frozen=True, kw_only=True)
+class Args(ModelArgs):
+    """DeepSeek-V4 fields (HF `deepseek_v4` or the official inference config), read and checked together."""
+
+    # attention
+    heads: int
+    head_dim: int  # width of each query head and of the one shared key/value head
+    q_rank: int  # width of the q latent (q_lora_rank)
+    o_groups: int  # head groups, each with its own low-rank output projection
+    o_rank: int  # rank of each group's output projection (o_lora_rank)
+    window: int  # raw tokens each query attends to, itself included (sliding_window)
+    types: tuple[str, ...]  # attention kind per layer: SLIDING, CSA or HCA
+    rates: dict[str, int]  # tokens pooled per entry: m (CSA), m' (HCA)
+    rope_dim: int  # rotary channels, the last of each head
+    ropes: dict[str, dict]  # RoPE parameters of sliding-only layers ("main") and compressed ones ("compress")
+    index_heads: int
+    index_dim: int  # width of each indexer query head and of the indexer's pooled keys
+    index_topk: int  # pooled entries each CSA query attends to
+    # hyper-connections
+    hc_mult: int  # residual streams
+    hc_iters: int  # Sinkhorn iterations normalising `comb`
+    hc_eps: float
+    # MoE
+    hashed: tuple[bool, ...]  # per layer: hash-routed (True) or learned top-k
+    router: RouterSpec  # learned layers: top-k of the scores + correction bias
+    hash_router: RouterSpec  # hash layers: experts from `tid2eid`, weights from the scores
+    inter: int  # width of each routed expert and of the shared one (moe_intermediate_size)
+    act: Callable
+    limit: float | None  # swiglu_limit: expert gate clamped above, up both sides; None when not positive
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Args:
+        base = ModelArgs.common(cfg, eps=1e-6)
+        if cfg.int("num_key_value_heads", 1) != 1:
+            raise CheckpointError("DeepSeek-V4 attention has one shared KV head (num_key_value_heads must be 1)",
+                                  file=cfg.file)
+        if cfg.int("n_shared_experts", 1) != 1:
+            raise CheckpointError("DeepSeek-V4 has exactly one shared expert (n_shared_experts must be 1)",
+                                  file=cfg.file)
+        types, rates, hashed = layer_types(cfg), compress_rates(cfg), hash_layers(cfg, base.layers)
+        heads, head_dim, groups = cfg.int("num_attention_heads"), cfg.int("head_dim"), cfg.int("o_groups")
+        dim, ropes = rope_dim(cfg, head_dim), rope_params(cfg)
+        experts, top_k = cfg.int("n_routed_experts"), cfg.int("num_experts_per_tok")
+        if top_k > experts:
+            raise CheckpointError(f"num_experts_per_tok={top_k} exceeds n_routed_experts={experts}", file=cfg.file)
+        cfg.choice("scoring_func", ("sqrtsoftplus",), "sqrtsoftplus")
+        routing = dict(score="sqrtsoftplus", renormalize=cfg.get("norm_topk_prob", True), norm_eps=1e-20,
+                       scaling=cfg.float("routed_scaling_factor", 1.5))
+        limit = cfg.float("swiglu_limit", 10.0)
+        if (heads * head_dim) % groups:
+            raise CheckpointError(f"o_groups={groups} does not divide {heads} heads x {head_dim}", file=cfg.file)
+        index_dim = cfg.int("index_head_dim", 128)
+        if CSA in types and index_dim < dim:
+            raise CheckpointError(f"index_head_dim={index_dim} is smaller than the {dim} rotary dims", file=cfg.file)
+        return cls(
+            **vars(base), heads=heads, head_dim=head_dim, q_rank=cfg.int("q_lora_rank"), o_groups=groups,
+            o_rank=cfg.int("o_lora_rank"), window=cfg.int("sliding_window"), types=tuple(types), rates=rates,
+            rope_dim=dim, ropes=ropes, index_heads=cfg.int("index_n_heads", 64), index_dim=index_dim,
+            index_topk=cfg.int("index_topk", 512), hc_mult=cfg.int("hc_mult", 4),
+            hc_iters=cfg.int("hc_sinkhorn_iters", 20), hc_eps=cfg.float("hc_eps", 1e-6), hashed=tuple(hashed),
+            router=RouterSpec(experts, top_k, correction_bias=True, **routing),
+            hash_router=RouterSpec(experts, top_k, **routing), inter=cfg.int("moe_intermediate_size"),
+            act=activation(cfg), limit=limit if limit > 0 else None,
+        )
+
+
 def layer_types(cfg: Config) -> list[str]:
     """Attention kind per layer: `layer_types`, legacy `compress_ratios`, or V4-Pro's default schedule."""
     n = cfg.int("num_hidden_layers")
-    types = cfg.get("layer_types")
-    if types is None and cfg.get("compress_ratios") is not None:
-        ratios = cfg.get("compress_ratios")
+    types, ratios = cfg.get("layer_types"), cfg.get("compress_ratios")
+    if types is None and ratios is not None:
         if not isinstance(ratios, list) or any(r not in LEGACY_RATIOS for r in ratios):
             raise CheckpointError(f"compress_ratios must list 0, 4 or 128 per layer, got {ratios!r}", file=cfg.file)
         types = [LEGACY_RATIOS[r] for r in ratios]
@@ -76,9 +143,9 @@ def compress_rates(cfg: Config) -> dict[str, int]:
     return rates
 
 
-def hash_layers(cfg: Config) -> list[bool]:
-    """Per layer: hash-routed (True) or learned top-k, from `mlp_layer_types` or `num_hash_layers` (default 3)."""
-    n = cfg.int("num_hidden_layers")
+def hash_layers(cfg: Config, n: int) -> list[bool]:
+    """Per layer of `n`: hash-routed (True) or learned top-k, from `mlp_layer_types` or `num_hash_layers`
+    (default 3)."""
     types = cfg.get("mlp_layer_types")
     if types is None:
         k = cfg.int("num_hash_layers", 3, min=0)
@@ -88,9 +155,8 @@ def hash_layers(cfg: Config) -> list[bool]:
     return [t == "hash_moe" for t in types[:n]]
 
 
-def rope_dim(cfg: Config) -> int:
+def rope_dim(cfg: Config, head_dim: int) -> int:
     """Rotary channels per head: head_dim * partial_rotary_factor, else qk_rope_head_dim, else head_dim / 8."""
-    head_dim = cfg.int("head_dim")
     if "partial_rotary_factor" in cfg:
         dim = int(head_dim * cfg.float("partial_rotary_factor"))
     else:
@@ -182,17 +248,12 @@ class Indexer(nn.Module):
     """Lightning indexer: the score of entry s for query t is sum_h w_h(t) * ReLU(q_h(t) . k(s)) * D^-0.5,
     with w = weights_proj(x) * H^-0.5, over its own pooled keys (an overlapping compressor)."""
 
-    def __init__(self, cfg: Config, rotary: Rotary, rate: int):
+    def __init__(self, args: Args, rotary: Rotary, rate: int):
         super().__init__()
-        hidden, eps = cfg.int("hidden_size"), cfg.float("rms_norm_eps", 1e-6)
-        self.heads, self.dim = cfg.int("index_n_heads", 64), cfg.int("index_head_dim", 128)
-        self.topk, self.rotary = cfg.int("index_topk", 512), rotary
-        if self.dim < rotary.dim:
-            raise CheckpointError(f"index_head_dim={self.dim} is smaller than the {rotary.dim} rotary dims",
-                                  file=cfg.file)
-        self.wq_b = nn.Linear(cfg.int("q_lora_rank"), self.heads * self.dim, bias=False)
-        self.weights_proj = nn.Linear(hidden, self.heads, bias=False)
-        self.compressor = Compressor(hidden, self.dim, rate, True, rotary, eps)
+        self.heads, self.dim, self.topk, self.rotary = args.index_heads, args.index_dim, args.index_topk, rotary
+        self.wq_b = nn.Linear(args.q_rank, self.heads * self.dim, bias=False)
+        self.weights_proj = nn.Linear(args.hidden, self.heads, bias=False)
+        self.compressor = Compressor(args.hidden, self.dim, rate, True, rotary, args.eps)
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 complete: torch.Tensor, state: dict | None) -> torch.Tensor:
@@ -213,16 +274,11 @@ class V4Attention(nn.Module):
     yet complete for that query are ignored).
     """
 
-    def __init__(self, cfg: Config, kind: str, rotary: Rotary, rate: int, hooks: HookRegistry, prefix: str):
+    def __init__(self, args: Args, kind: str, rotary: Rotary, rate: int, hooks: HookRegistry, prefix: str):
         super().__init__()
-        hidden, q_rank = cfg.int("hidden_size"), cfg.int("q_lora_rank")
-        self.heads, self.head_dim = cfg.int("num_attention_heads"), cfg.int("head_dim")
-        self.groups, o_rank = cfg.int("o_groups"), cfg.int("o_lora_rank")
-        self.eps = cfg.float("rms_norm_eps", 1e-6)
-        self.window, self.rate, self.rotary = cfg.int("sliding_window"), rate, rotary
-        if (self.heads * self.head_dim) % self.groups:
-            raise CheckpointError(f"o_groups={self.groups} does not divide {self.heads} heads x {self.head_dim}",
-                                  file=cfg.file)
+        hidden, q_rank, o_rank = args.hidden, args.q_rank, args.o_rank
+        self.heads, self.head_dim, self.groups, self.eps = args.heads, args.head_dim, args.o_groups, args.eps
+        self.window, self.rate, self.rotary = args.window, rate, rotary
         self.wq_a = nn.Linear(hidden, q_rank, bias=False)
         self.q_norm = RMSNorm(q_rank, self.eps)
         self.wq_b = nn.Linear(q_rank, self.heads * self.head_dim, bias=False)
@@ -233,7 +289,7 @@ class V4Attention(nn.Module):
         self.attn_sink = nn.Parameter(torch.empty(self.heads))
         self.compressor = None if kind == SLIDING else Compressor(hidden, self.head_dim, rate, kind == CSA,
                                                                    rotary, self.eps)
-        self.indexer = Indexer(cfg, rotary, rate) if kind == CSA else None
+        self.indexer = Indexer(args, rotary, rate) if kind == CSA else None
         self.hp_topk = hooks.point(f"{prefix}.attn.indexer_topk") if kind == CSA else None
         self.split: Any = None  # tensor parallel: the process group whose ranks share the heads and sum outputs
 
@@ -327,11 +383,10 @@ class HyperConnection(nn.Module):
     Hooks `{prefix}.pre` [B,T,n], `.post` [B,T,n] and `.comb` [B,T,n,n] (fp32) are the stream weights.
     """
 
-    def __init__(self, cfg: Config, hooks: HookRegistry, prefix: str):
+    def __init__(self, args: Args, hooks: HookRegistry, prefix: str):
         super().__init__()
-        n, hidden = cfg.int("hc_mult", 4), cfg.int("hidden_size")
-        self.n, self.iters = n, cfg.int("hc_sinkhorn_iters", 20)
-        self.eps, self.norm_eps = cfg.float("hc_eps", 1e-6), cfg.float("rms_norm_eps", 1e-6)
+        n, hidden = args.hc_mult, args.hidden
+        self.n, self.iters, self.eps, self.norm_eps = n, args.hc_iters, args.hc_eps, args.eps
         self.fn = nn.Parameter(torch.empty((2 + n) * n, n * hidden))
         self.base = nn.Parameter(torch.empty((2 + n) * n))
         self.scale = nn.Parameter(torch.empty(3))
@@ -365,11 +420,10 @@ def spread(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: t
 class HyperHead(nn.Module):
     """Collapses the streams before the final norm (`hc_head_{fn,base,scale}`); hook `final.hc_pre` [B,T,n]."""
 
-    def __init__(self, cfg: Config, hooks: HookRegistry):
+    def __init__(self, args: Args, hooks: HookRegistry):
         super().__init__()
-        n, hidden = cfg.int("hc_mult", 4), cfg.int("hidden_size")
-        self.eps, self.norm_eps = cfg.float("hc_eps", 1e-6), cfg.float("rms_norm_eps", 1e-6)
-        self.fn = nn.Parameter(torch.empty(n, n * hidden))
+        n, self.eps, self.norm_eps = args.hc_mult, args.hc_eps, args.eps
+        self.fn = nn.Parameter(torch.empty(n, n * args.hidden))
         self.base = nn.Parameter(torch.empty(n))
         self.scale = nn.Parameter(torch.empty(1))
         self.hp_pre = hooks.point("final.hc_pre")
@@ -394,15 +448,15 @@ class HashRouter(Router):
 class Layer(nn.Module):
     """One V4 block pair on the streams: mHC-collapsed input -> attention -> spread, then the same for the MoE."""
 
-    def __init__(self, cfg: Config, attn: V4Attention, ffn: MoE, hooks: HookRegistry, prefix: str):
+    def __init__(self, args: Args, attn: V4Attention, ffn: MoE, hooks: HookRegistry, prefix: str):
         super().__init__()
-        hidden, eps = cfg.int("hidden_size"), cfg.float("rms_norm_eps", 1e-6)
+        hidden, eps = args.hidden, args.eps
         self.hp_pre = hooks.point(f"{prefix}.resid_pre")
-        self.hc_attn = HyperConnection(cfg, hooks, f"{prefix}.hc.attn")
+        self.hc_attn = HyperConnection(args, hooks, f"{prefix}.hc.attn")
         self.attn_norm, self.attn = RMSNorm(hidden, eps), attn
         self.hp_attn = hooks.point(f"{prefix}.attn.out")
         self.hp_mid = hooks.point(f"{prefix}.resid_mid")
-        self.hc_ffn = HyperConnection(cfg, hooks, f"{prefix}.hc.ffn")
+        self.hc_ffn = HyperConnection(args, hooks, f"{prefix}.hc.ffn")
         self.ffn_norm, self.ffn = RMSNorm(hidden, eps), ffn
         self.hp_post = hooks.point(f"{prefix}.resid_post")
 
@@ -418,13 +472,13 @@ class Layer(nn.Module):
 class DeepseekV4(CausalLM):
     """V4's decoder: residual streams [B, T, hc_mult, H] between embedding and `hc_head`."""
 
-    def __init__(self, cfg: Config, hooks: HookRegistry, layers, eps: float):
-        super().__init__(cfg, hooks, layers, eps=eps)
-        self.streams = cfg.int("hc_mult", 4)
-        self.hc_head = HyperHead(cfg, hooks)
+    def __init__(self, cfg: Config, args: Args, hooks: HookRegistry, layers):
+        super().__init__(cfg, args, hooks, layers)
+        self.streams = args.hc_mult
+        self.hc_head = HyperHead(args, hooks)
         hooks.sort()
         # integer tables and the bound their values must stay under (checked on load)
-        self.index_tables = {f"layers.{i}.ffn.router.tid2eid": cfg.int("n_routed_experts")
+        self.index_tables = {f"layers.{i}.ffn.router.tid2eid": args.router.experts
                              for i, layer in self.layers.items() if isinstance(layer.ffn.router, HashRouter)}
 
     def forward(self, input_ids: torch.Tensor, *, cache: State | None = None, head: bool = True) -> torch.Tensor | None:
@@ -440,40 +494,20 @@ class DeepseekV4(CausalLM):
 
 def build(cfg: Config) -> DeepseekV4:
     """The model for a DeepSeek-V4 config.json (HF `deepseek_v4` or the official inference config)."""
+    args = Args.from_config(cfg)
     hooks = HookRegistry()
-    hidden, eps = cfg.int("hidden_size"), cfg.float("rms_norm_eps", 1e-6)
-    if cfg.int("num_key_value_heads", 1) != 1:
-        raise CheckpointError("DeepSeek-V4 attention has one shared KV head (num_key_value_heads must be 1)",
-                              file=cfg.file)
-    if cfg.int("n_shared_experts", 1) != 1:
-        raise CheckpointError("DeepSeek-V4 has exactly one shared expert (n_shared_experts must be 1)", file=cfg.file)
-    types, rates, hashed = layer_types(cfg), compress_rates(cfg), hash_layers(cfg)
-    dim, ropes = rope_dim(cfg), rope_params(cfg)
-    rotary = {"main": Rotary(dim, ropes["main"], interleaved=True),
-              "compress": Rotary(dim, ropes["compress"], interleaved=True)}
-    experts, top_k = cfg.int("n_routed_experts"), cfg.int("num_experts_per_tok")
-    if top_k > experts:
-        raise CheckpointError(f"num_experts_per_tok={top_k} exceeds n_routed_experts={experts}", file=cfg.file)
-    cfg.choice("scoring_func", ("sqrtsoftplus",), "sqrtsoftplus")
-    scaling = cfg.float("routed_scaling_factor", 1.5)
-    renorm = cfg.get("norm_topk_prob", True)
-    learned = RouterSpec(experts, top_k, score="sqrtsoftplus", correction_bias=True, renormalize=renorm,
-                         norm_eps=1e-20, scaling=scaling)
-    hashed_spec = RouterSpec(experts, top_k, score="sqrtsoftplus", renormalize=renorm, norm_eps=1e-20,
-                             scaling=scaling)
-    limit = cfg.float("swiglu_limit", 10.0)
-    limit = limit if limit > 0 else None
-    inter, act, vocab = cfg.int("moe_intermediate_size"), activation(cfg), cfg.int("vocab_size")
+    rotary = {kind: Rotary(args.rope_dim, params, interleaved=True) for kind, params in args.ropes.items()}
 
     def layer(i: int) -> Layer:
-        p, kind = f"layers.{i}", types[i]
-        attn = V4Attention(cfg, kind, rotary["main" if kind == SLIDING else "compress"], rates.get(kind, 1), hooks, p)
-        router = (lambda *a: HashRouter(*a, vocab)) if hashed[i] else None
-        ffn = MoE(hidden, hashed_spec if hashed[i] else learned, inter, hooks, p, act=act, shared_inter=inter,
-                  limit=limit, router=router)
-        return Layer(cfg, attn, ffn, hooks, p)
+        p, kind = f"layers.{i}", args.types[i]
+        attn = V4Attention(args, kind, rotary["main" if kind == SLIDING else "compress"], args.rates.get(kind, 1),
+                           hooks, p)
+        router = (lambda *a: HashRouter(*a, args.vocab)) if args.hashed[i] else None
+        ffn = MoE(args.hidden, args.hash_router if args.hashed[i] else args.router, args.inter, hooks, p,
+                  act=args.act, shared_inter=args.inter, limit=args.limit, router=router)
+        return Layer(args, attn, ffn, hooks, p)
 
-    return DeepseekV4(cfg, hooks, ((i, layer(i)) for i in range(cfg.int("num_hidden_layers"))), eps)
+    return DeepseekV4(cfg, args, hooks, ((i, layer(i)) for i in range(args.layers)))
 
 
 def rules(cfg: Config) -> list[Rule]:

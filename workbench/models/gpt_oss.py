@@ -3,39 +3,59 @@ top-k-then-softmax MoE whose experts apply a clamped SwiGLU with biases."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..config import Config
 from ..errors import CheckpointError
 from ..hooks import HookRegistry
 from ..routing import RouterSpec
-from .base import LAYER_TYPES, CausalLM, DecoderLayer, Rule, hf_rules, layer_windows
+from .base import LAYER_TYPES, CausalLM, DecoderLayer, ModelArgs, Rule, hf_rules, layer_windows
 from .layers import gqa
 from .moe import MoE
 
+
+@dataclass(frozen=True, kw_only=True)
+class Args(ModelArgs):
+    """GPT-OSS fields (attention shapes and rope are read by `gqa`)."""
+
+    windows: tuple[int | None, ...]  # sliding window per layer, None = full attention
+    bias: bool  # attention_bias, on the q/k/v and output projections
+    router: RouterSpec
+    inter: int  # expert width (intermediate_size)
+    limit: float  # swiglu_limit: expert gate clamped above, up both sides
+    alpha: float  # swiglu_alpha: out = (up + 1) * gate * sigmoid(alpha * gate)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Args:
+        """The fields, refusing MXFP4-quantised checkpoints up front (only float experts load)."""
+        quant = cfg.get("quantization_config") or {}
+        if quant.get("quant_method") == "mxfp4":
+            raise CheckpointError("MXFP4-quantised experts (mlp.experts.*_blocks / *_scales) are not supported; "
+                                  "load a BF16/F32 (dequantised) checkpoint", file=cfg.file)
+        base = ModelArgs.common(cfg, eps=1e-5)
+        windows = layer_windows(cfg, [LAYER_TYPES[i % 2] for i in range(base.layers)])  # even layers slide
+        router = RouterSpec(cfg.int("num_local_experts"), cfg.int("num_experts_per_tok"), score="identity",
+                            weight_softmax=True, logit_bias=True)
+        return cls(**vars(base), windows=windows, bias=bool(cfg.get("attention_bias", True)), router=router,
+                   inter=cfg.int("intermediate_size"), limit=cfg.float("swiglu_limit", 7.0),
+                   alpha=cfg.float("swiglu_alpha", 1.702))
+
+
 def build(cfg: Config) -> CausalLM:
-    """GPT-OSS with empty weights; refuses MXFP4-quantised checkpoints up front (only float experts load)."""
-    quant = cfg.get("quantization_config") or {}
-    if quant.get("quant_method") == "mxfp4":
-        raise CheckpointError("MXFP4-quantised experts (mlp.experts.*_blocks / *_scales) are not supported; "
-                              "load a BF16/F32 (dequantised) checkpoint", file=cfg.file)
+    """GPT-OSS with empty weights."""
+    args = Args.from_config(cfg)
     hooks = HookRegistry()
-    hidden = cfg.int("hidden_size")
-    eps = cfg.float("rms_norm_eps", 1e-5)
-    n_layers = cfg.int("num_hidden_layers")
-    window = layer_windows(cfg, [LAYER_TYPES[i % 2] for i in range(n_layers)])  # even layers slide
-    bias = bool(cfg.get("attention_bias", True))
-    spec = RouterSpec(cfg.int("num_local_experts"), cfg.int("num_experts_per_tok"), score="identity",
-                      weight_softmax=True, logit_bias=True)
-    limit, alpha = cfg.float("swiglu_limit", 7.0), cfg.float("swiglu_alpha", 1.702)
 
     def layer(i: int) -> DecoderLayer:
         p = f"layers.{i}"
-        attn = gqa(cfg, qkv_bias=bias, o_bias=bias, eps=eps, window=window[i], sinks=True)
-        ffn = MoE(hidden, spec, cfg.int("intermediate_size"), hooks, p, expert_bias=True, limit=limit, alpha=alpha)
-        return DecoderLayer(attn, ffn, hidden, eps, hooks, p)
+        attn = gqa(cfg, qkv_bias=args.bias, o_bias=args.bias, eps=args.eps, window=args.windows[i], sinks=True)
+        ffn = MoE(args.hidden, args.router, args.inter, hooks, p, expert_bias=True, limit=args.limit,
+                  alpha=args.alpha)
+        return DecoderLayer(attn, ffn, args.hidden, args.eps, hooks, p)
 
-    return CausalLM(cfg, hooks, ((i, layer(i)) for i in range(n_layers)), eps=eps)
+    return CausalLM(cfg, args, hooks, ((i, layer(i)) for i in range(args.layers)))
 
 
 def split_interleaved(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

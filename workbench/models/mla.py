@@ -6,6 +6,9 @@ Attribute names follow the checkpoint's `self_attn.*` names so the generic HF ru
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -15,43 +18,59 @@ from .layers import RMSNorm, Rotary, attend, remember, yarn_mscale
 LATENT_EPS = 1e-6  # the q/kv latent norms use their default eps, not the config's rms_norm_eps
 
 
-def mla_rotary(cfg: Config) -> Rotary:
-    """Adjacent-pair (interleaved) RoPE over the `qk_rope_head_dim` channels, shared by every layer."""
-    return Rotary(cfg.int("qk_rope_head_dim"), cfg.rope(), interleaved=True)
+@dataclass(frozen=True)
+class MLAArgs:
+    """MLA's config.json fields (the hidden size comes with the family's `ModelArgs`)."""
 
+    heads: int
+    nope: int  # per-head query/key channels without rope (qk_nope_head_dim)
+    rope: int  # rope channels of each query head and of the one shared key (qk_rope_head_dim)
+    v_dim: int  # v_head_dim
+    kv_rank: int  # width of the compressed KV latent (kv_lora_rank)
+    q_rank: int | None  # width of the q latent (q_lora_rank); None: queries projected directly
+    bias: bool  # attention_bias, on q_a, kv_a and the output projection
+    rope_params: dict[str, Any]  # `Config.rope()`
 
-def mla_softmax_scale(cfg: Config) -> float:
-    """(qk_nope + qk_rope)^-0.5, times mscale^2 when a scaled rope sets `mscale_all_dim` (long-context YaRN)."""
-    scale = (cfg.int("qk_nope_head_dim") + cfg.int("qk_rope_head_dim")) ** -0.5
-    rope = cfg.rope()
-    if rope["rope_type"] != "default" and rope.get("mscale_all_dim"):
-        m = yarn_mscale(float(rope["factor"]), float(rope["mscale_all_dim"]))
-        scale *= m * m
-    return scale
+    @classmethod
+    def from_config(cls, cfg: Config) -> MLAArgs:
+        return cls(heads=cfg.int("num_attention_heads"), nope=cfg.int("qk_nope_head_dim"),
+                   rope=cfg.int("qk_rope_head_dim"), v_dim=cfg.int("v_head_dim"), kv_rank=cfg.int("kv_lora_rank"),
+                   q_rank=cfg.int("q_lora_rank") if "q_lora_rank" in cfg else None,
+                   bias=bool(cfg.get("attention_bias", False)), rope_params=cfg.rope())
+
+    def rotary(self) -> Rotary:
+        """Adjacent-pair (interleaved) RoPE over the `rope` channels, shared by every layer."""
+        return Rotary(self.rope, self.rope_params, interleaved=True)
+
+    def softmax_scale(self) -> float:
+        """(nope + rope)^-0.5, times mscale^2 when a scaled rope sets `mscale_all_dim` (long-context YaRN)."""
+        scale = (self.nope + self.rope) ** -0.5
+        p = self.rope_params
+        if p["rope_type"] != "default" and p.get("mscale_all_dim"):
+            m = yarn_mscale(float(p["factor"]), float(p["mscale_all_dim"]))
+            scale *= m * m
+        return scale
 
 
 class MLA(nn.Module):
     """q = q_b(norm(q_a x)) (or q_proj x); kv_a x = latent | rope key; kv_b(norm(latent)) = per-head k_nope | v."""
 
-    def __init__(self, cfg: Config, rotary: Rotary, scale: float):
+    def __init__(self, hidden: int, args: MLAArgs, rotary: Rotary, scale: float):
         super().__init__()
-        hidden, self.heads = cfg.int("hidden_size"), cfg.int("num_attention_heads")
-        self.nope, self.rope = cfg.int("qk_nope_head_dim"), cfg.int("qk_rope_head_dim")
-        self.v_dim, self.kv_rank = cfg.int("v_head_dim"), cfg.int("kv_lora_rank")
+        self.heads, self.nope, self.rope = args.heads, args.nope, args.rope
+        self.v_dim, self.kv_rank = args.v_dim, args.kv_rank
         self.rotary, self.scale = rotary, scale
-        bias = bool(cfg.get("attention_bias", False))
         q_out = self.heads * (self.nope + self.rope)
-        if "q_lora_rank" in cfg:
-            q_rank = cfg.int("q_lora_rank")
-            self.q_a_proj = nn.Linear(hidden, q_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(q_rank, LATENT_EPS)
-            self.q_b_proj = nn.Linear(q_rank, q_out, bias=False)
+        if args.q_rank is not None:
+            self.q_a_proj = nn.Linear(hidden, args.q_rank, bias=args.bias)
+            self.q_a_layernorm = RMSNorm(args.q_rank, LATENT_EPS)
+            self.q_b_proj = nn.Linear(args.q_rank, q_out, bias=False)
         else:
             self.q_proj = nn.Linear(hidden, q_out, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_rank + self.rope, bias=bias)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_rank + self.rope, bias=args.bias)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, LATENT_EPS)
         self.kv_b_proj = nn.Linear(self.kv_rank, self.heads * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.heads * self.v_dim, hidden, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.v_dim, hidden, bias=args.bias)
 
     def q_latent(self, x: torch.Tensor) -> torch.Tensor:
         """The normed q latent (q-LoRA), or x itself when queries are projected directly."""
