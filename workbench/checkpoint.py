@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import CheckpointError, shorten
 
-# Files fetched from the hub: config, weights, tokenizer. Never code, never pickles.
+# Files fetched from the hub: config, weights, tokenizer and chat template. Never code, never pickles.
 HUB_ALLOW_PATTERNS = [
     "config.json",
     "generation_config.json",
@@ -32,6 +32,7 @@ HUB_ALLOW_PATTERNS = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",
 ]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_FILE = "model.safetensors.index.json"

@@ -22,7 +22,7 @@ from .models import family
 from .models.base import CausalLM, Split, Targets, map_tensor
 from .models.moe import MoE
 from . import quant
-from .tokenizer import load_tokenizer
+from .tokenizer import TOKENIZER_FILES, load_tokenizer
 
 BACKENDS = ("auto", "torch", "grouped", "triton")
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
@@ -81,7 +81,7 @@ def load(
         cfg, fam = _config(folder)
         tensors = checkpoint.weight_files(folder)
         weights = sorted({info.file for info in tensors.values()})
-        read = [folder / n for n in ("config.json", checkpoint.INDEX_FILE, "tokenizer.json") if (folder / n).is_file()]
+        read = [folder / n for n in ("config.json", checkpoint.INDEX_FILE, *TOKENIZER_FILES) if (folder / n).is_file()]
         expected = checkpoint.recorded_sha256(folder, read + weights, weights) if verify_hashes else {}
         if parallel:  # each file hashed once, by one rank
             expected = {f: v for i, (f, v) in enumerate(sorted(expected.items())) if i % world == rank}
@@ -96,10 +96,7 @@ def load(
                     p.data = p.data.to(torch.float32 if KEEP_FP32.fullmatch(name) else dtype)
             scheme = quant.scheme(cfg)
             plan, expert_bytes = _plan(model, tensors, fam.rules(cfg), scheme, shards, heads)
-            try:
-                tokenizer = load_tokenizer(folder, model.vocab_size)
-            except Exception as e:  # tokenizers raises its own exception type for malformed files
-                raise CheckpointError(f"unreadable tokenizer ({e})", file=str(folder / "tokenizer.json")) from None
+            tokenizer = load_tokenizer(folder, model.vocab_size)  # a bad tokenizer file raises CheckpointError
             model.to_empty(device=device or "cpu")
             model.tie_weights()
             model.load_report = _copy(model, tensors, plan, scheme, shards)
