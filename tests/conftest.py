@@ -13,6 +13,12 @@ MIXTRAL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_l
                num_key_value_heads=2, max_position_embeddings=256, num_local_experts=6, num_experts_per_tok=2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hash_cache(tmp_path_factory):
+    """The digests tests compute are remembered in a temporary hash cache, never in the user's."""
+    os.environ["WORKBENCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("hash-cache"))
+
+
 @pytest.fixture(scope="session")
 def mixtral_ckpt(tmp_path_factory):
     """(folder, oracle model) of a tiny random Mixtral saved in HF layout."""

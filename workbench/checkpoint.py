@@ -1,5 +1,5 @@
 """Finding and checking a checkpoint's files: local folder or hub snapshot, safetensors headers, shard index,
-recorded sha256 hashes.
+recorded sha256 hashes, and the hash cache that spares re-reading an unchanged file.
 
 Headers are validated in full (size cap, UTF-8 JSON object, dtypes, shapes, offsets covering the data section
 exactly once) before any tensor data is read, so a bad file is refused with an error naming it and the tensor.
@@ -13,15 +13,23 @@ import hashlib
 import json
 import os
 import re
+import stat
+import tempfile
 import threading
+import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import CheckpointError, shorten
+
+try:
+    import fcntl
+except ImportError:  # Windows: writers of the hash cache are not serialised (a lost entry is only hashed again)
+    fcntl = None
 
 # Files fetched from the hub: config, weights, tokenizer and chat template. Never code, never pickles.
 HUB_ALLOW_PATTERNS = [
@@ -37,6 +45,7 @@ HUB_ALLOW_PATTERNS = [
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_FILE = "model.safetensors.index.json"
 MANIFEST = "SHA256SUMS"
+LOADER_FILES = ("config.json", INDEX_FILE, "tokenizer.json")  # what `load` reads besides the weights
 TRUSTED_REPOS_ENV = "WORKBENCH_TRUSTED_REPOS"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap on the JSON header
 MAX_JSON_BYTES = 100 * 2**20  # shard index and manifest
@@ -45,6 +54,15 @@ DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
 }
+HASH_BLOCK = 1 << 22  # bytes read and hashed at a time
+HASH_THREADS = 8  # files hashed at once: hashing is CPU-bound on fast disks, read-bound on network ones
+CACHE_DIR_ENV = "WORKBENCH_CACHE_DIR"
+CACHE_FILE = "sha256.json"
+CACHE_FORMAT = "workbench sha256 cache 1"
+CACHE_ENTRIES = 2048  # files remembered per cache file, the most recently hashed
+MAX_CACHED_PATH = 1024  # real paths longer in JSON are not remembered, which bounds a cache file...
+MAX_CACHE_BYTES = 4 * 2**20  # ...well under this; a larger one is ignored
+SETTLED_NS = 2 * 10**9  # a file changed this shortly before it was hashed is not remembered across processes
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MANIFEST_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")
@@ -290,8 +308,16 @@ def _clip(value: Any) -> str:
 
 # ---------------------------------------------------------------- recorded hashes
 
-_digests: dict[tuple[int, ...], str] = {}  # (device, inode, size, mtime, ctime) -> sha256, for this process
-
+# Digests are remembered by file identity (`_identity`): for this process in `_digests`, and across processes in
+# small JSON files (`hash_caches`). What is remembered is the digest computed from the file, whether or not a
+# record matched it: a file that failed verification still fails, from the cache. Safety: an entry counts only
+# if the real path and all of device, inode, size, mtime and ctime match (any change -> hashed again); a digest
+# is remembered across processes only if the file did not change while it was read and had not changed for
+# SETTLED_NS before (so a write within one filesystem timestamp tick cannot go unseen); cache files are written
+# atomically with mode 0600, and one that is malformed, oversized, or not owned by and private to this user is
+# ignored (then replaced). Under the hub cache, another user's private `.workbench/` sends writes to one's own.
+_digests: dict[tuple, str] = {}  # (real path, device, inode, size, mtime, ctime) -> sha256
+_cache_lock = threading.Lock()  # one writer of the cache files at a time in this process
 
 def recorded_sha256(folder: Path, files: Iterable[Path], required: Iterable[Path]) -> dict[Path, list[tuple[str, str]]]:
     """The sha256 on record for each of `files`, with where it was recorded: the folder's SHA256SUMS
@@ -335,22 +361,178 @@ def _read_manifest(path: Path) -> dict[str, str]:
     return out
 
 
-def sha256(path: Path, stop: threading.Event | None = None) -> str:
-    """Hex sha256 of a file's content, remembered for this process while the file's inode, size, mtime and
-    ctime (which no user can set) stay the same; an empty string, remembered nowhere, if `stop` is set first."""
-    st = path.stat()
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if key not in _digests:
-        h, block = hashlib.sha256(), bytearray(1 << 22)
-        view = memoryview(block)
-        with open(path, "rb") as f:
-            while n := f.readinto(block):
-                if stop is not None and stop.is_set():
-                    return ""
-                h.update(view[:n])
-        _digests[key] = h.hexdigest()
-    return _digests[key]
+def sha256(path: Path, stop: threading.Event | None = None,
+           advance: Callable[[int], None] | None = None) -> str:
+    """Hex sha256 of a file's content, remembered while its identity (real path, device, inode, size, mtime,
+    ctime) stays the same: for this process, and for later ones in the hash cache (`hash_caches`). An empty
+    string, remembered nowhere, if `stop` is set first; `advance(n)` is told of every n bytes hashed."""
+    real, ident = _identity(path)
+    digest = _remembered(path, real, ident)
+    if digest:
+        return digest
+    start = time.time_ns()
+    h, block = hashlib.sha256(), bytearray(HASH_BLOCK)
+    view = memoryview(block)
+    with open(real, "rb") as f:
+        while n := f.readinto(block):
+            if stop is not None and stop.is_set():
+                return ""
+            h.update(view[:n])
+            if advance is not None:
+                advance(n)
+    digest = h.hexdigest()
+    with contextlib.suppress(OSError):
+        if _identity(path) == (real, ident):  # not changed (nor removed) while it was read
+            _digests[(real, *ident)] = digest
+            if max(ident[3], ident[4]) <= start - SETTLED_NS:
+                _persist(path, real, [*ident, digest])
+    return digest
 
+
+def sha256_many(paths: Iterable[Path], progress: bool = False) -> dict[Path, str]:
+    """{path: hex sha256} of many files, hashed by a pool of threads (hashlib releases the GIL while it hashes a
+    block, so large files hash in parallel) and remembered as by `sha256`; with `progress`, a bar in bytes
+    whenever over 1 GiB is left to hash."""
+    from tqdm.auto import tqdm
+
+    paths = list(paths)
+    todo = [p for p in paths if not _remembered(p, *_identity(p))]
+    total = sum(p.stat().st_size for p in todo)
+    lock = threading.Lock()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing", disable=not progress or total < 2**30) as bar:
+        def advance(n: int) -> None:
+            with lock:
+                bar.update(n)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(HASH_THREADS, len(todo)))) as pool:
+            return dict(zip(paths, pool.map(lambda p: sha256(p, advance=advance), paths)))
+
+
+def _identity(path: Path) -> tuple[str, tuple[int, int, int, int, int]]:
+    """A file's real path and (device, inode, size, mtime_ns, ctime_ns): what changes when its content may have;
+    ctime is set by the kernel on every change and no user can set it back."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return real, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _remembered(path: Path, real: str, ident: tuple[int, ...]) -> str | None:
+    """The digest remembered for this identity, by this process or in a hash cache; None if none is."""
+    key = (real, *ident)
+    if key not in _digests:
+        for cache in hash_caches(path):
+            entry = _read_cache(cache).get(real)
+            if entry is not None and tuple(entry[:5]) == ident:
+                _digests[key] = entry[5]
+                break
+    return _digests.get(key)
+
+
+def hash_caches(path: Path) -> list[Path]:
+    """The files that remember the digest of `path` across processes, first choice first: in $WORKBENCH_CACHE_DIR
+    if set; else, for a file of the hub cache, its repo folder's `.workbench/` (removed with the repo), then the
+    user cache folder ($XDG_CACHE_HOME or ~/.cache, then `moe-workbench/`), which is used when the first is
+    read-only."""
+    if env := os.environ.get(CACHE_DIR_ENV):
+        return [Path(env) / CACHE_FILE]
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    caches = []
+    hub, parts = Path(os.path.abspath(os.path.expanduser(HF_HUB_CACHE))), Path(os.path.abspath(path)).parts
+    n = len(hub.parts)
+    if parts[:n] == hub.parts and len(parts) > n + 1 and "--" in parts[n]:  # models--org--name/snapshots/...
+        caches.append(hub / parts[n] / ".workbench" / CACHE_FILE)
+    with contextlib.suppress(RuntimeError, KeyError):  # no home folder
+        base = os.environ.get("XDG_CACHE_HOME", "")
+        caches.append((Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "moe-workbench" / CACHE_FILE)
+    return caches
+
+
+def _read_cache(cache: Path) -> dict[str, list]:
+    """The well-formed entries of a hash cache file, {real path: [device, inode, size, mtime_ns, ctime_ns,
+    sha256]}; nothing from a file that is missing, unreadable, oversized, malformed, or that another user owns
+    or could have written (where the OS has owners)."""
+    try:
+        fd = os.open(cache, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO put there must not block
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if (not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CACHE_BYTES
+                    or hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022)):
+                return {}
+            data = json.loads(f.read(MAX_CACHE_BYTES))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    files = data.get("files") if isinstance(data, dict) and data.get("format") == CACHE_FORMAT else None
+    if not isinstance(files, dict):
+        return {}
+    return {path: entry for path, entry in files.items()
+            if isinstance(entry, list) and len(entry) == 6 and all(_is_int(x) for x in entry[:5])
+            and isinstance(entry[5], str) and _SHA256.fullmatch(entry[5])}
+
+
+def _persist(path: Path, real: str, entry: list) -> None:
+    """Remember one digest in the first hash cache that can be written; a cache that cannot is skipped."""
+    if len(json.dumps(real)) > MAX_CACHED_PATH:
+        return
+    for cache in hash_caches(path):
+        try:
+            cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with _cache_lock, open(cache.with_name(cache.name + ".lock"), "a") as lock:
+                if fcntl is not None:  # one writer at a time across processes, e.g. the ranks of one node
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                files = _read_cache(cache)
+                files.pop(real, None)
+                files[real] = entry
+                kept = dict(list(files.items())[-CACHE_ENTRIES:])  # the most recently hashed
+                _write_atomic(cache, json.dumps({"format": CACHE_FORMAT, "files": kept}), 0o600)
+            return
+        except OSError:
+            continue
+
+
+def _write_atomic(path: Path, text: str, mode: int) -> None:
+    """Replace `path` by `text` at once (a temp file beside it, then os.replace): readers see the old file or the
+    new one, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_manifest(folder: Path, overwrite: bool = False, progress: bool = False) -> dict[str, str]:
+    """Write `folder/SHA256SUMS` (`sha256sum` format, sorted) over every *.safetensors file and the config, shard
+    index and tokenizer that `load` reads, atomically; returns {file: sha256}. A SHA256SUMS recording other files
+    or hashes is kept (CheckpointError) unless `overwrite`; one recording the same is left as it is."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError("not a checkpoint folder", file=str(folder))
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise CheckpointError("no *.safetensors weights in the folder", file=str(folder))
+    files = weights + [folder / n for n in LOADER_FILES if (folder / n).is_file()]
+    odd = [f.name for f in files if f.name.splitlines() != [f.name] or "\\" in f.name or f.name != f.name.rstrip()]
+    if odd:
+        raise CheckpointError(f"file name {_clip(odd[0])} cannot be written plainly in {MANIFEST}", file=str(folder))
+    digests = {p.name: d for p, d in sorted(sha256_many(files, progress).items(), key=lambda x: x[0].name)}
+    target = folder / MANIFEST
+    if target.exists():
+        try:
+            old = _read_manifest(target)
+        except CheckpointError:
+            old = None
+        if old == digests:
+            return digests
+        if not overwrite:
+            raise CheckpointError(f"a different {MANIFEST} is already there; pass overwrite=True (--overwrite) "
+                                  "to replace it", file=str(target))
+    _write_atomic(target, "".join(f"{d}  {name}\n" for name, d in digests.items()), 0o644)
+    return digests
 
 @contextlib.contextmanager
 def verified(expected: dict[Path, list[tuple[str, str]]]) -> Iterator[None]:

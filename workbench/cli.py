@@ -185,6 +185,16 @@ def plan(args: argparse.Namespace) -> int:
     return 0
 
 
+@user_errors
+def hash_folder(args: argparse.Namespace) -> int:
+    """Write SHA256SUMS for a local checkpoint folder, so that every later `load` of it checks its files."""
+    from workbench.checkpoint import MANIFEST, write_manifest
+
+    digests = write_manifest(Path(args.folder), overwrite=args.overwrite, progress=True)
+    print(f"{Path(args.folder) / MANIFEST} records the sha256 of {len(digests)} files")
+    return 0
+
+
 def _parameters(pairs: list[list[str]] | None) -> dict:
     from workbench.publish import parse_value
 
@@ -290,6 +300,15 @@ def main(argv: list[str] | None = None) -> int:
                         "T` does (DeepSeek-V4; T must divide N, num_attention_heads and o_groups; with --gpu-memory, "
                         "world sizes that are multiples of T are searched)")
     p.set_defaults(func=plan)
+    p = sub.add_parser("hash", help="write SHA256SUMS for a local checkpoint folder, which `load` then verifies",
+                       description="Hashes every *.safetensors file and the config, shard index and tokenizer "
+                                   "that `load` reads (in parallel, remembered in the hash cache) and writes "
+                                   "FOLDER/SHA256SUMS in `sha256sum` format, sorted, atomically. A SHA256SUMS "
+                                   "recording the same hashes is left as it is; a different one is refused "
+                                   "unless --overwrite.")
+    p.add_argument("folder", help="local checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a SHA256SUMS that records other hashes")
+    p.set_defaults(func=hash_folder)
     p = sub.add_parser("publish", help="execute a notebook; write it executed, as offline HTML, with a provenance "
                                        "manifest",
                        description="Executes NOTEBOOK in a fresh kernel (papermill; cwd: its folder) and writes "
