@@ -1,10 +1,14 @@
-# Quick start: `make demo` and `make test` each set up .venv on a fresh machine.
+# Quick start: `make demo`, `make lab` and `make test` each set up .venv on a fresh machine.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
+# make lab serves LAB_DIR on PORT; LAB_ARGS go to `jupyter lab` as they are, e.g. LAB_ARGS="--no-browser --allow-root"
+LAB_DIR  ?= notebooks
+PORT     ?= 8888
+LAB_ARGS ?=
 
-.PHONY: demo test clean
+.PHONY: demo lab test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,17 +16,26 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) -e .
 	touch $@
 
-# dev: test tools, the JupyterLab extension built from extensions/jupyterlab (npm registry), and Debian's
-# chromium for the browser test (installed where we may, i.e. as root; the browser test skips without it)
-$(VENV)/.installed-dev: $(VENV)/.installed $(wildcard extensions/jupyterlab/*.json extensions/jupyterlab/*.toml extensions/jupyterlab/src/*)
-	$(PIP) -e ".[dev]"
+# lab: JupyterLab and the workbench extension built from extensions/jupyterlab (Node.js, npm registry)
+$(VENV)/.installed-lab: $(VENV)/.installed $(wildcard extensions/jupyterlab/*.json extensions/jupyterlab/*.toml extensions/jupyterlab/src/*)
+	$(PIP) -e ".[lab]"
 	$(PIP) ./extensions/jupyterlab
+	touch $@
+
+# dev: test tools, and Debian's chromium for the browser test (installed where we may, i.e. as root; the browser
+# test skips without it)
+$(VENV)/.installed-dev: $(VENV)/.installed-lab
+	$(PIP) -e ".[dev]"
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
 		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	touch $@
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/workbench demo
+
+# tests/test_install.py runs this recipe with its own interpreter (PY=...) and without the setup (-o)
+lab: $(VENV)/.installed-lab
+	$(PY) -m jupyterlab --ServerApp.root_dir="$(LAB_DIR)" --port=$(PORT) $(LAB_ARGS)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest

@@ -1,14 +1,10 @@
 """End to end in a real browser: headless Chromium (Debian's, driven by Playwright) against a real `jupyter lab`
-on localhost with the installed extension. A saved routing display renders with no kernel; the dashboard runs in
-a kernel, and a click on its load heatmap updates the linked views. Screenshots land in ARTIFACTS."""
+on localhost, started by `make lab`, with the installed extension. A saved routing display renders with no
+kernel; the dashboard runs in a kernel, and a click on its load heatmap updates the linked views. Screenshots
+land in ARTIFACTS."""
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import nbformat
@@ -18,6 +14,7 @@ import torch
 from nbclient import NotebookClient
 
 import workbench as wb
+from test_install import make_lab
 from workbench.demo import EMBEDDED_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,15 +32,9 @@ NOTEBOOK = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """A folder with a traced store and a notebook whose first output is saved, served by `jupyter lab`."""
+    """A folder with a traced store and a notebook whose first output is saved, served by `make lab`."""
     folder = tmp_path_factory.mktemp("lab")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -60,28 +51,10 @@ def lab(tmp_path_factory):
     news = folder / ".settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     news.parent.mkdir(parents=True)
     news.write_text('{"fetchNews": "false"}')  # no "get notified about Jupyter news?" box over the figures
-    port = free_port()
     env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(folder / ".settings"),
            "JUPYTERLAB_WORKSPACES_DIR": str(folder / ".workspaces"), "OMP_NUM_THREADS": "1"}
-    log = open(folder / "jupyter.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
-         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={folder}",
-         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"{url}/api/status?token={TOKEN}", timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None:
-                raise RuntimeError("jupyter lab exited:\n" + (folder / "jupyter.log").read_text())
-            time.sleep(0.5)
-    yield url, folder
-    server.terminate()
-    server.wait(30)
-    log.close()
+    with make_lab(folder / "jupyter.log", TOKEN, lab_dir=folder, env=env) as url:
+        yield url, folder
 
 
 @pytest.fixture(scope="module")

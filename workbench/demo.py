@@ -21,7 +21,11 @@ import torch
 
 from . import publish
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+# the embedded model and held-out corpus: a wheel's package data (pyproject maps data/ to workbench/_data), else
+# data/ of the source checkout (editable install, PYTHONPATH)
+DATA = Path(__file__).resolve().parent / "_data"
+if not DATA.is_dir():
+    DATA = DATA.parent.parent / "data"
 EMBEDDED_MODEL = DATA / "models" / "wb-v4-mini"
 CORPUS = DATA / "corpus"
 
