@@ -5,22 +5,48 @@ Each function returns a list of (hook name, fn) pairs, so interventions compose 
     with model.hooks(ablate(3, [5]) + force(4, [0, 1], tokens=range(10, 20))):
         logits = model(ids)
 
-`tokens` selects absolute positions (a range, slice, list or bool/int tensor); None means all tokens.
+`tokens` selects absolute positions (a range, slice, list or bool/int tensor); None means all tokens. Python's
+negative indexing does not apply (a position is never negative), so negative positions are refused. Expert
+ids are checked against the layer when the hooks fire: an id the layer does not have raises HookError.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
 
+from .errors import HookError
 from .hooks import HookContext, HookFn
 
 Hooks = list[tuple[str, HookFn]]
 Tokens = range | slice | Sequence[int] | torch.Tensor | None
 
 
-def _token_mask(tokens: Tokens, ctx: HookContext) -> torch.Tensor:
+def _tokens(tokens: Tokens, fn: str) -> slice | torch.Tensor | None:
+    """`tokens` checked once: a slice with bounds >= 0 and a positive step, or a 1-D bool mask / position tensor."""
+    if tokens is None:
+        return None
+    if isinstance(tokens, range) and tokens.step > 0:
+        tokens = slice(tokens.start, tokens.stop, tokens.step)
+    if isinstance(tokens, slice):
+        negative = any(b is not None and b < 0 for b in (tokens.start, tokens.stop))
+        if negative or (tokens.step is not None and tokens.step <= 0):
+            raise ValueError(f"{fn}: tokens={tokens} must have bounds >= 0 and a positive step (absolute positions)")
+        return tokens
+    t = torch.as_tensor(list(tokens) if isinstance(tokens, range) else tokens)
+    t = t.long() if t.numel() == 0 else t  # [] (no position) makes a float tensor
+    t = t.reshape(-1) if t.dim() == 0 else t  # a single position
+    if t.dim() != 1 or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"{fn}: tokens must be positions or a bool mask over positions, got {t.dtype} of shape "
+                         f"{tuple(t.shape)}")
+    if t.dtype != torch.bool and t.numel() and int(t.min()) < 0:
+        raise ValueError(f"{fn}: token position {int(t.min())} is negative; positions are absolute (0 is the first)")
+    return t
+
+
+def _token_mask(tokens: slice | torch.Tensor | None, ctx: HookContext) -> torch.Tensor:
     """Bool mask [T] over the current forward's positions."""
     pos = ctx.positions
     if tokens is None:
@@ -28,82 +54,159 @@ def _token_mask(tokens: Tokens, ctx: HookContext) -> torch.Tensor:
     if isinstance(tokens, slice):
         start, stop = tokens.start or 0, tokens.stop if tokens.stop is not None else int(pos.max()) + 1
         return (pos >= start) & (pos < stop) & ((pos - start) % (tokens.step or 1) == 0)
-    wanted = torch.as_tensor(list(tokens) if isinstance(tokens, range) else tokens, device=pos.device)
+    wanted = tokens.to(pos.device)
     if wanted.dtype == torch.bool:
+        if len(wanted) <= int(pos.max()):
+            raise HookError(f"hook on {ctx.name!r}: the tokens mask covers {len(wanted)} positions, this forward "
+                            f"reaches position {int(pos.max())}")
         return wanted[pos]
     return torch.isin(pos, wanted)
+
+
+def _cells(tokens: slice | torch.Tensor | None, experts: list[int] | None, x: torch.Tensor,
+           ctx: HookContext) -> torch.Tensor:
+    """Bool mask [1, T, E] of the selected tokens' entries for `experts` (all if None) in x [B, T, E]."""
+    cols = torch.ones(x.shape[-1], dtype=torch.bool, device=x.device)
+    if experts is not None:
+        cols = torch.zeros_like(cols).index_fill_(0, torch.tensor(experts, dtype=torch.long, device=x.device), True)
+    return _token_mask(tokens, ctx)[None, :, None] & cols
 
 
 def _layers(layers: int | Iterable[int]) -> list[int]:
     return [layers] if isinstance(layers, int) else list(layers)
 
 
+def _experts(experts: Iterable[int], fn: str) -> list[int]:
+    ids = [int(e) for e in experts]
+    if any(e < 0 for e in ids):
+        raise ValueError(f"{fn}: expert ids must be >= 0, got {ids}")
+    return ids
+
+
+def _check_range(fn: str, top: int, layers: list[int]) -> Hooks:
+    """Hooks on `router.logits` (whose last axis is the layer's expert count) refusing an expert id >= it."""
+
+    def check(logits: torch.Tensor, ctx: HookContext) -> None:
+        if top >= logits.shape[-1]:
+            raise HookError(f"{fn} at layer {ctx.layer}: expert {top} does not exist; this layer has "
+                            f"{logits.shape[-1]} experts (ids 0 to {logits.shape[-1] - 1})")
+
+    return [(f"layers.{i}.router.logits", check) for i in layers] if top >= 0 else []
+
+
 def ablate(layers: int | Iterable[int], experts: Iterable[int], tokens: Tokens = None, *,
            mode: str = "zero") -> Hooks:
     """Remove experts at the given layers.
 
-    mode="zero": the experts still count as selected but their weight is set to 0 (their output is
-    dropped, the other experts' weights unchanged). mode="reroute": their router scores are set to
-    -inf so the router picks the next-best experts instead (weights follow the family's rule).
+    mode="zero": the experts still count as selected but their weight is set to 0: their output is dropped and
+    the other experts' weights stay unchanged (not renormalised, also where the family softmaxes the selected
+    logits, as GPT-OSS does). Works on every MoE layer, hash-routed ones included.
+    mode="reroute": their router scores are set to -inf, so the router picks the next-best experts instead, weighed
+    by the family's rule from the others' unchanged scores (softmax probabilities are not re-normalised over
+    the remaining experts unless the family renormalises its top k). Raises HookError on a hash-routed layer
+    (DeepSeek-V4's first layers pick experts from the token id, not from scores, so no score can change the
+    choice) and where fewer than k experts would remain.
     """
-    experts = list(experts)
     if mode not in ("zero", "reroute"):
         raise ValueError(f"mode must be 'zero' or 'reroute', got {mode!r}")
+    experts, tokens, layers = _experts(experts, "ablate"), _tokens(tokens, "ablate"), _layers(layers)
+    checks = _check_range("ablate", max(experts, default=-1), layers)
+
+    def hit(ids: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+        gone = torch.isin(ids, torch.tensor(experts, dtype=torch.long, device=ids.device))
+        return gone & _token_mask(tokens, ctx)[None, :, None]
 
     if mode == "zero":
         def zero(w: torch.Tensor, ctx: HookContext) -> torch.Tensor:
-            ids = ctx.extra["topk_ids"]
-            hit = torch.isin(ids, torch.tensor(experts, device=ids.device)) & _token_mask(tokens, ctx)[None, :, None]
-            return w.masked_fill(hit, 0.0)
+            return w.masked_fill(hit(ctx.extra["topk_ids"], ctx), 0.0)
 
-        return [(f"layers.{i}.router.topk_weights", zero) for i in _layers(layers)]
+        return checks + [(f"layers.{i}.router.topk_weights", zero) for i in layers]
+
+    counts: dict[int | None, int] = {}  # each layer's expert count, recorded by mask_scores
 
     def mask_scores(s: torch.Tensor, ctx: HookContext) -> torch.Tensor:
-        s = s.clone()
-        sel = _token_mask(tokens, ctx)
-        s[:, sel, experts] = float("-inf")
-        return s
+        counts[ctx.layer] = s.shape[-1]
+        return s.masked_fill(_cells(tokens, experts, s, ctx), float("-inf"))
 
-    return [(f"layers.{i}.router.scores", mask_scores) for i in _layers(layers)]
+    def unselected(ids: torch.Tensor, ctx: HookContext) -> None:
+        kept = hit(ids, ctx)
+        if not kept.any():
+            return
+        n, k, gone = counts.get(ctx.layer, 0), ids.shape[-1], len(set(experts))
+        if n - gone < k:
+            raise HookError(f"ablate(mode='reroute') at layer {ctx.layer}: removing {gone} of its {n} experts leaves "
+                            f"{n - gone}, fewer than the k={k} the router picks; ablate fewer or use mode='zero'")
+        still = sorted(set(ids[kept].tolist()))
+        raise HookError(
+            f"ablate(mode='reroute') at layer {ctx.layer}: expert(s) {still} still selected for "
+            f"{int(kept.any(-1).sum())} token(s) although their router scores are -inf. This layer does not choose "
+            "experts by score (a hash-routed layer takes them from the token id), so rerouting cannot change the "
+            "choice (their weight would be 0/0). Use mode='zero' to drop their output, or force() to pick others.")
+
+    return checks + [(f"layers.{i}.router.{p}", fn) for i in layers
+                     for p, fn in (("scores", mask_scores), ("topk_ids", unselected))]
 
 
 def force(layers: int | Iterable[int], experts: Sequence[int] | torch.Tensor, tokens: Tokens = None) -> Hooks:
-    """Route tokens to the given experts: a list of k ids for every token, or a tensor [T, k] / [B, T, k].
+    """Route tokens to the given experts: a list of k distinct ids for every token, or a tensor [T, k] / [B, T, k]
+    whose rows are absolute positions (as `tokens`).
 
-    The router then weighs the forced experts by its own rule (e.g. renormalised softmax scores).
+    The router then weighs the forced experts by its own rule from its learned scores (e.g. renormalised softmax
+    scores). Hash-routed layers too: only their choice comes from the token id, their weights from the scores.
     """
     forced = torch.as_tensor(experts, dtype=torch.long)
+    tokens, layers = _tokens(tokens, "force"), _layers(layers)
+    if forced.dim() not in (1, 2, 3) or forced.numel() == 0:
+        raise ValueError(f"force: experts must be k ids, [T, k] or [B, T, k], got shape {tuple(forced.shape)}")
+    if int(forced.min()) < 0:
+        raise ValueError(f"force: expert ids must be >= 0, got {int(forced.min())}")
+    ordered = forced.sort(-1).values
+    if (ordered[..., 1:] == ordered[..., :-1]).any():
+        raise ValueError("force: an expert repeats within a token's ids; a router picks k distinct experts")
 
     def fn(ids: torch.Tensor, ctx: HookContext) -> torch.Tensor:
-        if forced.dim() == 1 and forced.numel() != ids.shape[-1]:
-            raise ValueError(f"force: {forced.numel()} experts given but the router selects k={ids.shape[-1]}")
+        if forced.shape[-1] != ids.shape[-1]:
+            raise ValueError(f"force: {forced.shape[-1]} experts given but the router selects k={ids.shape[-1]}")
+        want, pos = forced.to(ids.device), ctx.positions
+        if forced.dim() > 1:
+            if want.shape[-2] <= int(pos.max()) or (want.dim() == 3 and want.shape[0] != ids.shape[0]):
+                raise HookError(f"force at layer {ctx.layer}: experts of shape {tuple(want.shape)} do not cover this "
+                                f"forward (batch {ids.shape[0]}, positions up to {int(pos.max())})")
+            want = want[..., pos, :]
         sel = _token_mask(tokens, ctx)
         new = ids.clone()
-        new[:, sel] = forced.to(ids.device).expand_as(ids)[:, sel]
+        new[:, sel] = want.expand_as(ids)[:, sel]
         return new
 
-    return [(f"layers.{i}.router.topk_ids", fn) for i in _layers(layers)]
+    return _check_range("force", int(forced.max()), layers) + [(f"layers.{i}.router.topk_ids", fn) for i in layers]
 
 
 def scale_router_logits(layers: int | Iterable[int], factor: float, experts: Iterable[int] | None = None,
                         tokens: Tokens = None) -> Hooks:
-    """Multiply router logits (all experts, or the listed ones) by `factor`: temperature or expert boosting."""
-    experts = None if experts is None else list(experts)
+    """Multiply router logits (all experts, or the listed ones) by `factor`: temperature or expert boosting.
+
+    On a hash-routed layer only the weights of the experts its token ids pick change, never the choice.
+    """
+    if not math.isfinite(factor):
+        raise ValueError(f"scale_router_logits: factor must be finite, got {factor}")
+    experts = None if experts is None else _experts(experts, "scale_router_logits")
+    tokens, layers = _tokens(tokens, "scale_router_logits"), _layers(layers)
 
     def fn(logits: torch.Tensor, ctx: HookContext) -> torch.Tensor:
-        out = logits.clone()
-        sel = _token_mask(tokens, ctx)
-        cols = slice(None) if experts is None else experts
-        out[:, sel, cols] = out[:, sel, cols] * factor
-        return out
+        return torch.where(_cells(tokens, experts, logits, ctx), logits * factor, logits)
 
-    return [(f"layers.{i}.router.logits", fn) for i in _layers(layers)]
+    return _check_range("scale_router_logits", max(experts or [], default=-1), layers) + \
+        [(f"layers.{i}.router.logits", fn) for i in layers]
 
 
 def patch(name: str, source: torch.Tensor, tokens: Tokens = None) -> Hooks:
-    """Replace hook `name`'s tensor with `source` (e.g. `cache[name]` from another run) at the selected tokens."""
+    """Replace hook `name`'s tensor with `source` (e.g. `cache[name]` from another run) at the selected tokens;
+    `name` is one exact hook name (a glob would write the same tensor into several points)."""
+    tokens = _tokens(tokens, "patch")
 
     def fn(x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+        if ctx.name != name:
+            raise HookError(f"patch: {name!r} is a pattern (it matched {ctx.name!r}); patch one hook name at a time")
         if source.shape != x.shape:
             raise ValueError(f"patch: source for {name!r} has shape {tuple(source.shape)}, the run has {tuple(x.shape)}")
         sel = _token_mask(tokens, ctx)
