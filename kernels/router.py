@@ -1,7 +1,7 @@
 """Fused router: score function, biased group-limited top-k and the routing weights in one pass.
 
 Semantics are those of `workbench.routing.select_experts` + `weigh_experts`, as `workbench.models.moe.Router`
-routes (docs/references.md, "routing, per family"): the correction bias only steers selection, dropped groups
+routes (docs/references.md, "Routing, per family"): the correction bias only steers selection, dropped groups
 are masked with -inf, ties go to the lower index, and the weights come from the unbiased scores.
 """
 

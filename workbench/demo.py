@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import publish
+from . import provenance
 
 # the embedded model and held-out corpus: a wheel's package data (pyproject maps data/ to workbench/_data), else
 # data/ of the source checkout (editable install, PYTHONPATH)
@@ -60,7 +60,7 @@ def heldout_texts(max_bytes: int) -> dict[str, bytes]:
     """The first `max_bytes` of each domain's held-out split (cut at a UTF-8 character boundary)."""
     texts = {}
     for path in sorted(CORPUS.glob("*.heldout.txt")):
-        data = publish.record_input(path).read_bytes()[:max_bytes]  # a published analysis's input
+        data = provenance.record_input(path).read_bytes()[:max_bytes]  # a published analysis's input
         texts[path.name.split(".")[0]] = data.decode("utf-8", errors="ignore").encode()
     return texts
 

@@ -15,13 +15,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed, publish
+from . import checkpoint, distributed, provenance, quant
 from .config import Config
 from .errors import CheckpointError
 from .models import family
 from .models.base import CausalLM, Split, Targets, map_tensor
 from .models.moe import MoE
-from . import quant
 from .tokenizer import TOKENIZER_FILES, load_tokenizer
 
 BACKENDS = ("auto", "torch", "grouped", "triton")
@@ -109,7 +108,7 @@ def load(
             module.backend = backend
     model.source, model.revision, model.commit = str(source), revision, commit
     model.checkpoint_dir, model.tokenizer = folder, tokenizer
-    publish.record_model(model, weights)  # only under `workbench publish` / `verify`: hashes for the manifest
+    provenance.record_model(model, weights)  # only under `workbench publish` / `verify`: hashes for the manifest
     return model
 
 

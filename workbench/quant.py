@@ -1,4 +1,5 @@
-"""Quantised weights as published, dequantised on load one tensor at a time (REFERENCES: checkpoint formats).
+"""Quantised weights as published, dequantised on load one tensor at a time (docs/references.md, "Quantised
+formats").
 
 - FP8 (DeepSeek V3/V3.2/V4, Kimi): e4m3 weight [out, in] with one multiplier per block (128 x 128 unless
   `weight_block_size` says otherwise; edge blocks padded): `X.weight_scale_inv` in HF names, `X.scale` in

@@ -1,5 +1,5 @@
 """Routing math shared by the MoE block (`workbench.models.moe`) and its fused kernel (`workbench.kernels.route`):
-router logits -> scores -> top-k expert ids -> routing weights (docs/references.md, "routing, per family")."""
+router logits -> scores -> top-k expert ids -> routing weights (docs/references.md, "Routing, per family")."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class RouterSpec:
-    """How a family turns router logits into expert ids and weights (docs/references.md, "routing, per family").
+    """How a family turns router logits into expert ids and weights (docs/references.md, "Routing, per family").
 
     score: "softmax" | "sigmoid" | "sqrtsoftplus" | "identity" (GPT-OSS selects on raw logits).
     group_score: how a group is ranked for group-limited routing: "top2sum" (V3) or "max" (V2).

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .. import publish
+from .. import provenance
 from ..schema import (DTYPES, INPUT_IDS, ROUTER_LOGITS, ROUTER_SCORES, ROUTER_TOPK_IDS, TOPK_IDS, hook_kind, layer_of,
                       layers_of, variables)
 from .scan import token_reader
@@ -64,7 +64,7 @@ def from_cache(cache: Mapping[str, Any], input_ids: ArrayLike, *, n_experts: int
     k = data[TOPK_IDS][1].shape[-1]
     ds = xr.Dataset(data, coords={"layer": np.asarray(layers_of(arrays), np.int64), "token": np.arange(n)},
                     attrs={"n_experts": int(n_experts), "k": int(k), "routed_layers": routed})
-    publish.record_dataset(ds)  # only under `workbench publish` / `verify`: the routing hash
+    provenance.record_dataset(ds)  # only under `workbench publish` / `verify`: the routing hash
     return ds
 
 

@@ -89,7 +89,7 @@ def tensor_bytes(d: dict) -> int:
 
 
 class CausalLM(nn.Module):
-    """A decoder-only language model with named hook points (vocabulary: docs/architecture.md, "hook points").
+    """A decoder-only language model with named hook points (vocabulary: docs/architecture.md, "Hook points").
 
     Families build it from their layers; `workbench.load` fills the weights and sets `source`,
     `revision`, `commit`, `config` and `tokenizer`.
@@ -195,13 +195,6 @@ class CausalLM(nn.Module):
         """
         patterns = [names] if isinstance(names, str) else list(names)
         return self.hooks([(p, _finite) for p in patterns])
-
-    def trace(self, tokens: Any, out: Any, **kwargs: Any) -> Any:
-        """Stream the routing (and hooks named in `names`) of one long sequence to a zarr store, chunk by chunk;
-        see `workbench.store.trace`."""
-        from ..store import trace
-
-        return trace(self, tokens, out, **kwargs)
 
     @torch.no_grad()
     def run_with_cache(

@@ -1,6 +1,6 @@
 """DeepSeek-V2 / V3 (V3.1, R1) and Kimi-K2: MLA attention, dense first layers, then shared + routed experts.
 
-Routing (docs/references.md, "routing, per family"): V3 `noaux_tc` selects on sigmoid + correction bias within
+Routing (docs/references.md, "Routing, per family"): V3 `noaux_tc` selects on sigmoid + correction bias within
 the best groups (group score = sum of its top-2); V2 softmax `greedy` or `group_limited_greedy` (group score =
 max).
 """

@@ -1,5 +1,5 @@
 """DeepSeek-V3.2 (DSA): V3's MLA and MoE, plus a lightning indexer that lets each query attend only to the
-`index_topk` earlier keys it scores highest (docs/references.md, "V3.2 indexer").
+`index_topk` earlier keys it scores highest (docs/references.md, "Attention").
 
 Indexer: per-head queries from the normed q latent, one shared key per token (LayerNorm with bias), rotate-half
 RoPE on the first `qk_rope_head_dim` channels of both (unlike MLA's interleaved layout); the score of key s

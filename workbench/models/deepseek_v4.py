@@ -1,5 +1,5 @@
 """DeepSeek-V4 (V4-Flash, V4-Pro): hyper-connected residual streams, sliding-window attention with pooled
-long-range entries (CSA / HCA), hash-routed and sqrtsoftplus-routed MoE (docs/references.md, "V4").
+long-range entries (CSA / HCA), hash-routed and sqrtsoftplus-routed MoE (docs/references.md, "Attention").
 
 - Residual: `hc_mult` streams [B, T, n, H]. Before each block a linear map of the RMS-normalised flattened
   streams gives three mixings: `pre` (sigmoid + eps) collapses the streams into the block input, `post`

@@ -6,8 +6,14 @@ store (crash safety), `tracing` runs the chunked forward and commits each chunk.
 """
 
 from ..errors import StoreError
+from ..models.base import CausalLM
 from ..schema import TRAILING_DIMS, trailing_dims
 from .disk import disk_bytes, open_store
 from .tracing import trace
+
+
+# Models sit below the store (docs/architecture.md), so the store gives them their `trace` method rather than
+# the model importing the store; `import workbench` runs this line before any model exists.
+CausalLM.trace = trace  # model.trace(tokens, out, ...) is trace(model, tokens, out, ...)
 
 __all__ = ["trace", "open_store", "disk_bytes", "StoreError", "TRAILING_DIMS", "trailing_dims"]

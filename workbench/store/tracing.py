@@ -28,13 +28,14 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from .. import distributed, hooks, publish
-from ..checkpoint import sha256
+from .. import distributed, hooks, provenance
+from ..checkpoint import sha256_many
 from ..errors import StoreError
 from ..models.base import CausalLM, State
 from ..schema import DTYPES, INPUT_IDS, ROUTING_HOOKS, TOPK_IDS, TOPK_WEIGHTS, hook_kind, layer_of
-from .disk import (FORMAT, check_format, crash_here, crash_point, disk_bytes, existing_attrs, io_errors, prepare,
-                   write_lock)
+from ..version import __version__
+from .disk import (FORMAT, check_format, crash_here, crash_point, disk_bytes, existing_attrs, io_errors, open_store,
+                   prepare, write_lock)
 from .layout import Layout, StoredVariable, lay_out
 
 
@@ -88,7 +89,8 @@ def trace(
             start = distributed.broadcast_int(start)
         _run(model, ids, out, root, layout, start, progress and writer, t0)
     if writer:
-        publish.record_store(out, seed)  # only under `workbench publish` / `verify`: the routing hash
+        if provenance.active():  # only under `workbench publish` / `verify`: the routing hash
+            provenance.record_dataset(open_store(out), seed=seed, path=out)
     return out
 
 
@@ -180,17 +182,10 @@ def _now() -> str:
 def _provenance(model: CausalLM, ids: np.ndarray, seed: int | None, names: list[str], layers: list[int] | None,
                 windows: list[tuple[int, int]] | None, chunk_tokens: int, layout: Layout, progress: bool) -> dict:
     """The root attrs of a new store, normalised to what JSON gives back."""
-    import workbench
-
     folder = getattr(model, "checkpoint_dir", None)
     files = sorted(Path(folder).glob("*.safetensors")) if folder else []
-    total = sum(f.stat().st_size for f in files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing weights",
-              disable=not progress or total < 2**30) as bar:
-        weights = {}
-        for f in files:  # the loader's digests, remembered per file: a checkpoint verified on load is not reread
-            weights[f.name] = sha256(f)
-            bar.update(f.stat().st_size)
+    # in parallel, a bar past 1 GiB; digests are remembered by file identity: a verified checkpoint is not reread
+    weights = {f.name: digest for f, digest in sha256_many(files, progress).items()}
     attrs = {
         "workbench_store": FORMAT,
         "source": model.source, "revision": model.revision, "commit": model.commit,
@@ -202,7 +197,7 @@ def _provenance(model: CausalLM, ids: np.ndarray, seed: int | None, names: list[
         "torch_threads": torch.get_num_threads(),
         "world_size": 1 if model.parallel is None else model.parallel.world,
         "backend": model.backend,
-        "workbench_version": workbench.__version__,
+        "workbench_version": __version__,
         "versions": _versions(),
         "seed": seed,
         "tokens_total": len(ids),
