@@ -299,3 +299,20 @@ def test_byte_fallback_roundtrip():
     ids = tok.encode("héllo {1}")
     assert ids[:2] == [104, 195] and max(ids) < 256
     assert tok.decode(ids) == "héllo {1}"
+
+
+@pytest.mark.parametrize("name", ["add_bos_token and add_eos_token, strings", "no flags: the post-processor decides"])
+def test_text_files_are_framed_once_not_per_block(bpe, tmp_path, monkeypatch, name):
+    """`workbench trace --text` reads a file in blocks; BOS/EOS frame the whole text as one encode call would."""
+    from workbench import cli
+
+    config, post = CONFIGS[name]
+    tok = load_tokenizer(write(tmp_path / "tok", bpe, config, post), 320)
+    text = "".join(f"{t}\n" for t in TEXTS * 40)
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(cli, "TEXT_BLOCK", 64)  # many blocks of whole lines
+    ids = cli.text_tokens(tok, tmp_path / "in.txt").tolist()
+    theirs = oracle(tmp_path / "tok")
+    assert ids == theirs.encode(text)
+    bos = theirs.bos_token_id  # the texts hold BOS as text too: one more than those, not one per block
+    assert ids[0] == bos and ids.count(bos) == theirs.encode(text, add_special_tokens=False).count(bos) + 1

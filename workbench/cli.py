@@ -43,7 +43,8 @@ TEXT_BLOCK = 1 << 20  # bytes read at a time from a --text file
 
 def text_tokens(tokenizer, path: Path) -> np.ndarray:
     """Token ids of a UTF-8 text file read in blocks: byte-exact for the byte tokenizer; other tokenizers
-    encode blocks of whole lines (they differ from one whole-file call only if a token would span a line end)."""
+    encode blocks of whole lines (they differ from one whole-file call only if a token would span a line end),
+    and the special tokens the checkpoint adds (BOS, EOS) frame the whole text once, not every block."""
     from workbench.tokenizer import ByteTokenizer
 
     parts = []
@@ -52,9 +53,18 @@ def text_tokens(tokenizer, path: Path) -> np.ndarray:
             while block := f.read(TEXT_BLOCK):
                 parts.append(np.frombuffer(block, np.uint8).astype(np.int64) + tokenizer.offset)
     else:
+        head: list[int] = []
+        tail: list[int] = []
         with open(path, encoding="utf-8") as f:
             while lines := f.readlines(TEXT_BLOCK):
-                parts.append(np.asarray(tokenizer.encode("".join(lines)), dtype=np.int64))
+                text = "".join(lines)
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                if not parts:  # what the checkpoint adds around a text: before and after its plain ids
+                    framed = tokenizer.encode(text)
+                    at = next(i for i in range(len(framed) - len(ids) + 1) if framed[i:i + len(ids)] == ids)
+                    head, tail = framed[:at], framed[at + len(ids):]
+                parts.append(np.asarray(ids, dtype=np.int64))
+        parts = [np.asarray(head, dtype=np.int64), *parts, np.asarray(tail, dtype=np.int64)]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 

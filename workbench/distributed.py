@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 import torch.distributed as dist
 
-from .errors import CheckpointError, HookError, InputError
+from .errors import CheckpointError, HookError, InputError, StoreError
 
 # the error another rank's failure is raised as here, by that failure's type name
 _OTHER_RANK = {"CheckpointError": CheckpointError, "InputError": InputError, "HookError": HookError,
-               "StoreError": ValueError, "ValueError": ValueError, "FileNotFoundError": FileNotFoundError}
+               "UnknownHookError": HookError, "StoreError": StoreError, "ValueError": ValueError,
+               "FileNotFoundError": FileNotFoundError}
 
 if TYPE_CHECKING:
     from .hooks import HookRegistry

@@ -21,7 +21,7 @@ from .errors import CheckpointError
 from .models import family
 from .models.base import CausalLM, Split, Targets, map_tensor
 from .models.moe import MoE
-from .tokenizer import TOKENIZER_FILES, load_tokenizer
+from .tokenizer import load_tokenizer
 
 BACKENDS = ("auto", "torch", "grouped", "triton")
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
@@ -80,7 +80,7 @@ def load(
         cfg, fam = _config(folder)
         tensors = checkpoint.weight_files(folder)
         weights = sorted({info.file for info in tensors.values()})
-        read = [folder / n for n in ("config.json", checkpoint.INDEX_FILE, *TOKENIZER_FILES) if (folder / n).is_file()]
+        read = [folder / n for n in checkpoint.LOADER_FILES if (folder / n).is_file()]
         expected = checkpoint.recorded_sha256(folder, read + weights, weights) if verify_hashes else {}
         if parallel:  # each file hashed once, by one rank
             expected = {f: v for i, (f, v) in enumerate(sorted(expected.items())) if i % world == rank}

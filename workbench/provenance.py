@@ -36,15 +36,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import sha256
+from .checkpoint import TOKENIZER_FILES, sha256
+from .schema import ROUTING_VARIABLES
 from .version import __version__
 
 LOG_ENV = "WORKBENCH_PUBLISH_LOG"
 PACKAGES = ("torch", "numpy", "xarray", "zarr", "dask", "numba", "plotly", "safetensors", "tokenizers",
             "huggingface_hub", "ipywidgets", "nbclient", "nbconvert", "papermill", "ipykernel")
 CONFIG_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-ROUTING_VARIABLES = ("input_ids", "topk_ids", "topk_weights")
+TOKENIZER_RECORDS = (*TOKENIZER_FILES, "special_tokens_map.json")
 HASH_BLOCK_TOKENS = 1 << 16  # tokens read at a time while hashing a routing trace
 
 _env_written: int | None = None  # pid that wrote its environment line
@@ -97,12 +97,12 @@ def record_model(model: Any, weight_files: Iterable[Path]) -> None:
     folder = Path(model.checkpoint_dir)
     weights = {relative(f, folder): sha256(Path(f)) for f in sorted(weight_files)}
     config = {n: sha256(folder / n) for n in CONFIG_FILES if (folder / n).is_file()}
-    tokenizer = {n: sha256(folder / n) for n in TOKENIZER_FILES if (folder / n).is_file()}
+    tokenizer = {n: sha256(folder / n) for n in TOKENIZER_RECORDS if (folder / n).is_file()}
     embed = getattr(model, "embed", None)
     weight = getattr(embed, "weight", None)
     record("model", source=str(model.source), revision=model.revision, commit=model.commit,
            folder=str(folder.resolve()), weights=weights, config=config, tokenizer=tokenizer,
-           config_sha256=hashlib.sha256(json.dumps(model.config.data, sort_keys=True).encode()).hexdigest(),
+           config_sha256=model.config.sha256(),
            dtype=None if weight is None else str(weight.dtype).removeprefix("torch."),
            device=None if weight is None else str(weight.device), backend=getattr(model, "backend", None))
 

@@ -18,13 +18,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import _read_json
+from .checkpoint import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, TOKENIZER_FILES, TOKENIZER_JSON, _read_json
 from .errors import CheckpointError, shorten
 
-TOKENIZER_JSON = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # newer checkpoints keep the chat template here; it takes precedence
-TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE)  # all read at load, so hashes cover them
 BYTE_VOCAB = 256  # a vocabulary of exactly the 256 byte values is taken as bytes when no tokenizer file says more
 
 
