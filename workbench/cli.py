@@ -141,9 +141,10 @@ def trace(args: argparse.Namespace) -> int:
 
 @user_errors
 def info(args: argparse.Namespace) -> int:
-    """Print a store's dims, variables, sizes, progress and provenance."""
+    """Print a store's dims, variables, sizes, progress and provenance; with --check, the damaged chunks
+    (exit code 1 if any)."""
     from workbench.schema import ROUTING_VARIABLES
-    from workbench.store import disk_bytes, open_store
+    from workbench.store import check, disk_bytes, open_store
 
     path = Path(args.store)
     ds = open_store(path)
@@ -172,7 +173,17 @@ def info(args: argparse.Namespace) -> int:
           + ", ".join(f"{k} {v}" for k, v in a["versions"].items()))
     for key in ("seed", "tokens_sha256", "names", "layers", "windows", "chunk_tokens", "created", "completed"):
         print(f"  {key:<18} {a.get(key)}")
-    return 0
+    if not args.check:
+        return 0
+    damage = check(path)
+    if not damage:
+        print(f"check      every chunk of the {a['committed_tokens']:,} committed tokens reads whole")
+        return 0
+    print(f"check      {len(damage)} damaged chunk(s): restore the store from a copy, or trace it again with "
+          "--overwrite")
+    for d in damage:
+        print(f"  {d}")
+    return 1
 
 
 @user_errors
@@ -292,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=trace)
     p = sub.add_parser("info", help="describe a store: dims, variables, sizes, progress, provenance")
     p.add_argument("store", help="zarr store directory written by `workbench trace`")
+    p.add_argument("--check", action="store_true",
+                   help="also read every chunk of every variable (checksums verified) and list the damaged ones "
+                        "with their token ranges; exit code 1 if any is damaged")
     p.set_defaults(func=info)
     p = sub.add_parser("plan", help="memory and disk reads per rank under expert parallelism, from the config alone",
                        description="Rank r of N holds routed experts [r*E//N, (r+1)*E//N) of every MoE layer; "

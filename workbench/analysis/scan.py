@@ -17,6 +17,7 @@ import xarray as xr
 import zarr
 
 from ..parallel import torch_threads
+from ..store.integrity import reading
 
 BLOCK_BYTES = 64 << 20  # uncompressed bytes of one scanned token block (all variables read together)
 
@@ -39,7 +40,8 @@ class Stored:
         def read(s: int, e: int) -> np.ndarray:
             sel = list(self.selection)
             sel[self.axis] = slice(t0 + s, t0 + e)
-            return array.get_orthogonal_selection(tuple(sel))
+            with reading(array, tuple(sel)):  # a damaged chunk: a StoreError naming it
+                return array.get_orthogonal_selection(tuple(sel))
 
         return read
 

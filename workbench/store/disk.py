@@ -1,11 +1,12 @@
-"""The store on disk: opening it, creating it, one writer's lock, format checks and I/O errors.
+"""The store on disk: opening it, creating it, one writer's lock, format checks, I/O errors and damage checks.
 
 Crash safety: zarr writes every file to a temporary name and renames it into place, so a file is either old
 or new, never torn. A trace chunk writes all its arrays first and the marker `committed_tokens` (root
 metadata) last; readers trim every variable to the marker, so a chunk whose marker was never written is
 invisible, and resume rewrites it. One writer at a time: it holds an exclusive flock on the store directory,
 which the OS releases when the writer dies. Covered: process death at any point (SIGKILL); not covered: power
-loss (nothing is fsynced).
+loss (nothing is fsynced; a chunk it tears fails its checksum). Damage (a chunk or zarr.json that cannot be
+read) raises a StoreError naming it, as `integrity` describes; resume first checks every committed chunk.
 
 Test hook: `WORKBENCH_TRACE_CRASH=CHUNK:POINT` makes the writer SIGKILL itself at POINT (`forward`, `write`,
 `marker` or `committed`) of trace chunk number CHUNK.
@@ -27,10 +28,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
 from ..errors import StoreError
 from ..schema import DTYPES, INPUT_IDS
+from .integrity import CODECS, REMEDY, Damage, damaged, damaged_metadata, getter, reading
 from .layout import Layout
 
 if TYPE_CHECKING:
@@ -45,19 +46,38 @@ IDENTITY = ("workbench_store", "weights_sha256", "config_sha256", "dtype", "toke
 
 def open_store(path: str | Path) -> xarray.Dataset:
     """The store at `path` as an xarray Dataset backed by dask (one task per stored chunk), trimmed to the
-    committed tokens, provenance in `ds.attrs`."""
+    committed tokens, provenance in `ds.attrs`. A chunk that cannot be read raises a StoreError naming it when
+    read (`.values`, `.compute()`)."""
     import xarray as xr
 
     path = Path(path).expanduser()
+    _readable_attrs(path)
+    with warnings.catch_warnings(), io_errors(path, "reading the store"), contextlib.ExitStack() as coordinates:
+        # temporaries a killed writer left behind, removed when it is resumed
+        warnings.filterwarnings("ignore", message=r"Object at .*\.partial is not recognized")
+        for name, z in zarr.open_group(path, mode="r").arrays():  # index coordinates are read here, not by dask
+            if tuple(z.metadata.dimension_names or ()) == (name,):
+                coordinates.enter_context(reading(z))
+        ds = xr.open_zarr(path, consolidated=False, chunks={}, from_array_kwargs={"getitem": getter})
+    return ds.isel(token=slice(0, ds.attrs["committed_tokens"])) if "token" in ds.dims else ds
+
+
+def check(path: str | Path, progress: bool = True) -> list[Damage]:
+    """Every chunk of the store at `path` that holds committed tokens and cannot be read (checksum mismatch,
+    undecodable, unreadable file): `workbench info --check`. Empty: the store reads whole."""
+    path = Path(path).expanduser()
+    attrs = _readable_attrs(path)
+    with io_errors(path, "checking the store"):
+        return damaged(zarr.open_group(path, mode="r"), attrs["committed_tokens"], progress)
+
+
+def _readable_attrs(path: Path) -> dict:
+    """Root attrs of the store at `path`, refusing what is not a store this workbench reads."""
     attrs = existing_attrs(path)
     if attrs is None:
         raise StoreError(f"{path}: no store here")
     check_format(path, attrs, "open it with a workbench version that reads it")
-    with warnings.catch_warnings(), io_errors(path, "reading the store"):
-        # temporaries a killed writer left behind, removed when it is resumed
-        warnings.filterwarnings("ignore", message=r"Object at .*\.partial is not recognized")
-        ds = xr.open_zarr(path, consolidated=False, chunks={})
-    return ds.isel(token=slice(0, ds.attrs["committed_tokens"])) if "token" in ds.dims else ds
+    return attrs
 
 
 def disk_bytes(path: str | Path) -> int:
@@ -65,8 +85,9 @@ def disk_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def existing_attrs(out: Path) -> dict | None:
-    """Root attrs of the store at `out`; None where there is nothing to keep. Refuses anything else."""
+def existing_attrs(out: Path, overwrite: bool = False) -> dict | None:
+    """Root attrs of the store at `out`; None where there is nothing to keep. Refuses anything else, and a store
+    whose metadata is damaged unless `overwrite` (then {}: nothing worth keeping)."""
     with io_errors(out, "reading the store"):
         if not out.exists():
             return None
@@ -74,6 +95,11 @@ def existing_attrs(out: Path) -> dict | None:
             raise StoreError(f"{out} exists and is not a directory")
         if all(p.name.endswith(".partial") for p in out.iterdir()):
             return None
+        damage = damaged_metadata(out)
+        if damage is not None:
+            if overwrite:
+                return {}
+            raise StoreError(damage)
         try:
             attrs = zarr.open_group(out, mode="r").attrs.asdict()
         except (FileNotFoundError, ValueError):
@@ -144,16 +170,16 @@ def _clear(out: Path) -> None:
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
-def prepare(out: Path, attrs: dict | None, prov: dict, layout: Layout, resume: bool,
-            overwrite: bool) -> tuple[zarr.Group, int]:
+def prepare(out: Path, attrs: dict | None, prov: dict, layout: Layout, resume: bool, overwrite: bool,
+            progress: bool = False) -> tuple[zarr.Group, int]:
     """Open the incomplete store with root `attrs` to resume it, or create it afresh; returns the root group
     and the first token to trace."""
     with io_errors(out, "preparing the store"):
-        return _open_or_create(out, attrs, prov, layout, resume, overwrite)
+        return _open_or_create(out, attrs, prov, layout, resume, overwrite, progress)
 
 
-def _open_or_create(out: Path, attrs: dict | None, prov: dict, layout: Layout, resume: bool,
-                    overwrite: bool) -> tuple[zarr.Group, int]:
+def _open_or_create(out: Path, attrs: dict | None, prov: dict, layout: Layout, resume: bool, overwrite: bool,
+                    progress: bool) -> tuple[zarr.Group, int]:
     if attrs is not None and not overwrite:
         committed = attrs.get("committed_tokens", 0)
         if committed > 0:
@@ -171,7 +197,14 @@ def _open_or_create(out: Path, attrs: dict | None, prov: dict, layout: Layout, r
                               "with; the result may differ from an uninterrupted run", stacklevel=3)
             for p in out.rglob("*.partial"):  # temporaries of a write the last writer did not finish
                 p.unlink()
-            return zarr.open_group(out, mode="r+"), committed
+            root = zarr.open_group(out, mode="r+")
+            # the committed prefix is kept as it is: a resumed store reads whole only if it does
+            damage = damaged(root, committed, progress)
+            if damage:
+                listed = "; ".join(map(str, damage[:3])) + (f"; and {len(damage) - 3} more" if len(damage) > 3 else "")
+                raise StoreError(f"{out} cannot be resumed: {len(damage)} chunk(s) of its committed tokens cannot be "
+                                 f"read ({listed}). {REMEDY}")
+            return root, committed
     _clear(out)
     return _create(out, prov, layout), 0
 
@@ -179,16 +212,16 @@ def _open_or_create(out: Path, attrs: dict | None, prov: dict, layout: Layout, r
 def _create(out: Path, prov: dict, layout: Layout) -> zarr.Group:
     """A new store with every array laid out and nothing committed."""
     root = zarr.create_group(out, zarr_format=3, attributes=prov)
-    codec = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
     n = prov["tokens_total"]
     if layout.layers:
-        root.create_array("layer", data=np.asarray(layout.layers, dtype=np.int64), dimension_names=("layer",))
+        root.create_array("layer", data=np.asarray(layout.layers, dtype=np.int64), compressors=CODECS,
+                          dimension_names=("layer",))
     for name, dtype in (("token", np.dtype(np.int64)), (INPUT_IDS, DTYPES[INPUT_IDS])):
         root.create_array(name, shape=(n,), chunks=(layout.token_chunk,), dtype=dtype, fill_value=-1,
-                          compressors=codec, dimension_names=("token",))
+                          compressors=CODECS, dimension_names=("token",))
     for v in layout.variables:
         root.create_array(v.name, shape=v.shape, chunks=v.chunks, dtype=v.dtype, fill_value=v.fill,
-                          compressors=codec, dimension_names=v.dims, attributes={"hook": v.hook})
+                          compressors=CODECS, dimension_names=v.dims, attributes={"hook": v.hook})
     return root
 
 

@@ -6,7 +6,8 @@ and fill values are `workbench.schema`'s.
 - Root attrs: provenance (source, revision, commit, sha256 of every weight file, config hash, versions, seed,
   chunking, names), the progress marker `committed_tokens`, `complete`, and the last run's `summary`.
 - Chunks: one layer by up to `chunk_tokens` tokens (fewer where a row is wide, about 1 MiB uncompressed),
-  compressed with blosc zstd over byte-shuffled values: one write per trace chunk, cheap reads of a token range.
+  compressed with blosc zstd over byte-shuffled values, then checksummed (crc32c, `integrity.CODECS`): one write
+  per trace chunk, cheap reads of a token range.
 """
 
 from __future__ import annotations

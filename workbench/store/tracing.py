@@ -56,9 +56,9 @@ def trace(
     """Run `tokens` (one sequence) through `model` chunk by chunk and stream routing, plus the hooks named
     by glob in `names` (restricted to `layers` and token `windows`), to the zarr store `out`.
 
-    An incomplete store at `out` from the same model, tokens and arguments is resumed (resume=True); a
-    complete one is refused unless overwrite=True. `seed` is recorded as the seed that made `tokens`.
-    The run's summary lands in the store's attrs (`open_store(out).attrs["summary"]`).
+    An incomplete store at `out` from the same model, tokens and arguments is resumed (resume=True) once its
+    committed chunks read whole; a complete one is refused unless overwrite=True. `seed` is recorded as the
+    seed that made `tokens`. The run's summary lands in the store's attrs (`open_store(out).attrs["summary"]`).
     """
     t0 = time.perf_counter()
     parallel = model.parallel is not None
@@ -74,9 +74,9 @@ def trace(
             out = Path(out).expanduser()
             root, start = None, 0
             if writer:
-                existing_attrs(out)  # refuse a path that holds something else before creating anything there
+                existing_attrs(out, overwrite)  # refuse a path that holds something else before creating anything
                 stack.enter_context(write_lock(out))
-                attrs = existing_attrs(out)
+                attrs = existing_attrs(out, overwrite)
                 if attrs is not None and not overwrite:
                     check_format(out, attrs, "pass overwrite=True (CLI: --overwrite) to replace it, or write "
                                  "elsewhere")
@@ -84,7 +84,7 @@ def trace(
                     raise StoreError(f"{out} already holds a complete trace; pass overwrite=True (CLI: "
                                      "--overwrite) to replace it")
                 prov = _provenance(model, ids, seed, patterns, layers, windows, chunk_tokens, layout, progress)
-                root, start = prepare(out, attrs, prov, layout, resume, overwrite)
+                root, start = prepare(out, attrs, prov, layout, resume, overwrite, progress)
         if parallel:
             start = distributed.broadcast_int(start)
         _run(model, ids, out, root, layout, start, progress and writer, t0)
