@@ -50,8 +50,8 @@ class BlockFP8Linear(nn.Module):
         self.in_features, self.out_features, self.block = shape[1], shape[0], block
         self.weight = nn.Parameter(torch.empty(shape, dtype=quant.FP8, device=linear.weight.device),
                                    requires_grad=False)
-        self.weight_scale = nn.Parameter(torch.empty(quant.fp8_scale_shape(shape, block), device=linear.weight.device),
-                                         requires_grad=False)
+        scale = torch.empty(quant.fp8_scale_shape(shape, block), dtype=torch.float32, device=linear.weight.device)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
         self.bias = linear.bias
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
@@ -63,7 +63,8 @@ class BlockFP8Linear(nn.Module):
         if x.is_cuda:
             from ..kernels import block_fp8_linear
 
-            y = block_fp8_linear(x, self.weight, self.weight_scale, self.block)
+            y = block_fp8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale, self.block)
+            y = y.view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantized(x.dtype), self.bias)
 
