@@ -1,5 +1,6 @@
-"""Quantised checkpoints load by dequantising each tensor on the fly: FP8 e4m3 with block scales (DeepSeek V3,
-V3.2: `weight_scale_inv`; V4: ue8m0 `.scale`) and V4's FP4-packed routed experts."""
+"""Quantised checkpoints load, kept as stored or (`dequantize=True`) dequantised one tensor at a time: FP8 e4m3
+with block scales (DeepSeek V3, V3.2: `weight_scale_inv`; V4: ue8m0 `.scale`) and V4's FP4-packed routed experts.
+tests/test_quantised.py compares the two ways of holding them."""
 
 import json
 import re
@@ -80,7 +81,7 @@ def test_fp8_equals_dequantise_then_run(fp8_pair):
 def test_dequantisation_is_close_to_the_original(fp8_pair):
     """The block scale is a multiplier: dequantised weights stay within e4m3 precision of the originals."""
     fp8, _, original = fp8_pair
-    model = wb.load(fp8)
+    model = wb.load(fp8, dequantize=True)
     w = model.layers["1"].ffn.experts.gate_proj[3]
     ref = original["model.layers.1.mlp.experts.3.gate_proj.weight"]
     assert not torch.equal(w, ref)
@@ -183,7 +184,7 @@ def v4_quantised(tmp_path_factory):
 def test_v4_fp8_fp4_equals_dequantise_then_run(v4_quantised):
     q, ref, original = v4_quantised
     ids = input_ids(V4_VOCAB)
-    model = wb.load(q)
+    model = wb.load(q, dequantize=True)
     a, cache_a = model.run_with_cache(ids, names=["layers.*.router.topk_ids"])
     b, cache_b = wb.load(ref).run_with_cache(ids, names=["layers.*.router.topk_ids"])
     assert torch.equal(a, b) and all(torch.equal(cache_a[n], cache_b[n]) for n in cache_a)

@@ -1,4 +1,5 @@
-"""GPT-OSS parity with the transformers oracle, the per-expert hooks, and refusal of MXFP4 experts."""
+"""GPT-OSS parity with the transformers oracle, the per-expert hooks, and refusal of malformed MXFP4 experts (MXFP4
+checkpoints as published: tests/test_quantised.py)."""
 
 import json
 
@@ -54,6 +55,7 @@ def test_expert_hooks_match_hand_computation(tmp_path):
 
 
 def test_mxfp4_experts_are_refused(tmp_path):
+    """MXFP4 blocks need quant_method "mxfp4" in the config, and blocks that do not fit the config are refused."""
     make_checkpoint(config(), tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     fused = weights.pop("model.layers.0.mlp.experts.gate_up_proj")

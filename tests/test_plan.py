@@ -63,7 +63,7 @@ def published_tensors(c: dict) -> list[tuple[int, tuple[int, int], str]]:
     ]
 
 
-MEMORY = {BF16: 2, F32: 4, I64: 8, FP8: 2, FP4: 2}  # bytes per value once loaded in bf16
+MEMORY = {BF16: 2, F32: 4, I64: 8, FP8: 2, FP4: 2}  # bytes per value once loaded in bf16, dequantised
 
 
 def disk_bytes(shape: tuple[int, ...], stored: str) -> int:
@@ -75,7 +75,17 @@ def disk_bytes(shape: tuple[int, ...], stored: str) -> int:
     return n * {BF16: 2, F32: 4, I64: 8}[stored]
 
 
-def hand(c: dict, world_size: int) -> dict[str, int]:
+def held_bytes(shape: tuple[int, ...], stored: str, kept: bool) -> int:
+    """Bytes in memory: kept quantised, FP8 codes with an fp32 scale per 128x128 block and FP4 as on disk (two
+    values per byte, a one-byte exponent per 32 inputs); dequantised, MEMORY per value."""
+    if kept and stored == FP8:
+        return math.prod(shape) + math.ceil(shape[0] / 128) * math.ceil(shape[1] / 128) * 4
+    if kept and stored == FP4:
+        return disk_bytes(shape, FP4)
+    return math.prod(shape) * MEMORY[stored]
+
+
+def hand(c: dict, world_size: int, kept: bool = False) -> dict[str, int]:
     """Every figure of a plan, by hand from the tensor list: experts are the last two rows."""
     tensors = published_tensors(c)
     rest, experts = tensors[:-2], tensors[-2:]
@@ -88,8 +98,8 @@ def hand(c: dict, world_size: int) -> dict[str, int]:
     return dict(
         params=replicated + per_expert * E * L, replicated_params=replicated, active=replicated + k * per_expert * L,
         experts_per_rank=most,
-        memory_replicated=sum(n * math.prod(s) * MEMORY[t] for n, s, t in rest),
-        memory_experts=most * L * per_expert * 2,
+        memory_replicated=sum(n * held_bytes(s, t, kept) for n, s, t in rest),
+        memory_experts=most * L * (2 * held_bytes((I, H), FP4, kept) + held_bytes((H, I), FP4, kept)),
         disk_replicated=sum(n * disk_bytes(s, t) for n, s, t in rest),
         disk_experts=most * L * (2 * disk_bytes((I, H), FP4) + disk_bytes((H, I), FP4)),
     )
@@ -104,33 +114,37 @@ def split_tensors(c: dict) -> list[tuple[int, tuple[int, ...], str, int]]:
             (L, (H, g * o), FP8, 1)]
 
 
-def hand_tp(c: dict, world_size: int, group: int) -> dict[str, int]:
+def hand_tp(c: dict, world_size: int, group: int, kept: bool = False) -> dict[str, int]:
     """`hand` at `world_size` ranks with the heads split over groups of `group` ranks: each rank holds 1/T of the
-    split tensors in memory; it reads the FP8 ones whole (with their scales) and 1/T of the sinks."""
-    want = hand(c, world_size)
+    split tensors in memory (kept, the cuts fall on block edges); it reads the FP8 ones whole (with their scales)
+    and 1/T of the sinks."""
+    want = hand(c, world_size, kept)
     rows = published_tensors(c)
     split = split_tensors(c)
     assert all((n, s, t) in rows for n, s, t, _ in split)
     cut = [(n, (*s[:d], s[d] // group, *s[d + 1:]), s, t) for n, s, t, d in split]
+    assert all(s[d] // group % 128 == 0 for _, s, t, d in split if t == FP8)  # each rank's part: whole blocks
     params = sum(n * math.prod(s) for n, s, _, _ in split)
-    memory = sum(n * math.prod(s) * MEMORY[t] for n, s, t, _ in split)
+    memory = sum(n * held_bytes(s, t, kept) for n, s, t, _ in split)
     disk = sum(n * disk_bytes(s, t) for n, s, t, _ in split)
     return {**want, "replicated_params": want["replicated_params"] - params,
             "memory_replicated": want["memory_replicated"] - memory, "disk_replicated": want["disk_replicated"] - disk,
-            "memory_heads": sum(n * math.prod(part) * MEMORY[t] for n, part, _, t in cut),
+            "memory_heads": sum(n * held_bytes(part, t, kept) for n, part, _, t in cut),
             "disk_heads": sum(n * disk_bytes(whole if t == FP8 else part, t) for n, part, whole, t in cut),
             "split_params": params, "split_params_per_rank": params // group}
 
 
 @pytest.fixture(scope="module")
 def censuses():
-    return {path: census(path) for path in (FLASH, PRO)}
+    """census(path) with memory dequantised to bf16, as `hand` counts it."""
+    return {path: census(path, dequantize=True) for path in (FLASH, PRO)}
 
 
 @pytest.fixture(scope="module")
 def tp_census():
-    """census(path, tensor_parallel=T), built once per model and group size."""
-    return functools.cache(lambda path, group: census(path, tensor_parallel=group))
+    """census(path, tensor_parallel=T, dequantize=...), built once per model, group size and way of holding."""
+    return functools.cache(lambda path, group, dequantize=True: census(path, tensor_parallel=group,
+                                                                        dequantize=dequantize))
 
 
 def flash_with_experts(folder: Path, experts: int) -> Path:
@@ -189,6 +203,28 @@ def test_tensor_parallel_figures_equal_hand_computation(tp_census, censuses, pat
     assert ep.disk.total - p.disk.total == sinks - sinks // group
 
 
+@pytest.mark.parametrize("path, world_size, group", [(FLASH, 1, 1), (FLASH, 7, 1), (FLASH, 16, 8), (PRO, 64, 1),
+                                                     (PRO, 32, 8), (PRO, 64, 16)],
+                         ids=["flash-1", "flash-7", "flash-16-8", "pro-64", "pro-32-8", "pro-64-16"])
+def test_kept_figures_equal_hand_computation(tp_census, path, world_size, group):
+    """Quantised weights kept as stored (the loader's default): FP8 codes with fp32 block scales, FP4 as on disk.
+    Memory is then about the bytes read: the FP8 scales take four bytes instead of one."""
+    c = json.loads(path.read_text())
+    want = hand_tp(c, world_size, group, kept=True) if group > 1 else hand(c, world_size, kept=True)
+    p = tp_census(path, group, False).at(world_size)
+    assert not p.dequantized and tp_census(path, group).at(world_size).dequantized
+    got = dict(params=p.params, replicated_params=p.replicated_params, active=p.active,
+               experts_per_rank=p.experts_per_rank, memory_replicated=p.memory.replicated,
+               memory_experts=p.memory.experts, disk_replicated=p.disk.replicated, disk_experts=p.disk.experts)
+    if group > 1:
+        got.update(memory_heads=p.memory.heads, disk_heads=p.disk.heads, split_params=p.split_params,
+                   split_params_per_rank=p.split_params_per_rank)
+    assert got == want
+    assert p.memory.experts == p.disk.experts
+    if group == 1:
+        assert p.disk.total < p.memory.total < 1.001 * p.disk.total
+
+
 def test_tensor_parallel_group_sizes(tp_census, censuses, tmp_path):
     """Heads (64, 128) and o_groups (8, 16) must be divisible by T: Flash splits over groups of at most 8 ranks,
     Pro 16. T must divide N, and the search for the smallest world size that fits tries multiples of T."""
@@ -218,24 +254,32 @@ def test_tensor_parallel_group_sizes(tp_census, censuses, tmp_path):
     assert censuses[FLASH].smallest_world_size(100 * GiB) == 7 and flash.smallest_world_size(100 * GiB) == 8
 
 
-README_FIGURES = {  # (model, N, T) -> GiB per rank in memory (bf16) and read from disk, as the README lists them
-    (FLASH, 8, 1): (78.19, 25.37), (FLASH, 8, 8): (71.14, 25.37),
-    (FLASH, 16, 1): (45.94, 16.80), (FLASH, 16, 8): (38.89, 16.80),
-    (PRO, 16, 1): (228.00, 74.57), (PRO, 16, 16): (197.62, 74.57),
-    (PRO, 32, 1): (137.93, 50.65), (PRO, 32, 8): (109.58, 50.65), (PRO, 32, 16): (107.55, 50.65),
-    (PRO, 64, 1): (92.90, 38.69), (PRO, 64, 16): (62.52, 38.69),
+README_FIGURES = {  # (model, N, T) -> GiB per rank in memory kept as stored, dequantised (bf16) and read from disk,
+    # as the README lists them
+    (FLASH, 8, 1): (25.37, 78.19, 25.37), (FLASH, 8, 8): (21.84, 71.14, 25.37),
+    (FLASH, 16, 1): (16.81, 45.94, 16.80), (FLASH, 16, 8): (13.28, 38.89, 16.80),
+    (PRO, 16, 1): (74.58, 228.00, 74.57), (PRO, 16, 16): (59.38, 197.62, 74.57),
+    (PRO, 32, 1): (50.65, 137.93, 50.65), (PRO, 32, 8): (36.47, 109.58, 50.65), (PRO, 32, 16): (35.46, 107.55, 50.65),
+    (PRO, 64, 1): (38.69, 92.90, 38.69), (PRO, 64, 16): (23.50, 62.52, 38.69),
 }
-README_FITS = {  # (model, T) -> smallest world size within 80 and 141 GiB per rank
+README_FITS = {  # (model, T) -> smallest world size within 80 and 141 GiB per rank, dequantised, parameters only
     (FLASH, 1): (8, 5), (FLASH, 8): (8, 8), (PRO, 1): (96, 32), (PRO, 8): (48, 24), (PRO, 16): (48, 32),
+}
+README_FITS_1M = {  # (model, T) -> smallest world size within 80 and 141 GiB per rank, kept, with a 1M-token context
+    (FLASH, 1): (3, 2), (FLASH, 8): (8, 8), (PRO, 1): (18, 8), (PRO, 8): (16, 8),
 }
 
 
 def test_readme_figures(tp_census):
     for (path, world_size, group), want in README_FIGURES.items():
-        p = tp_census(path, group).at(world_size)
-        assert (round(p.memory.total / GiB, 2), round(p.disk.total / GiB, 2)) == want
+        kept, deq = tp_census(path, group, False).at(world_size), tp_census(path, group).at(world_size)
+        assert (round(kept.memory.total / GiB, 2), round(deq.memory.total / GiB, 2), round(deq.disk.total / GiB, 2)) \
+            == want
+        assert kept.disk == deq.disk
     for (path, group), want in README_FITS.items():
         assert tuple(tp_census(path, group).smallest_world_size(b * GiB) for b in (80, 141)) == want
+    for (path, group), want in README_FITS_1M.items():
+        assert tuple(tp_census(path, group, False).smallest_world_size(b * GiB, 10**6) for b in (80, 141)) == want
 
 
 # bytes of the published V4-Pro checkpoint's `mtp.0.*` tensors (summed from its headers), which we skip
@@ -252,10 +296,10 @@ def test_totals_near_the_published_sizes(censuses):
 
 
 def test_plan_function_and_dtypes(tmp_path):
-    p = plan(FLASH, 16, dtype="fp32")
+    p = plan(FLASH, 16, dtype="fp32", dequantize=True)
     want = hand(json.loads(FLASH.read_text()), 16)
     assert p.memory.experts == 2 * want["memory_experts"] and p.disk == plan(FLASH, 16).disk
-    assert plan(FLASH, 16, dtype=torch.bfloat16).memory.experts == want["memory_experts"]
+    assert plan(FLASH, 16, dtype=torch.bfloat16, dequantize=True).memory.experts == want["memory_experts"]
     with pytest.raises(ValueError, match="dtype 'int8' is not one of"):
         plan(FLASH, 16, dtype="int8")
     c = json.loads(FLASH.read_text())
@@ -339,13 +383,13 @@ def test_tensor_parallel_equals_the_loaders_ranks(v4_quantised, which):  # noqa:
     folder = v4_quantised[which]
     for dtype in (torch.bfloat16, torch.float32):
         for world_size, group in ((2, 1), (2, 2), (4, 2), (6, 2)):
-            c = census(folder, dtype=dtype, tensor_parallel=group)
+            c = census(folder, dtype=dtype, tensor_parallel=group, dequantize=True)
             assert c.world_sizes == list(range(group, 7, group))
             p = c.at(world_size)
             memory, read = [], []
             for rank in range(world_size):
                 with as_rank(rank, world_size):
-                    model = wb.load(folder, dtype=dtype, tensor_parallel=group)
+                    model = wb.load(folder, dtype=dtype, tensor_parallel=group, dequantize=True)
                 assert model.layers["0"].attn.heads == 4 // group
                 memory.append(sum(t.numel() * t.element_size() for t in model.parameters()))
                 read.append(model.load_report["bytes_read"])
@@ -354,14 +398,15 @@ def test_tensor_parallel_equals_the_loaders_ranks(v4_quantised, which):  # noqa:
             whole, sinks = c.split.disk, 4 * 4 * 4  # 4 layers of 4 fp32 sinks
             assert whole - p.disk.heads == (whole - whole // group if which else sinks - sinks // group)
             if group > 1:
-                assert p.memory.total < census(folder, dtype=dtype).at(world_size).memory.total
+                assert p.memory.total < census(folder, dtype=dtype, dequantize=True).at(world_size).memory.total
     with pytest.raises(ValueError, match=r"over 4 ranks needs heads \(4\) and o_groups \(2\) divisible by 4; this "
                                          r"model's heads split over groups of 1, 2 ranks$"):
         census(folder, tensor_parallel=4)
 
 
-def run_cli(*args: str, capsys) -> tuple[int, str, str]:
-    rc = main(["plan", *map(str, args)])
+def run_cli(*args: str, capsys, dequantize: bool = True) -> tuple[int, str, str]:
+    """`workbench plan ARGS`, by default with --dequantize (memory as the hand computations count it)."""
+    rc = main(["plan", *map(str, args), *(["--dequantize"] if dequantize else [])])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -384,6 +429,20 @@ def test_cli_table_shows_the_figures(capsys):
     assert f"{want['params'] / 1e9:,.2f} B parameters, {want['active'] / 1e9:,.2f} B active" in out
     assert "rank r holds experts [r*384//32, (r+1)*384//32) of every MoE layer, at most 12" in out
     assert "FP8 e4m3 linears with ue8m0 scales per 128x128 block" in out and "FP4 e2m1" in out
+
+
+def test_cli_kept_figures(capsys):
+    """Without --dequantize, memory counts quantised weights as the loader keeps them."""
+    c = json.loads(PRO.read_text())
+    want = hand(c, 32, kept=True)
+    rc, out, _ = run_cli(PRO, "--world-size", 32, capsys=capsys, dequantize=False)
+    assert rc == 0
+    memory = re.search(r"^in memory, as loaded \(bfloat16, quantised kept\)\s+(\S+)\s+(\S+)\s+-\s+(\S+)$", out, re.M)
+    assert memory.groups() == (gib(want["memory_replicated"]), gib(want["memory_experts"]),
+                               gib(want["memory_replicated"] + want["memory_experts"]))
+    assert "--dequantize counts them dequantised to bfloat16" in out
+    rc, out, _ = run_cli(PRO, "--context", 10**6, "--gpu-memory", 141, capsys=capsys, dequantize=False)
+    assert rc == 0 and "from world size 8 (131.61 GiB per rank)" in out
 
 
 def test_cli_context_and_gpu_memory(censuses, capsys):

@@ -115,7 +115,7 @@ def trace(args: argparse.Namespace) -> int:
         dtype = None if args.dtype is None else getattr(torch, args.dtype)
         device = f"cuda:{torch.cuda.current_device()}" if world > 1 and torch.cuda.is_available() else None
         model = wb.load(args.model, backend=args.backend, dtype=dtype, device=device,
-                        tensor_parallel=args.tensor_parallel)
+                        tensor_parallel=args.tensor_parallel, dequantize=args.dequantize)
         tokens, seed = _tokens(args, model)
         try:
             out = run_trace(model, tokens, args.out, names=args.names, chunk_tokens=args.chunk_tokens,
@@ -195,7 +195,7 @@ def plan(args: argparse.Namespace) -> int:
         raise ValueError("give --world-size N, or --gpu-memory GiB to find the smallest world size that fits")
     if args.gpu_memory is not None and not args.gpu_memory > 0:
         raise ValueError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory}")
-    c = census(args.model, dtype=args.dtype, tensor_parallel=args.tensor_parallel)
+    c = census(args.model, dtype=args.dtype, tensor_parallel=args.tensor_parallel, dequantize=args.dequantize)
     budget = None if args.gpu_memory is None else int(args.gpu_memory * GiB)
     world_size = args.world_size
     if world_size is None:
@@ -297,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="compute dtype (default: the checkpoint's; float32 is the fastest on CPUs without bf16 units)")
     p.add_argument("--backend", default="auto", help="model backend (see workbench.load)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete or different store at --out")
+    p.add_argument("--dequantize", action="store_true",
+                   help="dequantise FP8/FP4 weights on load to --dtype (default: kept as stored, dequantised as they "
+                        "run)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="T",
                    help="under torchrun, also split attention heads over groups of T ranks, e.g. the GPUs of one "
                         "node (DeepSeek-V4)")
@@ -311,11 +314,13 @@ def main(argv: list[str] | None = None) -> int:
                        description="Rank r of N holds routed experts [r*E//N, (r+1)*E//N) of every MoE layer; "
                                    "everything else is replicated (with --tensor-parallel T, attention heads are "
                                    "split over groups of T consecutive ranks). Memory counts parameters as loaded "
-                                   "(dequantised to --dtype); disk counts the bytes each rank reads from the "
-                                   "checkpoint as its quantization_config stores it.")
+                                   "(quantised weights kept as stored, unless --dequantize); disk counts the bytes "
+                                   "each rank reads from the checkpoint as its quantization_config stores it.")
     p.add_argument("model", help="checkpoint folder, config.json file, or hub repo id (only config.json is fetched)")
     p.add_argument("--world-size", type=int, metavar="N", help="ranks (default with --gpu-memory: the fewest that fit)")
     p.add_argument("--dtype", help="dtype of the loaded parameters: bf16, fp16 or fp32 (default: the config's)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="count quantised weights dequantised to --dtype, as `trace --dequantize` holds them")
     p.add_argument("--context", type=int, metavar="TOKENS", help="add one sequence's attention state for TOKENS tokens")
     p.add_argument("--gpu-memory", type=float, metavar="GiB",
                    help="memory per rank: report the smallest world size whose per-rank total fits")

@@ -13,6 +13,7 @@ from types import ModuleType
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed, provenance, quant
@@ -20,7 +21,8 @@ from .config import Config
 from .errors import CheckpointError
 from .models import family
 from .models.base import CausalLM, Split, Targets, map_tensor
-from .models.moe import MoE
+from .models.layers import BlockFP8Linear
+from .models.moe import Experts, MoE
 from .tokenizer import load_tokenizer
 
 BACKENDS = ("auto", "torch", "grouped", "triton")
@@ -28,7 +30,8 @@ FLOAT_DTYPES = {"F32", "F16", "BF16"}
 QUANT_SUFFIXES = ("_blocks", "_scales", "weight_scale_inv", ".scale")
 QUANT_MESSAGE = ("quantised weights of this kind are not supported yet (FP8 loads as e4m3 weights with block "
                  "scales `weight_scale_inv` or `scale` under quantization_config.quant_method 'fp8', FP4 experts "
-                 "with expert_dtype 'fp4'; MXFP4 not at all)")
+                 "with expert_dtype 'fp4', MXFP4 experts as `_blocks` with their `_scales` under quant_method "
+                 "'mxfp4')")
 # kept fp32 whatever the model dtype: selection-only biases, and V4's sinks, pooling biases and stream mixings
 KEEP_FP32 = re.compile(r".*(correction_bias|attn_sink|\.ape|hc_\w+\.(fn|base|scale))")
 INT_DTYPES = {"I64", "I32", "I16", "I8", "U8"}
@@ -46,6 +49,7 @@ def load(
     verify_hashes: bool = True,
     expert_parallel: bool | None = None,
     tensor_parallel: int = 1,
+    dequantize: bool = False,
 ) -> CausalLM:
     """Load a Hugging Face MoE (or dense) checkpoint from a local folder or a hub repo id.
 
@@ -62,6 +66,11 @@ def load(
     rank each, and a failure on any rank is raised on every rank. `tensor_parallel=T` also splits attention
     heads over groups of T consecutive ranks (T dividing the world size, e.g. the GPUs of one node) where the
     family supports it (DeepSeek-V4). `model.load_report` says what was read.
+
+    Quantised weights stay as stored (docs/references.md, "Quantised formats"): FP8 linears become
+    `BlockFP8Linear` modules and quantised routed experts hold codes and scales (`workbench.quant`'s layout),
+    dequantised one expert at a time as they run, so memory is about what the checkpoint stores.
+    `dequantize=True` dequantises every weight on load into `dtype` instead.
     """
     backend = _backend(backend, device)
     rank, world = distributed.rank_and_world()
@@ -95,6 +104,8 @@ def load(
                     p.data = p.data.to(torch.float32 if KEEP_FP32.fullmatch(name) else dtype)
             scheme = quant.scheme(cfg)
             plan, expert_bytes = _plan(model, tensors, fam.rules(cfg), scheme, shards, heads)
+            if scheme is not None and not dequantize:
+                _hold_quantised(model, tensors, plan, scheme, heads)
             tokenizer = load_tokenizer(folder, model.vocab_size)  # a bad tokenizer file raises CheckpointError
             model.to_empty(device=device or "cpu")
             model.tie_weights()
@@ -213,7 +224,7 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, sch
     filled: dict[str, set] = defaultdict(set)
     plan: LoadPlan = {}
     expert_bytes = 0
-    paired = {quant.scale_of(n, tensors) for n, i in tensors.items() if _quant_kind(i.dtype, scheme)} - {None}
+    paired = {quant.scale_of(n, tensors) for n, i in tensors.items() if _quant_kind(n, i.dtype, scheme)} - {None}
     for name, info in tensors.items():
         where = dict(file=str(info.file), tensor=name)
         mapped = map_tensor(rules, name)
@@ -222,18 +233,20 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, sch
             continue  # deliberately skipped (e.g. MTP layers), or a tied head saved beside the embedding
         if name in paired:
             continue  # read with its weight
-        kind = _quant_kind(info.dtype, scheme)
+        kind = _quant_kind(name, info.dtype, scheme)
         scale = quant.scale_of(name, tensors) if kind else None
         shape = list(info.shape)
+        stored = f"shape {shape}"
         if scale:
-            if kind == "fp4" and len(shape) == 2:
-                shape[1] *= 2  # two values per byte
+            shape = list(quant.weight_shape(shape, kind))
+            stored = f"{kind.upper()} {stored} (of {shape})" if shape != list(info.shape) else stored
             s = tensors[scale]
-            want = quant.fp8_scale_shape(shape, scheme.block) if kind == "fp8" else quant.fp4_scale_shape(shape)
-            if len(shape) != 2 or tuple(s.shape) != want or s.dtype not in quant.SCALE_DTYPES:
-                grid = f"blocks {list(scheme.block)}" if kind == "fp8" else f"groups of {quant.FP4_GROUP} inputs"
+            grid = scheme.block if kind == "fp8" else quant.FP4_BLOCK
+            dtypes = {"U8"} if kind == "mxfp4" else quant.SCALE_DTYPES
+            if len(shape) < 2 or tuple(s.shape) != quant.fp8_scale_shape(shape, grid) or s.dtype not in dtypes:
+                what = f"blocks {list(scheme.block)}" if kind == "fp8" else f"groups of {quant.FP4_GROUP} inputs"
                 raise CheckpointError(f"{kind.upper()} scale {s.dtype}{list(s.shape)} does not fit weight {shape} "
-                                      f"with {grid}", file=str(s.file), tensor=scale)
+                                      f"with {what}", file=str(s.file), tensor=scale)
         elif info.dtype.startswith("F8") or name.endswith(QUANT_SUFFIXES):
             raise CheckpointError(QUANT_MESSAGE, **where)
         if targets is None or any(t not in params for t, _ in targets):
@@ -248,7 +261,7 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, sch
         try:
             pieces = split(torch.empty(shape, device="meta")) if split else (torch.empty(shape, device="meta"),)
         except (RuntimeError, ValueError):
-            raise CheckpointError(f"shape {list(info.shape)} is not a valid tensor shape here", **where) from None
+            raise CheckpointError(f"{stored} is not a valid tensor shape here", **where) from None
         cut = None
         for (target, slot), piece in zip(targets, pieces, strict=True):
             p = params[target]
@@ -261,8 +274,8 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, sch
             if slot is not None and slot >= full:
                 raise CheckpointError(f"expert {slot} is out of range (config has {full})", **where)
             if tuple(piece.shape) != tuple(want):
-                raise CheckpointError(f"shape {list(info.shape)} does not match the config "
-                                      f"(expects {list(want)} for {target})", **where)
+                raise CheckpointError(f"{stored} does not match the config (expects {list(want)} for {target})",
+                                      **where)
             key = slot if slot is not None else -1
             if key in filled[target]:
                 raise CheckpointError(f"a second tensor for {target}", **where)
@@ -285,10 +298,12 @@ def _plan(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], rules, sch
     return plan, expert_bytes
 
 
-def _quant_kind(dtype: str, scheme: quant.Scheme | None) -> str | None:
-    """"fp8" or "fp4" for a tensor stored quantised under the config's scheme, else None."""
+def _quant_kind(name: str, dtype: str, scheme: quant.Scheme | None) -> str | None:
+    """"fp8", "fp4" or "mxfp4" for a tensor stored quantised under the config's scheme, else None."""
     if scheme is None:
         return None
+    if scheme.mxfp4:
+        return "mxfp4" if dtype == "U8" and name.endswith(quant.MX_SUFFIXES[0]) else None
     return "fp8" if dtype == "F8_E4M3" else "fp4" if dtype == "I8" and scheme.fp4_experts else None
 
 
@@ -296,10 +311,38 @@ def _nbytes(info: checkpoint.TensorInfo) -> int:
     return info.offsets[1] - info.offsets[0]
 
 
+def _hold_quantised(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: LoadPlan,
+                    scheme: quant.Scheme, heads: dict[str, tuple[int, int, int, int]]) -> None:
+    """Give the modules whose checkpoint tensors are all stored quantised in one format their codes and scales
+    (empty, still on meta): routed experts (the three projections alike) and nn.Linear weights stored FP8, which
+    become `BlockFP8Linear` (a tensor-parallel cut shrinks its block, `quant.cut_block`). Anything else quantised
+    on disk is dequantised on load: FP8 tensors split between parameters (blocks may straddle the parts) and FP4
+    scales stored as floats."""
+    formats: dict[str, set[str | None]] = defaultdict(set)
+    for name, (targets, split, scale, _) in plan.items():
+        kind = _quant_kind(name, tensors[name].dtype, scheme) if scale else None
+        if kind == "fp8" and split is not None or kind == "fp4" and tensors[scale].dtype != "F8_E8M0":
+            kind = None
+        for target, _ in targets:
+            formats[target].add("fp4" if kind == "mxfp4" else kind)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Experts):
+            kinds = set().union(*(formats[f"{name}.{p}"] for p in Experts.PROJECTIONS))
+            if len(kinds) == 1 and None not in kinds:
+                fp4 = kinds == {"fp4"}
+                module.hold_quantised(fp4, quant.FP4_BLOCK if fp4 else scheme.block)
+        elif isinstance(module, nn.Linear) and formats.get(f"{name}.weight") == {"fp8"}:
+            cut = heads.get(f"{name}.weight")
+            block = scheme.block if cut is None else quant.cut_block(scheme.block, cut[0], cut[2] - cut[1])
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, BlockFP8Linear(module, block))
+
+
 def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: LoadPlan,
           scheme: quant.Scheme | None, shards: dict[str, distributed.ExpertParallel]) -> dict[str, int]:
-    """Stream tensors file by file through memory-mapped reads into the parameters, dequantising one at a time;
-    returns the bytes read, in all and of routed experts, beside the checkpoint's totals."""
+    """Stream tensors file by file through memory-mapped reads into the parameters: codes and scales of weights
+    held quantised as they are, other quantised weights dequantised one at a time; returns the bytes read, in all
+    and of routed experts, beside the checkpoint's totals."""
     params = dict(model.named_parameters())
     names = sorted(plan, key=lambda n: str(tensors[n].file))
     report = {"bytes_read": 0, "expert_bytes_read": 0}
@@ -327,26 +370,41 @@ def _copy(model: CausalLM, tensors: dict[str, checkpoint.TensorInfo], plan: Load
         for name in names:
             targets, split, scale, cut = plan[name]
             expert = targets[0][0] in shards or EXPERT_PARAM.fullmatch(targets[0][0]) is not None
-            t = read(name, expert, None if scale else cut)  # block-scaled: dequantised whole, then cut
+            held = scale is not None and f"{targets[0][0]}_scale" in params
+            # block-scaled weights cut within a matrix (tensor parallelism) are read whole, then cut
+            part = cut if scale is None or cut is None or cut[0] < len(tensors[name].shape) - 2 else None
+            t = read(name, expert, part)
             bar.update(t.numel() * t.element_size())
+            s = None
             if scale:
-                s = read(scale, expert)
-                if not (torch.isfinite(s.float()).all() and (s.float() >= 0).all()):
+                s = read(scale, expert, part)
+                value = quant.e8m0(s)
+                if not (torch.isfinite(value).all() and (value >= 0).all()):
                     raise CheckpointError("scales must be finite and non-negative",
                                           file=str(tensors[scale].file), tensor=scale)
-                if t.dtype == torch.float8_e4m3fn:
-                    t = quant.dequant_fp8(t, s, scheme.block)
+                fp8 = t.dtype == quant.FP8
+                t = t if fp8 else quant.mxfp4_codes(t) if name.endswith(quant.MX_SUFFIXES[0]) else t.view(torch.uint8)
+                block = scheme.block if fp8 else quant.FP4_BLOCK
+                if held:
+                    if fp8 and ((t.view(torch.uint8) & 0x7F) == 0x7F).any():
+                        raise CheckpointError("weights contain NaN or Inf", file=str(tensors[name].file), tensor=name)
+                    s = value if fp8 else s.view(torch.uint8)
+                    if cut is not None and part is None:
+                        t, s, _ = quant.cut_fp8(t, s, block, *cut)
                 else:
-                    t = quant.dequant_fp4(t, s)
-                if cut is not None:
-                    t = t.narrow(cut[0], cut[1], cut[2] - cut[1])
-            if not torch.isfinite(t).all():
+                    t = quant.dequantize(t, s, block)
+                    if cut is not None and part is None:
+                        t = t.narrow(cut[0], cut[1], cut[2] - cut[1])
+            if not held and not torch.isfinite(t).all():
                 raise CheckpointError("weights contain NaN or Inf", file=str(tensors[name].file), tensor=name)
             bound = model.index_tables.get(targets[0][0])
             if bound is not None and t.numel() and not 0 <= int(t.min()) <= int(t.max()) < bound:
                 raise CheckpointError(f"values must lie in [0, {bound}), found {int(t.min())}..{int(t.max())}",
                                       file=str(tensors[name].file), tensor=name)
-            for (target, slot), piece in zip(targets, split(t) if split else (t,)):
-                dst = params[target].data if slot is None else params[target].data[slot]
-                dst.copy_(piece)
+            pieces = split(t) if split else (t,)
+            scales = (split(s) if split else (s,)) if held else (None,) * len(pieces)
+            for (target, slot), piece, piece_scale in zip(targets, pieces, scales):
+                for dst, src in ((target, piece), (f"{target}_scale", piece_scale)):
+                    if src is not None:
+                        (params[dst].data if slot is None else params[dst].data[slot]).copy_(src)
     return report

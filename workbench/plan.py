@@ -6,13 +6,16 @@ replicated, except under tensor parallelism over groups of T consecutive ranks (
 attention module's own `split_heads(0, T)` (DeepSeek-V4) is called on copies of the meta modules, as the
 loader calls it, and each rank holds what it keeps. Two byte counts per rank:
 
-- in memory, as loaded: floating parameters in the runtime dtype (FP8/FP4 weights are dequantised on load),
-  those matching `loading.KEEP_FP32` in fp32, integer tables in their integer dtype;
+- in memory, as loaded: quantised weights kept as stored (`workbench.load`'s default: FP8 codes with an fp32
+  scale per block, FP4 codes two per byte with a one-byte exponent per 32 inputs; a tensor-parallel cut that
+  splits a block holds its part's scales on a finer grid, `quant.cut_block`), other floating parameters in the
+  runtime dtype, those matching `loading.KEEP_FP32` in fp32, integer tables in their integer dtype; with
+  `dequantize=True`, as `load(dequantize=True)` holds them: every floating weight in the runtime dtype;
 - read from disk, as the config's `quantization_config` declares the checkpoint: FP8 e4m3 with one scale
   per block for the linear layers DeepSeek quantises, FP4 e2m1 (two per byte) with one ue8m0 scale per 32
-  inputs for routed experts under `expert_dtype: fp4`, every other tensor in the checkpoint dtype (fp32 where
-  the runtime keeps fp32). A tensor cut by heads is read in part, unless it is block-scaled FP8: the loader
-  reads that whole with its scales, dequantises it and then cuts it.
+  inputs for routed experts under `expert_dtype: fp4` or MXFP4 (GPT-OSS), every other tensor in the checkpoint
+  dtype (fp32 where the runtime keeps fp32). A tensor cut by heads is read in part, unless it is block-scaled
+  FP8: the loader reads that whole with its scales, then cuts it.
 
 With a context of C tokens, each rank also holds one sequence's attention state (attention is replicated),
 computed from the architecture exactly as `State.nbytes` counts it; tensor parallelism leaves it whole
@@ -83,6 +86,7 @@ class Plan:
     tensor_parallel: int  # ranks per group that split the heads (1: none)
     dtype: torch.dtype  # floating parameters in memory (fp32-kept ones aside)
     quantization: str  # how the checkpoint stores them on disk
+    dequantized: bool  # memory counts quantised weights dequantised to `dtype` (else kept as stored)
     params: int  # every parameter, all ranks together
     active: int  # per token: replicated + top-k experts of every MoE layer
     replicated_params: int
@@ -158,6 +162,7 @@ class Census:
     model_type: str
     dtype: torch.dtype
     quantization: str
+    dequantized: bool
     replicated_params: int
     replicated_memory: int
     replicated_disk: int
@@ -197,7 +202,7 @@ class Census:
         return Plan(
             source=self.source, model_type=self.model_type, world_size=world_size,
             tensor_parallel=self.tensor_parallel, dtype=self.dtype, quantization=self.quantization,
-            params=self.replicated_params + expert_params,
+            dequantized=self.dequantized, params=self.replicated_params + expert_params,
             active=self.replicated_params + sum(g.top_k * g.params for g in self.groups),
             replicated_params=self.replicated_params - self.split.params, head_params=self.head_params,
             split_params=self.split.params, split_params_per_rank=self.share.params, experts=self.experts,
@@ -234,17 +239,20 @@ def _held(rank: int, world_size: int, experts: int) -> int:
 
 
 def plan(source: str | Path, world_size: int, *, dtype: torch.dtype | str | None = None,
-         context: int | None = None, revision: str | None = None, tensor_parallel: int = 1) -> Plan:
+         context: int | None = None, revision: str | None = None, tensor_parallel: int = 1,
+         dequantize: bool = False) -> Plan:
     """Parameters and bytes per rank of `source` (checkpoint folder, config.json path or hub repo id) at
     `world_size` ranks, with attention heads split over groups of `tensor_parallel` ranks, and with one
-    sequence's attention state for `context` tokens if given."""
-    return census(source, dtype=dtype, revision=revision, tensor_parallel=tensor_parallel).at(world_size, context)
+    sequence's attention state for `context` tokens if given; memory as `load(dequantize=...)` holds it."""
+    return census(source, dtype=dtype, revision=revision, tensor_parallel=tensor_parallel,
+                  dequantize=dequantize).at(world_size, context)
 
 
 def census(source: str | Path, *, dtype: torch.dtype | str | None = None, revision: str | None = None,
-           tensor_parallel: int = 1) -> Census:
+           tensor_parallel: int = 1, dequantize: bool = False) -> Census:
     """Build the model on the meta device from its config alone and count what each parameter costs, with
-    attention heads split over groups of `tensor_parallel` ranks."""
+    attention heads split over groups of `tensor_parallel` ranks, quantised weights kept as stored (or, with
+    `dequantize`, dequantised to `dtype`)."""
     if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
         raise ValueError(f"tensor parallel size must be a positive integer, got {tensor_parallel!r}")
     cfg = read_config(source, revision)
@@ -256,10 +264,22 @@ def census(source: str | Path, *, dtype: torch.dtype | str | None = None, revisi
     scheme = quant.scheme(cfg)
     scale_bytes = 1 if cfg.get("model_type") == "deepseek_v4" else 4  # V4's `.scale` is ue8m0, HF's fp32
     linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    kept: dict[str, torch.dtype] = {}  # parameter -> its dtype in memory
-    # replicated parameter -> bytes per value in memory, bytes per value read from disk (None where the loader
-    # reads it whole: block-scaled FP8), bytes read whole
-    cost: dict[str, tuple[int, int | None, int]] = {}
+    kept: dict[str, torch.dtype] = {}  # parameter -> its dtype in memory (dequantised)
+    formats: dict[str, str] = {}  # parameter -> how the checkpoint stores it quantised: "fp8" or "fp4"
+
+    def held(name: str, shape: tuple[int, ...], cut: int | None = None) -> int:
+        """Bytes in memory of `name` (shape: one expert's, or a rank's part cut along dim `cut`)."""
+        fmt = None if dequantize else formats.get(name)
+        if fmt is None:
+            return math.prod(shape) * kept[name].itemsize
+        if fmt == "fp4":
+            return _fp4_bytes(shape)
+        block = scheme.block if cut is None else quant.cut_block(scheme.block, cut, shape[cut])
+        return _fp8_bytes(shape, block, 4)  # scales held in fp32
+
+    # replicated parameter -> bytes per value read from disk (None where the loader reads it whole: block-scaled
+    # FP8), bytes read whole
+    cost: dict[str, tuple[int | None, int]] = {}
     params = memory = disk = 0  # replicated
     slots: dict[int, dict[str, int]] = defaultdict(lambda: dict(params=0, memory=0, disk=0))  # one expert, per layer
     for name, p in model.named_parameters():
@@ -271,34 +291,39 @@ def census(source: str | Path, *, dtype: torch.dtype | str | None = None, revisi
             kept[name] = stored = torch.float32
         else:
             kept[name], stored = dtype, cfg.dtype
-        blocked = scheme is not None and name in linears and not UNQUANTISED.fullmatch(name)
         if scheme is not None and expert and len(shape) == 2:
-            on_disk = _fp4_bytes(shape) if scheme.fp4_experts else _fp8_bytes(shape, scheme.block, scale_bytes)
-        elif blocked:
-            on_disk = _fp8_bytes(shape, scheme.block, scale_bytes)
-        else:
+            formats[name] = "fp4" if scheme.fp4_experts else "fp8"
+        elif scheme is not None and not scheme.mxfp4 and name in linears and not UNQUANTISED.fullmatch(name):
+            formats[name] = "fp8"
+        fmt = formats.get(name)
+        if fmt is None:
             on_disk = math.prod(shape) * stored.itemsize
+        else:
+            on_disk = _fp4_bytes(shape) if fmt == "fp4" else _fp8_bytes(shape, scheme.block, scale_bytes)
         if expert:
             slot = slots[int(expert[1])]
             slot["experts"] = p.shape[0]
             slot["params"] += math.prod(shape)
-            slot["memory"] += math.prod(shape) * kept[name].itemsize
+            slot["memory"] += held(name, shape)
             slot["disk"] += on_disk
         else:
-            params, memory, disk = params + p.numel(), memory + p.numel() * kept[name].itemsize, disk + on_disk
-            cost[name] = kept[name].itemsize, None if blocked else stored.itemsize, on_disk
+            params, memory, disk = params + p.numel(), memory + held(name, shape), disk + on_disk
+            cost[name] = None if fmt == "fp8" else stored.itemsize, on_disk
     groups: dict[tuple[int, int], list[dict[str, int]]] = defaultdict(list)
     for layer, slot in slots.items():
         groups[slot["experts"], model.get_submodule(f"layers.{layer}.ffn").router.spec.top_k].append(slot)
     terms = [t for i, layer in model.layers.items() for t in _state_terms(layer.attn, f"layers.{i}.attn", kept, dtype)]
     fewest = min((s["experts"] for s in slots.values()), default=1)
-    kept_values, head_params = _head_split(model, cfg, tensor_parallel, fewest)
-    whole = {p: model.get_parameter(p).numel() for p in kept_values}
-    split, share = (Share(sum(values.values()), sum(k * cost[p][0] for p, k in values.items()),
-                          sum(cost[p][2] if cost[p][1] is None else k * cost[p][1] for p, k in values.items()))
-                    for values in (whole, kept_values))
+    parts, head_params = _head_split(model, cfg, tensor_parallel, fewest)
+    whole = {p: (tuple(model.get_parameter(p).shape), None) for p in parts}
+    split, share = (Share(sum(math.prod(shape) for shape, _ in values.values()),
+                          sum(held(p, shape, dim) for p, (shape, dim) in values.items()),
+                          sum(cost[p][1] if cost[p][0] is None else math.prod(shape) * cost[p][0]
+                              for p, (shape, _) in values.items()))
+                    for values in (whole, parts))
     return Census(
         source=str(source), model_type=str(cfg.get("model_type")), dtype=dtype, quantization=describe(cfg),
+        dequantized=dequantize or scheme is None,
         replicated_params=params, replicated_memory=memory, replicated_disk=disk,
         groups=tuple(ExpertGroup(experts=e, layers=len(g), top_k=k, params=sum(s["params"] for s in g),
                                  memory=sum(s["memory"] for s in g), disk=sum(s["disk"] for s in g))
@@ -308,10 +333,12 @@ def census(source: str | Path, *, dtype: torch.dtype | str | None = None, revisi
     )
 
 
-def _head_split(model: nn.Module, cfg: Config, size: int, most: int) -> tuple[dict[str, int], tuple[str, ...]]:
+def _head_split(model: nn.Module, cfg: Config, size: int,
+                most: int) -> tuple[dict[str, tuple[tuple[int, ...], int]], tuple[str, ...]]:
     """Every attention module's `split_heads(0, size)` on copies of the meta modules, as the loader calls it for
-    groups of `size` ranks: {parameter: values rank 0 keeps} (every rank keeps as many) and the parameters cut,
-    named within their module; nothing for `size` 1. A refused size names those accepted up to `most`."""
+    groups of `size` ranks: {parameter: (shape of the part rank 0 keeps, the dim cut)} (every rank keeps as much)
+    and the parameters cut, named within their module; nothing for `size` 1. A refused size names those accepted
+    up to `most`."""
     if size == 1:
         return {}, ()
     attention = [(name, m) for name, m in model.named_modules() if hasattr(m, "split_heads")]
@@ -319,14 +346,16 @@ def _head_split(model: nn.Module, cfg: Config, size: int, most: int) -> tuple[di
         raise CheckpointError(f"tensor parallelism is not available for {cfg.get('model_type')!r} (DeepSeek-V4 "
                               "attention only); plan expert parallelism alone", file=cfg.file)
     try:
-        cut = {f"{prefix}.{p}": (m, p) for prefix, m in copy.deepcopy(attention) for p in m.split_heads(0, size)}
+        cut = {f"{prefix}.{p}": (m, p, c[0]) for prefix, m in copy.deepcopy(attention)
+               for p, c in m.split_heads(0, size).items()}
     except CheckpointError as e:
         sizes = ", ".join(map(str, _group_sizes(attention, most)))
         raise ValueError(f"{e}; this model's heads split over groups of {sizes} ranks") from None
     if size > most:
         raise ValueError(f"tensor parallel size {size} exceeds the {most} routed experts per layer: every world "
                          f"size divisible by {size} would leave some ranks without experts")
-    return {n: m.get_parameter(p).numel() for n, (m, p) in cut.items()}, tuple(sorted({p for _, p in cut.values()}))
+    return ({n: (tuple(m.get_parameter(p).shape), dim) for n, (m, p, dim) in cut.items()},
+            tuple(sorted({p for _, p, _ in cut.values()})))
 
 
 def _group_sizes(attention: list[tuple[str, nn.Module]], most: int) -> list[int]:
@@ -383,6 +412,8 @@ def describe(cfg: Config) -> str:
     scheme, dtype = quant.scheme(cfg), str(cfg.dtype).removeprefix("torch.")
     if scheme is None:
         return f"unquantised {dtype} (fp32 where the runtime keeps fp32)"
+    if scheme.mxfp4:
+        return f"MXFP4 routed experts (e2m1 two per byte, an e8m0 scale per 32 inputs), the rest {dtype}"
     scale = "ue8m0" if cfg.get("model_type") == "deepseek_v4" else "fp32"
     experts = "FP4 e2m1 with a ue8m0 scale per 32 inputs" if scheme.fp4_experts else "FP8 like the linears"
     return (f"FP8 e4m3 linears with {scale} scales per {scheme.block[0]}x{scheme.block[1]} block, routed experts "
@@ -444,10 +475,14 @@ def report(p: Plan) -> str:
         lines.append(f"context {p.context:,} tokens: one sequence's attention state, held on every rank")
         state = _gib(p.state)
     columns = ["replicated", *(["heads"] if p.head_params else []), "experts", "state", "total"]
+    held = f"{dtype}" if p.dequantized else f"{dtype}, quantised kept"
     lines += ["", _row("per rank, GiB", columns),
-              _row(f"in memory, as loaded ({dtype})", _cells(p, p.memory, state, p.per_rank)),
+              _row(f"in memory, as loaded ({held})", _cells(p, p.memory, state, p.per_rank)),
               _row("read from disk, as stored", _cells(p, p.disk, "-", p.disk.total)),
               f"stored as: {p.quantization}"]
+    if not p.dequantized:
+        lines.append(f"quantised weights are held as stored (codes and scales); --dequantize counts them dequantised "
+                     f"to {dtype}, as load(dequantize=True) holds them")
     return "\n".join(lines)
 
 
@@ -479,7 +514,7 @@ def _cells(p: Plan, b: Bytes, state: str, total: int) -> list[str]:
 
 
 def _row(label: str, cells: list[str]) -> str:
-    return f"{label:<34}" + "".join(f"{c:>12}" for c in cells)
+    return f"{label:<50}" + "".join(f"{c:>12}" for c in cells)
 
 
 def _gib(n: int) -> str:

@@ -22,7 +22,7 @@ from ..hooks import HookRegistry
 from . import deepseek
 from .base import CausalLM, Rule
 from .indexer import topk_entries
-from .layers import Rotary
+from .layers import Rotary, dense_weight
 from .mla import MLA
 
 INDEX_KEY_EPS = 1e-6  # the indexer key LayerNorm's eps (fixed, not the config's rms_norm_eps)
@@ -70,7 +70,7 @@ class Indexer(nn.Module):
         q = self.wq_b(q_latent).view(B, T, self.heads, self.dim).transpose(1, 2)
         q = self.rotary.apply(q, cos, sin)
         per_head = torch.relu(q.float() @ keys.float().transpose(-1, -2)) * self.dim**-0.5  # [B, H, T, S]
-        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.heads**-0.5  # [B, T, H]
+        w = F.linear(x.float(), dense_weight(self.weights_proj, x.dtype).float()) * self.heads**-0.5  # [B, T, H]
         return torch.einsum("bth,bhts->bts", w, per_head)
 
 

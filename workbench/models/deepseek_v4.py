@@ -36,7 +36,7 @@ from ..hooks import HookRegistry
 from ..routing import RouterSpec
 from .base import CausalLM, ModelArgs, Rule, State
 from .indexer import index_topk
-from .layers import RMSNorm, Rotary, activation, remember
+from .layers import RMSNorm, Rotary, activation, dense_weight, remember
 from .moe import MoE, Router
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
@@ -262,7 +262,8 @@ class Indexer(nn.Module):
         B, T, _ = x.shape
         keys = self.compressor(x, state)[:, : int(complete.max())].float()  # later entries are nobody's
         q = rope_tail(self.rotary, self.wq_b(q_latent).view(B, T, self.heads, self.dim), cos[:, None], sin[:, None])
-        w = F.linear(x.float(), self.weights_proj.weight.float()) * (self.heads**-0.5 * self.dim**-0.5)  # [B,T,H]
+        w = F.linear(x.float(), dense_weight(self.weights_proj, x.dtype).float())
+        w = w * (self.heads**-0.5 * self.dim**-0.5)  # [B, T, H]
         return torch.stack([index_topk(q[b].float(), w[b], keys[b].T, complete, self.topk) for b in range(B)])
 
 
@@ -335,7 +336,7 @@ class V4Attention(nn.Module):
         out = torch.cat([self.attend(q[:, :, i:i + block], positions[i:i + block], kv, k_pos, pooled, visible, i)
                          for i in range(0, T, block)], dim=2)
         out = rope_tail(self.rotary, out, cos, -sin).transpose(1, 2).reshape(B, T, self.groups, -1)
-        w = self.wo_a.weight.view(self.groups, -1, out.shape[-1])
+        w = dense_weight(self.wo_a, out.dtype).view(self.groups, -1, out.shape[-1])
         y = self.wo_b(torch.einsum("btgi,goi->btgo", out, w).flatten(2))
         if self.split is not None:
             dist.all_reduce(y, group=self.split)

@@ -1,5 +1,6 @@
 """GPT-OSS: biased GQA attention with per-head sinks, alternating sliding/full layers, YaRN rope, and a
-top-k-then-softmax MoE whose experts apply a clamped SwiGLU with biases."""
+top-k-then-softmax MoE whose experts apply a clamped SwiGLU with biases. As published, the experts are MXFP4
+(`mlp.experts.{gate_up,down}_proj_{blocks,scales}`, docs/references.md "Quantised formats")."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config
-from ..errors import CheckpointError
 from ..hooks import HookRegistry
 from ..routing import RouterSpec
 from .base import LAYER_TYPES, CausalLM, DecoderLayer, ModelArgs, Rule, hf_rules, layer_windows
@@ -29,11 +29,6 @@ class Args(ModelArgs):
 
     @classmethod
     def from_config(cls, cfg: Config) -> Args:
-        """The fields, refusing MXFP4-quantised checkpoints up front (only float experts load)."""
-        quant = cfg.get("quantization_config") or {}
-        if quant.get("quant_method") == "mxfp4":
-            raise CheckpointError("MXFP4-quantised experts (mlp.experts.*_blocks / *_scales) are not supported; "
-                                  "load a BF16/F32 (dequantised) checkpoint", file=cfg.file)
         base = ModelArgs.common(cfg, eps=1e-5)
         windows = layer_windows(cfg, [LAYER_TYPES[i % 2] for i in range(base.layers)])  # even layers slide
         router = RouterSpec(cfg.int("num_local_experts"), cfg.int("num_experts_per_tok"), score="identity",
@@ -63,6 +58,12 @@ def split_interleaved(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t[..., 0::2].transpose(-1, -2), t[..., 1::2].transpose(-1, -2)
 
 
+def split_interleaved_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused MXFP4 gate_up codes [E, 2I, H / 2] or their scales [E, 2I, H / 32] (gate even, up odd rows) into
+    gate and up: whole rows, so codes and scales split alike."""
+    return t[..., 0::2, :], t[..., 1::2, :]
+
+
 def split_interleaved_bias(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused gate_up bias [E, 2I] (same interleave) into gate and up biases [E, I]."""
     return t[..., 0::2], t[..., 1::2]
@@ -74,7 +75,8 @@ def transpose_down(t: torch.Tensor) -> tuple[torch.Tensor]:
 
 
 def rules(cfg: Config) -> list[Rule]:
-    """GPT-OSS expert and router names first, then the HF-style rest (attention incl. sinks, norms, embeddings)."""
+    """GPT-OSS expert and router names first (float or MXFP4 experts), then the HF-style rest (attention incl. sinks,
+    norms, embeddings)."""
     L, X = r"model\.layers\.(\d+)\.", r"layers.\1.ffn."
     return [
         Rule(L + r"mlp\.router\.(weight|bias)", (X + r"router.\2",)),
@@ -83,5 +85,8 @@ def rules(cfg: Config) -> list[Rule]:
              split_interleaved_bias),
         Rule(L + r"mlp\.experts\.down_proj", (X + "experts.down_proj",), transpose_down),
         Rule(L + r"mlp\.experts\.down_proj_bias", (X + "experts.down_bias",)),
+        Rule(L + r"mlp\.experts\.gate_up_proj_blocks", (X + "experts.gate_proj", X + "experts.up_proj"),
+             split_interleaved_rows),
+        Rule(L + r"mlp\.experts\.down_proj_blocks", (X + "experts.down_proj",)),  # already [E, H, I]
         *hf_rules(),
     ]

@@ -1,5 +1,5 @@
 """Layers shared by the model families: RMSNorm, activations, rotary embeddings, causal attention over a
-chunk's state, grouped-query attention, the gated MLP."""
+chunk's state, grouped-query attention, the gated MLP, and the linear layer held as FP8 codes."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import quant
 from ..config import Config
 from ..errors import CheckpointError
 from ..hooks import HookRegistry
@@ -35,6 +36,46 @@ ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu}
 def activation(cfg: Config, key: str = "hidden_act") -> Any:
     """The activation function a config names."""
     return ACTIVATIONS[cfg.choice(key, tuple(ACTIVATIONS), "silu")]
+
+
+class BlockFP8Linear(nn.Module):
+    """A linear layer held as published: FP8 e4m3 codes `weight` [out, in] with one fp32 multiplier per `block`
+    in `weight_scale` (docs/references.md, "Quantised formats"). `workbench.load` puts it where a checkpoint
+    stores an nn.Linear's weight in FP8, under the same name. On CUDA the kernel multiplies the codes directly;
+    elsewhere the weight is dequantised to the activation dtype for each call."""
+
+    def __init__(self, linear: nn.Linear, block: tuple[int, int]):
+        super().__init__()
+        shape = linear.weight.shape
+        self.in_features, self.out_features, self.block = shape[1], shape[0], block
+        self.weight = nn.Parameter(torch.empty(shape, dtype=quant.FP8, device=linear.weight.device),
+                                   requires_grad=False)
+        scale = torch.empty(quant.fp8_scale_shape(shape, block), dtype=torch.float32, device=linear.weight.device)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+        self.bias = linear.bias
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [out, in] in `dtype` (a new tensor)."""
+        out = torch.empty(self.weight.shape, dtype=dtype, device=self.weight.device)
+        return quant.dequantize_into(out, self.weight, self.weight_scale, self.block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from ..kernels import block_fp8_linear
+
+            y = block_fp8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale, self.block)
+            y = y.view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.dequantized(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}"
+
+
+def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A linear layer's weight as floats for code that uses it beyond `linear(x)`: an nn.Linear's own parameter,
+    a BlockFP8Linear's dequantised to `dtype`."""
+    return linear.dequantized(dtype) if isinstance(linear, BlockFP8Linear) else linear.weight
 
 
 # ---------------------------------------------------------------- rotary

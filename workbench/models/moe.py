@@ -27,6 +27,7 @@ moves. `workbench.distributed` holds the process group, the collectives and each
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
+from .. import distributed, quant
 from ..hooks import HookPoint, HookRegistry
 from ..routing import RouterSpec, router_scores, select_experts, weigh_experts
 from .layers import MLP
@@ -103,7 +104,13 @@ class Experts(nn.Module):
 
     `limit` clamps gate above and up both sides before the GLU (DeepSeek-V4, GPT-OSS); `alpha` selects
     GPT-OSS's variant out = (up + 1) * gate * sigmoid(alpha * gate) instead of act(gate) * up.
+
+    Quantised (`hold_quantised`, as `workbench.load` keeps them), each projection holds its codes and
+    `{name}_scale` holds their scales in `workbench.quant`'s layout, with the scale grid's `block`; `weight`
+    dequantises one expert at a time into one reused buffer, so memory stays at the stored size.
     """
+
+    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, n: int, hidden: int, inter: int, act: Any = F.silu, *, bias: bool = False,
                  limit: float | None = None, alpha: float | None = None):
@@ -112,6 +119,9 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n, inter, hidden))
         self.up_proj = nn.Parameter(torch.empty(n, inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
+        self.gate_proj_scale = self.up_proj_scale = self.down_proj_scale = None
+        self.block: tuple[int, int] | None = None  # scale grid of quantised codes
+        self._buffer: torch.Tensor | None = None  # one expert's dequantised weight, reused
         if bias:
             self.gate_bias = nn.Parameter(torch.empty(n, inter))
             self.up_bias = nn.Parameter(torch.empty(n, inter))
@@ -119,10 +129,41 @@ class Experts(nn.Module):
         else:
             self.gate_bias = self.up_bias = self.down_bias = None
 
+    def hold_quantised(self, fp4: bool, block: tuple[int, int]) -> None:
+        """Replace the float projections by empty codes and scales in `workbench.quant`'s layout (FP8 e4m3 codes
+        with fp32 scales per `block`, or FP4 codes with e8m0 exponents per 32 inputs), on the same device."""
+        for name in self.PROJECTIONS:
+            w = getattr(self, name)
+            codes = torch.empty(quant.held_shape(w.shape, fp4), dtype=torch.uint8 if fp4 else quant.FP8,
+                                device=w.device)
+            scale = torch.empty(quant.fp8_scale_shape(w.shape, block), dtype=torch.uint8 if fp4 else torch.float32,
+                                device=w.device)
+            setattr(self, name, nn.Parameter(codes, requires_grad=False))
+            setattr(self, f"{name}_scale", nn.Parameter(scale, requires_grad=False))
+        self.block = block
+
+    def weight(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's `name` projection [out, in] for inputs x: the parameter itself when unquantised, else
+        dequantised to x's dtype into the reused buffer (into a fresh tensor when autograd records x's graph,
+        which keeps what it saves)."""
+        w, scale = getattr(self, name)[e], getattr(self, f"{name}_scale")
+        if scale is None:
+            return w
+        shape = (w.shape[0], w.shape[1] * 2 if w.dtype == torch.uint8 else w.shape[1])
+        if torch.is_grad_enabled() and x.requires_grad:
+            out = torch.empty(shape, dtype=x.dtype, device=w.device)
+        else:
+            buf = self._buffer
+            if buf is None or buf.dtype != x.dtype or buf.device != w.device:
+                buf = self._buffer = torch.empty(self.gate_proj.shape[1] * self.down_proj.shape[1], dtype=x.dtype,
+                                                 device=w.device)
+            out = buf[: math.prod(shape)].view(shape)
+        return quant.dequantize_into(out, w, scale[e], self.block)
+
     def hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's activated hidden state for rows x [n, H]."""
-        gate = F.linear(x, self.gate_proj[e], None if self.gate_bias is None else self.gate_bias[e])
-        up = F.linear(x, self.up_proj[e], None if self.up_bias is None else self.up_bias[e])
+        gate = F.linear(x, self.weight("gate_proj", e, x), None if self.gate_bias is None else self.gate_bias[e])
+        up = F.linear(x, self.weight("up_proj", e, x), None if self.up_bias is None else self.up_bias[e])
         return self.glu(gate, up)
 
     def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -143,7 +184,7 @@ class Experts(nn.Module):
 
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
         """Expert e's output for activated hidden rows h [n, I]."""
-        return F.linear(h, self.down_proj[e], None if self.down_bias is None else self.down_bias[e])
+        return F.linear(h, self.weight("down_proj", e, h), None if self.down_bias is None else self.down_bias[e])
 
     def grouped_down(self, hidden: torch.Tensor, ends: list[int]) -> torch.Tensor:
         """Outputs [n, H] of activated hidden rows sorted by expert (as in `grouped_hidden`)."""
@@ -211,7 +252,7 @@ class MoE(nn.Module):
         groups = [(e, *torch.where(ids == e)) for e in ids.unique().tolist()]
         hidden = None
         if self.hp_hidden.active:
-            hidden = x.new_zeros(N, k, self.experts.down_proj.shape[-1])
+            hidden = x.new_zeros(N, k, self.experts.gate_proj.shape[1])
             for e, tok, slot in groups:
                 hidden[tok, slot] = self.experts.hidden(e, x[tok])
             hidden = tap(self.hp_hidden, hidden)
@@ -255,8 +296,8 @@ class MoE(nn.Module):
 
     def fused(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, tap: Tap) -> torch.Tensor:
         """The "triton" backend (workbench.kernels): row gather, grouped GEMMs and the gated activation fused.
-        Per-expert hooks read the kernels' own per-pair intermediates; after a hook edits them the later stages
-        rerun on the edit."""
+        Quantised experts go in as held (codes, scales and their block). Per-expert hooks read the kernels' own
+        per-pair intermediates; after a hook edits them the later stages rerun on the edit."""
         from ..kernels import expert_out, fused_experts, moe_sum
 
         ex = self.experts
@@ -264,12 +305,16 @@ class MoE(nn.Module):
             return self.grouped(x, ids, weights, tap)  # the kernels fuse SiLU gates (and GPT-OSS's) only
         want_hidden, want_out = self.hp_hidden.active, self.hp_expert_out.active
         biases = None if ex.gate_bias is None else (ex.gate_bias, ex.up_bias, ex.down_bias)
+        held = {} if ex.block is None else dict(block=ex.block)
+        scales = None if ex.block is None else (ex.gate_proj_scale, ex.up_proj_scale, ex.down_proj_scale)
         y, hidden, outs = fused_experts(x, ids, weights, ex.gate_proj, ex.up_proj, ex.down_proj, limit=ex.limit,
-                                        alpha=ex.alpha, biases=biases, want_hidden=want_hidden, want_out=want_out)
+                                        alpha=ex.alpha, biases=biases, scales=scales, want_hidden=want_hidden,
+                                        want_out=want_out, **held)
         if want_hidden:
             edited = tap(self.hp_hidden, hidden)
             if not torch.equal(edited, hidden):
-                outs = expert_out(edited, ids, None, ex.down_proj, bias=ex.down_bias)
+                outs = expert_out(edited, ids, None, ex.down_proj, bias=ex.down_bias, scale=ex.down_proj_scale,
+                                  **held)
                 y = moe_sum(outs, weights)
         if want_out:
             outs = tap(self.hp_expert_out, outs)
