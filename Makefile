@@ -8,7 +8,7 @@ LAB_DIR  ?= notebooks
 PORT     ?= 8888
 LAB_ARGS ?=
 
-.PHONY: demo lab test clean
+.PHONY: demo lab test gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ lab: $(VENV)/.installed-lab
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest
+
+# gpu-check: on one H100/H200, the kernel tests compiled on the GPU and bench/gpu_moe.py; one results file
+GPU_CHECK_OUT ?= gpu-check.json
+gpu-check: $(VENV)/.installed-dev
+	$(PY) bench/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

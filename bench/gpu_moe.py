@@ -1,18 +1,22 @@
 """Routed-experts throughput on one GPU (H100/H200): the Triton fused MoE vs a torch grouped-GEMM baseline.
 
-DeepSeek-V3/V4-like layer (H=7168, I=2048, E=256, k=8) at T tokens, bf16 weights and FP8 e4m3 weights with
-128 x 128 block scales. For each T and dtype it prints the time of both paths and their ratio, the achieved
-HBM bandwidth against a measured device-to-device copy (the roofline), and TFLOP/s against a measured dense
-bf16 matmul. The router (sigmoid, 8 groups keep 4, correction bias) is timed on its own, kernel vs reference.
+DeepSeek-V3/V4-like layer (H=7168, I=2048, E=256, k=8) at T tokens, bf16 weights, FP8 e4m3 weights with
+128 x 128 block scales and FP4 e2m1 weights with an e8m0 exponent per 32 inputs. For each T and dtype it
+prints the time of both paths and their ratio, the achieved HBM bandwidth against a measured device-to-device
+copy (the roofline), and TFLOP/s against a measured dense bf16 matmul. The router (sigmoid, 8 groups keep 4,
+correction bias) is timed on its own, kernel vs reference.
 
-    .venv/bin/python bench/gpu_moe.py [--tokens 1,16,128,1024,4096,16384] [--dtype bf16 fp8] [--repeat 20] [--check]
+    .venv/bin/python bench/gpu_moe.py [--tokens 1,16,128,1024,4096,16384] [--dtype bf16 fp8 fp4] [--repeat 20]
+                                      [--check]
 
 Needs a CUDA GPU and triton (the dev extras); exits with a message otherwise. The baseline gathers rows by
 expert and calls `torch.nn.functional.grouped_mm` (or `torch._grouped_mm`; a per-expert loop where neither
-runs); torch has no block-scaled grouped GEMM, so for FP8 it runs on the bf16 weights. Bytes counted: the
-weights (and scales) of the experts that got tokens, plus x, the per-pair hidden and outputs (written and read
-once), and y. FLOPs: 6 * T * k * H * I. Weights are random: timings do not depend on their values. Memory:
-bf16 weights of 256 experts take 22.5 GB, the FP8 copy 11.3 GB more.
+runs); torch has no block-scaled grouped GEMM, so for FP8 and FP4 it runs on the bf16 weights. `--check` also
+prints the relative L2 difference of y to the baseline run on the weights the kernel read (the dequantised
+FP8 / FP4 weights for those). Bytes counted: the weights (and scales) of the experts that got tokens, plus x,
+the per-pair hidden and outputs (written and read once), and y. FLOPs: 6 * T * k * H * I. Weights are random:
+timings do not depend on their values. Memory: bf16 weights of 256 experts take 22.5 GB, the FP8 copy 11.3 GB
+more, the FP4 copy 5.9 GB, and `--check` one dequantised copy (22.5 GB) at a time.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ import torch.nn.functional as F
 
 from workbench.kernels import fused_experts, reference_route, route
 from workbench.kernels.backend import has_triton
+from workbench.quant import FP4_GROUP, FP4_VALUES, dequant_fp4, dequant_fp8
 from workbench.routing import RouterSpec
 
 FP8_BLOCK = (128, 128)
+DTYPES = ("bf16", "fp8", "fp4")
 
 
 def token_counts(text: str) -> list[int]:
@@ -42,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=token_counts, default=[1, 16, 128, 1024, 4096, 16384],
                    help="comma-separated token counts T")
-    p.add_argument("--dtype", nargs="+", choices=("bf16", "fp8"), default=["bf16", "fp8"], help="expert weight dtypes")
+    p.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES), help="expert weight formats")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--inter", type=int, default=2048, help="expert intermediate size I")
     p.add_argument("--experts", type=int, default=256)
@@ -51,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--topk-groups", type=int, default=4)
     p.add_argument("--repeat", type=int, default=20, help="timed runs per measurement (the median is reported)")
     p.add_argument("--check", action="store_true",
-                   help="also print the relative L2 difference of y to the baseline (FP8: quantisation error too)")
+                   help="also print the relative L2 difference of y to the baseline on the weights the kernel read")
     args = p.parse_args(argv)
     if min(args.tokens) < 1 or args.topk > args.experts or args.experts % args.groups:
         p.error("need T >= 1, topk <= experts, and experts divisible by groups")
@@ -101,6 +107,32 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP4 weights of w [E, out, in], one expert at a time: uint8 pairs of e2m1 codes [E, out, in / 2] (low nibble
+    first) and uint8 e8m0 exponents [E, out, in / 32], each the power of two at or above its group's amax / 6."""
+    experts, rows, cols = w.shape
+    codes = torch.empty(experts, rows, cols // 2, dtype=torch.uint8, device=w.device)
+    exps = torch.empty(experts, rows, cols // FP4_GROUP, dtype=torch.uint8, device=w.device)
+    values = torch.tensor(FP4_VALUES[:8], device=w.device)
+    for e in range(experts):
+        groups = w[e].float().view(rows, -1, FP4_GROUP)
+        exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=2**-100) / 6)).clamp(-127, 127)
+        x = groups / torch.exp2(exponent)[..., None]
+        mag = torch.bucketize(x.abs(), (values[1:] + values[:-1]) / 2).to(torch.uint8)  # nearest magnitude
+        c = (mag | ((x < 0).to(torch.uint8) << 3)).view(rows, cols)
+        codes[e], exps[e] = c[:, 0::2] | (c[:, 1::2] << 4), (exponent + 127).to(torch.uint8)
+    return codes, exps
+
+
+def dequantized(fmt: str, weights: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """The bf16 weights [E, out, in] the kernels read from FP8 or FP4 `weights` (codes, scales), into `out`."""
+    codes, scales = weights
+    for e in range(codes.shape[0]):
+        out[e] = (dequant_fp8(codes[e], scales[e], FP8_BLOCK) if fmt == "fp8"
+                  else dequant_fp4(codes[e], scales[e].view(torch.float8_e8m0fnu)))
+    return out
+
+
 def grouped_mm() -> tuple[str, Callable | None]:
     """The torch grouped GEMM this build has, by name, or None."""
     for owner, name in ((F, "grouped_mm"), (torch, "_grouped_mm")):
@@ -135,8 +167,8 @@ def torch_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up
     return y.to(x.dtype)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> dict:
+    """Time every T and weight format (printing a table as it goes); the roofline and the rows as a dict."""
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu_moe.py needs a CUDA GPU (H100/H200); none is visible")
     if not has_triton():
@@ -144,14 +176,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     H, I, E, k = args.hidden, args.inter, args.experts, args.topk
     dev = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name()}  H={H} I={I} E={E} k={k}  torch {torch.__version__}")
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": dict(H=H, I=I, E=E, k=k)}
+    print(f"{result['device']}  H={H} I={I} E={E} k={k}  torch {torch.__version__}")
     copy_gbs, mm_tflops = copy_roofline(args.repeat), matmul_roofline(args.repeat)
+    result.update(copy_gbs=copy_gbs, matmul_tflops=mm_tflops, rows=[])
     print(f"roofline: copy {copy_gbs:.0f} GB/s, bf16 matmul {mm_tflops:.0f} TFLOP/s")
 
     gate_up = torch.randn(E, 2 * I, H, dtype=torch.bfloat16, device=dev).mul_(H**-0.5)  # gate rows, then up rows
     down = torch.randn(E, H, I, dtype=torch.bfloat16, device=dev).mul_(I**-0.5)
-    fp8 = (*quantize_fp8(gate_up), *quantize_fp8(down)) if "fp8" in args.dtype else None
+    quantized = {fmt: (quantize(gate_up), quantize(down)) for fmt, quantize in
+                 (("fp8", quantize_fp8), ("fp4", quantize_fp4)) if fmt in args.dtype}
     mm_name, mm = grouped_mm()
+    result["baseline"] = mm_name
     spec = RouterSpec(E, k, score="sigmoid", correction_bias=True, groups=args.groups, topk_groups=args.topk_groups,
                       group_score="top2sum", renormalize=True, norm_eps=1e-20, scaling=2.5)
     bias = 0.01 * torch.randn(E, device=dev)
@@ -165,11 +201,11 @@ def main(argv: list[str] | None = None) -> None:
         t_route = timed(lambda: route(logits, spec, bias), args.repeat) * 1e3
         t_ref = timed(lambda: reference_route(logits, spec, bias), args.repeat) * 1e3
         try:
-            baseline = torch_moe(x, ids, weights, gate_up, down, mm)
+            torch_moe(x, ids, weights, gate_up, down, mm)
         except RuntimeError as err:  # this build's grouped GEMM refuses these shapes: fall back to the loop
             mm_name, mm = "per-expert loop", None
+            result["baseline"] = mm_name
             print(f"grouped GEMM failed ({str(err).splitlines()[0]}); baseline: {mm_name}")
-            baseline = torch_moe(x, ids, weights, gate_up, down, mm)
         t_torch = timed(lambda: torch_moe(x, ids, weights, gate_up, down, mm), args.repeat)
         active = int(torch.unique(ids).numel())
         flops = 6 * T * k * H * I
@@ -178,20 +214,42 @@ def main(argv: list[str] | None = None) -> None:
                 run = lambda: fused_experts(x, ids, weights, gate_up, None, down)[0]  # noqa: E731
                 weight_bytes = active * 3 * H * I * 2
             else:
-                gq, gs, dq, ds = fp8
+                (gq, gs), (dq, ds) = quantized[dtype]
                 run = lambda: fused_experts(x, ids, weights, gq, None, dq, scales=(gs, None, ds),  # noqa: E731
                                             block=FP8_BLOCK)[0]
-                weight_bytes = active * (3 * H * I + 4 * (gs[0].numel() + ds[0].numel()))
+                weight_bytes = active * (gq[0].numel() + dq[0].numel() + gs[0].element_size() * (gs[0].numel()
+                                                                                                 + ds[0].numel()))
             t = timed(run, args.repeat)
             moved = weight_bytes + 2 * (T * H + 2 * T * k * I + 2 * T * k * H + T * H)
             gbs, tflops = moved / t / 1e6, flops / t / 1e9
+            row = dict(tokens=T, dtype=dtype, router_us=t_route, router_reference_us=t_ref, triton_ms=t,
+                       torch_ms=t_torch, speedup=t_torch / t, gbs=gbs, copy_fraction=gbs / copy_gbs, tflops=tflops,
+                       matmul_fraction=tflops / mm_tflops)
             line = (f"{T:>6} {t_route:>10.1f} {t_ref:>8.1f} | {dtype:>5} {t:>10.3f} {t_torch:>9.3f} "
                     f"{t_torch / t:>7.2f}x {gbs:>7.0f} {100 * gbs / copy_gbs:>5.0f}% {tflops:>8.1f} "
                     f"{100 * tflops / mm_tflops:>4.0f}%")
             if args.check:
-                diff = (run().float() - baseline.float()).norm() / baseline.float().norm()
-                line += f"  {diff.item():.2e}"
+                row["rel_diff"] = check(run(), x, ids, weights, dtype, gate_up, down, quantized, mm)
+                line += f"  {row['rel_diff']:.2e}"
+            result["rows"].append(row)
             print(line)
+    return result
+
+
+def check(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, dtype: str,
+          gate_up: torch.Tensor, down: torch.Tensor, quantized: dict, mm: Callable | None) -> float:
+    """Relative L2 difference of the kernels' y to the baseline on the weights they read (dequantised copies
+    made one at a time, in gate_up's and down's own buffers' shapes)."""
+    if dtype != "bf16":
+        (gq, gs), (dq, ds) = quantized[dtype]
+        gate_up = dequantized(dtype, (gq, gs), torch.empty_like(gate_up))
+        down = dequantized(dtype, (dq, ds), torch.empty_like(down))
+    want = torch_moe(x, ids, weights, gate_up, down, mm).float()
+    return ((y.float() - want).norm() / want.norm()).item()
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":

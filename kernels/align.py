@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from .backend import next_pow2, use_triton
+from .backend import next_pow2, require, use_triton
 
 
 class Alignment(NamedTuple):
@@ -51,6 +51,7 @@ def reference_align(ids: torch.Tensor, experts: int, block_m: int) -> Alignment:
 
 def triton_align(ids: torch.Tensor, experts: int, block_m: int) -> Alignment:
     """The Triton kernels behind `align`: one program per expert counts, then places, its pairs."""
+    require("count_kernel / place_kernel", ids)
     flat = ids.contiguous().view(-1)
     n, device = flat.numel(), flat.device
     nb = max_blocks(n, experts, block_m)

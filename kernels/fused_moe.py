@@ -3,7 +3,10 @@
 Semantics are those of `workbench.models.moe.Experts` / `MoE.routed` with a SiLU gate: `limit` clamps gate
 above and up both sides (DeepSeek-V4, GPT-OSS), `alpha` selects GPT-OSS's (up + 1) * gate * sigmoid(alpha * gate).
 Weights are stacked [E, I, H] (gate, up; or gate and up fused [E, 2I, H], gate rows first) and [E, H, I] (down),
-in the activation dtype or as FP8 e4m3 with one fp32 (or ue8m0) multiplier per `block` (workbench.quant layout).
+in a float dtype, as FP8 e4m3 with one fp32 (or ue8m0) multiplier per `block` (workbench.quant layout), or as FP4:
+uint8 pairs of e2m1 codes [E, out, in / 2] (low nibble = even input) with one e8m0 exponent byte per 32 inputs
+of a row [E, out, in / 32], the layout of DeepSeek-V4's experts and GPT-OSS's MXFP4 (docs/references.md,
+"Quantised formats"). The weight dtype says which.
 
 Per-pair tensors are indexed by pair id p = token * k + slot, so [N * k, *] buffers are token-major [N, k, *]
 as they are: hooks get `experts.hidden` / `experts.out` without a permutation.
@@ -16,12 +19,13 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from workbench.quant import dequant_fp8
+from workbench.quant import dequant_fp4, dequant_fp8
 
 from .align import Alignment, align
-from .backend import cdiv, interpreting, next_pow2, use_triton
+from .backend import (cdiv, check_weights, dot_f32, kernel_scale, next_pow2, precision, require, stored, use_triton,
+                      weight_format)
 
-GateUp = tuple[torch.Tensor | None, torch.Tensor | None]  # (gate, up) biases or FP8 scales
+GateUp = tuple[torch.Tensor | None, torch.Tensor | None]  # (gate, up) biases or scales
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,9 @@ class LaunchConfig:
 
 
 # Pairs per expert (N * k / E) up to this -> config, for 16-bit activations (fp32 halves block_k to fit shared
-# memory). Decode-sized batches use short blocks so padding wastes little; block_k divides the FP8 block (128).
-# Compiled for sm_90, every entry fits in 144 KiB of shared memory without register spills (untuned on a GPU).
+# memory). Decode-sized batches use short blocks so padding wastes little; block_k divides the FP8 block (128)
+# and is a multiple of the FP4 scale group (32). tests/test_aot.py compiles every entry for sm_80, sm_90 and
+# sm_100 in every activation dtype and weight format (untuned on a GPU).
 CONFIGS: tuple[tuple[float, LaunchConfig], ...] = (
     (16, LaunchConfig(16, 64, 128, 4, 4)),
     (64, LaunchConfig(32, 64, 128, 4, 4)),
@@ -55,8 +60,15 @@ def launch_config(pairs: int, experts: int, dtype: torch.dtype) -> LaunchConfig:
     return config
 
 
+def _e8m0(scale: torch.Tensor) -> torch.Tensor:
+    """FP4 scales as multipliers: uint8 exponent bytes read as float8_e8m0fnu, 2^(s - 127)."""
+    return scale.view(torch.float8_e8m0fnu) if scale.dtype == torch.uint8 else scale
+
+
 def _dense(w: torch.Tensor, e: int, scale: torch.Tensor | None, block: tuple[int, int]) -> torch.Tensor:
-    """Expert e's weight [out, in] in fp32, dequantised when it is FP8."""
+    """Expert e's weight [out, in] in fp32, dequantised when it is FP8 or FP4 (uint8)."""
+    if w.dtype == torch.uint8:
+        return dequant_fp4(w[e], _e8m0(scale[e]))
     return dequant_fp8(w[e], scale[e], block) if scale is not None else w[e].float()
 
 
@@ -69,9 +81,10 @@ def _split(gate: torch.Tensor, up: torch.Tensor | None, scale: GateUp,
     gs = scale[0]
     if gs is None:
         return gate[:, :inter], gate[:, inter:], scale
-    rows = cdiv(inter, block[0])
+    rows = inter if gate.dtype == torch.uint8 else cdiv(inter, block[0])  # FP4: a scale row per weight row
     if gs.shape[1] != 2 * rows:
-        raise ValueError(f"fused FP8 gate/up: {inter} gate rows must end on a scale block of {block[0]} rows")
+        raise ValueError(f"fused gate/up scales {list(gs.shape)}: the {inter} gate rows must end on a scale block "
+                         f"({block[0]} rows for FP8, one for FP4)")
     return gate[:, :inter], gate[:, inter:], (gs[:, :rows], gs[:, rows:])
 
 
@@ -134,31 +147,27 @@ def _prepare(ids: torch.Tensor, experts: int, dtype: torch.dtype, config: Launch
     return config, alignment
 
 
-def _check_fp8(scaled: bool, block: tuple[int, int], config: LaunchConfig) -> None:
-    """Each K tile must sit inside one scale block, so one multiplier per output column scales it."""
-    if scaled and block[1] % config.block_k:
-        raise ValueError(f"block_k {config.block_k} must divide the FP8 block's input size {block[1]}")
-
-
 def triton_expert_hidden(x: torch.Tensor, ids: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, *,
                          limit: float | None = None, alpha: float | None = None, bias: GateUp = (None, None),
                          scale: GateUp = (None, None), block: tuple[int, int] = (128, 128),
                          alignment: Alignment | None = None, config: LaunchConfig | None = None) -> torch.Tensor:
     """The grouped gate/up GEMM behind `expert_hidden`: rows of x gathered by pair, SwiGLU in the epilogue."""
+    fmt = weight_format(gate, require("gate_up_kernel", x))
     gate, up, scale = _split(gate, up, scale, block)
     if gate.stride() != up.stride():
         gate, up = gate.contiguous(), up.contiguous()
+    gate, up = stored(gate, fmt), stored(up, fmt)  # also the stand-ins for absent pointers below
     n, k = ids.shape
-    experts, inter, hid = gate.shape
+    experts, inter, hid = gate.shape[0], gate.shape[1], x.shape[1]
     hidden = torch.empty(n, k, inter, dtype=x.dtype, device=x.device)
     if ids.numel() == 0:
         return hidden
     config, alignment = _prepare(ids, experts, x.dtype, config, alignment)
-    scaled = scale[0] is not None
-    _check_fp8(scaled, block, config)
+    for w, s in zip((gate, up), scale):
+        check_weights(w, hid, fmt, s, block, config.block_k)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    gs, us = (scale[0].float(), scale[1].float()) if scaled else (gate, up)
-    if scaled and gs.stride() != us.stride():
+    gs, us = kernel_scale(scale[0], fmt, gate), kernel_scale(scale[1], fmt, up)
+    if gs.stride() != us.stride():
         gs, us = gs.contiguous(), us.contiguous()
     gb, ub = (bias[0].contiguous(), bias[1].contiguous()) if bias[0] is not None else (gate, up)
     grid = (alignment.block_expert.numel(), cdiv(inter, config.block_n))
@@ -166,10 +175,10 @@ def triton_expert_hidden(x: torch.Tensor, ids: torch.Tensor, gate: torch.Tensor,
 
     gate_up_kernel[grid](
         x, gate, up, gb, ub, gs, us, hidden, alignment.pairs, alignment.block_expert,
-        k, ids.numel(), inter, hid, x.stride(0), *gate.stride(), gs.stride(0), gs.stride(1),
-        gs.stride(2) if scaled else 0, gb.stride(0), 0.0 if limit is None else limit, 0.0 if alpha is None else alpha,
-        HAS_BIAS=bias[0] is not None, SCALED=scaled, CLAMP=limit is not None, GPT_OSS=alpha is not None,
-        SCALE_N=block[0], SCALE_K=block[1], DOT_F32=_dot_f32(x), PRECISION=_precision(x),
+        k, ids.numel(), inter, hid, x.stride(0), *gate.stride(), *gs.stride(), gb.stride(0),
+        0.0 if limit is None else limit, 0.0 if alpha is None else alpha,
+        HAS_BIAS=bias[0] is not None, FORMAT=fmt, CLAMP=limit is not None, GPT_OSS=alpha is not None,
+        SCALE_N=block[0], SCALE_K=block[1], DOT_F32=dot_f32(x), PRECISION=precision(x),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -181,16 +190,18 @@ def triton_expert_out(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Te
                       block: tuple[int, int] = (128, 128), alignment: Alignment | None = None,
                       config: LaunchConfig | None = None) -> torch.Tensor:
     """The grouped down GEMM behind `expert_out`: hidden rows by pair, bias and routing weight in the epilogue."""
+    fmt = weight_format(down, require("down_kernel", hidden))
+    down = stored(down, fmt)  # also the stand-in for absent pointers below
     n, k = ids.shape
-    experts, hid, inter = down.shape
+    experts, hid, inter = down.shape[0], down.shape[1], hidden.shape[-1]
     out = torch.empty(n, k, hid, dtype=hidden.dtype, device=hidden.device)
     if ids.numel() == 0:
         return out
     config, alignment = _prepare(ids, experts, hidden.dtype, config, alignment)
-    _check_fp8(scale is not None, block, config)
+    check_weights(down, inter, fmt, scale, block, config.block_k)
     hidden = hidden.reshape(n * k, inter)
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    s = scale.float() if scale is not None else down
+    s = kernel_scale(scale, fmt, down)
     b = bias.contiguous() if bias is not None else down
     w = weights.contiguous().view(-1) if weights is not None else down
     grid = (alignment.block_expert.numel(), cdiv(hid, config.block_n))
@@ -198,10 +209,9 @@ def triton_expert_out(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Te
 
     down_kernel[grid](
         hidden, down, b, s, w, out, alignment.pairs, alignment.block_expert, ids.numel(), hid, inter,
-        hidden.stride(0), *down.stride(), s.stride(0), s.stride(1), s.stride(2) if scale is not None else 0,
-        b.stride(0),
-        HAS_BIAS=bias is not None, SCALED=scale is not None, WEIGHTED=weights is not None,
-        SCALE_N=block[0], SCALE_K=block[1], DOT_F32=_dot_f32(hidden), PRECISION=_precision(hidden),
+        hidden.stride(0), *down.stride(), *s.stride(), b.stride(0),
+        HAS_BIAS=bias is not None, FORMAT=fmt, WEIGHTED=weights is not None,
+        SCALE_N=block[0], SCALE_K=block[1], DOT_F32=dot_f32(hidden), PRECISION=precision(hidden),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -210,6 +220,7 @@ def triton_expert_out(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Te
 
 def triton_moe_sum(out: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton kernel behind `moe_sum`: one program adds the k slots of a few tokens in fp32, in slot order."""
+    require("sum_kernel", out)
     n, k, hid = out.shape
     y = torch.empty(n, hid, dtype=out.dtype, device=out.device)
     if n == 0:
@@ -223,16 +234,6 @@ def triton_moe_sum(out: torch.Tensor, weights: torch.Tensor | None = None) -> to
     sum_kernel[(cdiv(n, block_t), cdiv(hid, block_h))](
         out, w, y, n, hid, K=k, WEIGHTED=weights is not None, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
     return y
-
-
-def _precision(t: torch.Tensor) -> str:
-    """tl.dot input precision: exact fp32 products for fp32 activations (GPUs default to TF32)."""
-    return "ieee" if t.dtype == torch.float32 else "tf32"
-
-
-def _dot_f32(t: torch.Tensor) -> bool:
-    """Upcast bf16 tiles to fp32 before tl.dot under the interpreter, which multiplies bf16 bit patterns."""
-    return interpreting() and t.dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------- dispatch

@@ -3,23 +3,14 @@
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def tile_dot(a, w, acc, s, SCALED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a @ w for a [M, K] and w [K, N] tiles; FP8 w is upcast exactly and its scale s [N] applied."""
-    if DOT_F32:
-        a = a.to(tl.float32)
-    w = w.to(a.dtype)
-    if SCALED:
-        return acc + tl.dot(a, w, input_precision=PRECISION) * s[None, :]
-    return tl.dot(a, w, acc, input_precision=PRECISION)
+from .quant_jit import weight_dot
 
 
 @triton.jit
 def gate_up_kernel(x, w_gate, w_up, b_gate, b_up, s_gate, s_up, hidden, pairs, block_expert,
                    top_k, n_pairs, inter, hid, stride_x, stride_we, stride_wn, stride_wk,
                    stride_se, stride_sn, stride_sk, stride_be, limit, alpha,
-                   HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, CLAMP: tl.constexpr, GPT_OSS: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, FORMAT: tl.constexpr, CLAMP: tl.constexpr, GPT_OSS: tl.constexpr,
                    SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Block pid_m of aligned pairs x columns pid_n of I: gate and up GEMMs on gathered rows of x, then SwiGLU."""
@@ -32,23 +23,16 @@ def gate_up_kernel(x, w_gate, w_up, b_gate, b_up, s_gate, s_up, hidden, pairs, b
         col_ok = cols < inter
         kk = tl.arange(0, BLOCK_K)
         a_ptr = x + (pair // top_k)[:, None] * stride_x + kk[None, :]
-        w_off = e * stride_we + cols[None, :] * stride_wn + kk[:, None] * stride_wk
-        s_off = e * stride_se + (cols // SCALE_N) * stride_sn
+        wg, wu = w_gate + e * stride_we, w_up + e * stride_we
+        sg, su = s_gate + e * stride_se, s_up + e * stride_se
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, hid, BLOCK_K):
-            k_ok = k0 + kk < hid
-            a = tl.load(a_ptr + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w_mask = k_ok[:, None] & col_ok[None, :]
-            g = tl.load(w_gate + w_off + k0 * stride_wk, mask=w_mask, other=0.0)
-            u = tl.load(w_up + w_off + k0 * stride_wk, mask=w_mask, other=0.0)
-            sg = 1.0
-            su = 1.0
-            if SCALED:
-                sg = tl.load(s_gate + s_off + (k0 // SCALE_K) * stride_sk, mask=col_ok, other=0.0)
-                su = tl.load(s_up + s_off + (k0 // SCALE_K) * stride_sk, mask=col_ok, other=0.0)
-            acc_g = tile_dot(a, g, acc_g, sg, SCALED, DOT_F32, PRECISION)
-            acc_u = tile_dot(a, u, acc_u, su, SCALED, DOT_F32, PRECISION)
+            a = tl.load(a_ptr + k0, mask=row_ok[:, None] & (k0 + kk < hid)[None, :], other=0.0)
+            acc_g = weight_dot(acc_g, a, wg, sg, cols, col_ok, k0, hid, stride_wn, stride_wk, stride_sn, stride_sk,
+                               FORMAT, SCALE_N, SCALE_K, DOT_F32, PRECISION, BLOCK_K, BLOCK_N)
+            acc_u = weight_dot(acc_u, a, wu, su, cols, col_ok, k0, hid, stride_wn, stride_wk, stride_sn, stride_sk,
+                               FORMAT, SCALE_N, SCALE_K, DOT_F32, PRECISION, BLOCK_K, BLOCK_N)
         if HAS_BIAS:
             acc_g += tl.load(b_gate + e * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             acc_u += tl.load(b_up + e * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -66,7 +50,7 @@ def gate_up_kernel(x, w_gate, w_up, b_gate, b_up, s_gate, s_up, hidden, pairs, b
 @triton.jit
 def down_kernel(hidden, w_down, b_down, s_down, weights, out, pairs, block_expert, n_pairs, hid, inter,
                 stride_h, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
-                HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, WEIGHTED: tl.constexpr,
+                HAS_BIAS: tl.constexpr, FORMAT: tl.constexpr, WEIGHTED: tl.constexpr,
                 SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Block pid_m of aligned pairs x columns pid_n of H: the down GEMM on their hidden rows, bias, weight."""
@@ -79,17 +63,12 @@ def down_kernel(hidden, w_down, b_down, s_down, weights, out, pairs, block_exper
         col_ok = cols < hid
         kk = tl.arange(0, BLOCK_K)
         a_ptr = hidden + pair[:, None] * stride_h + kk[None, :]
-        w_off = e * stride_we + cols[None, :] * stride_wn + kk[:, None] * stride_wk
-        s_off = e * stride_se + (cols // SCALE_N) * stride_sn
+        w, s = w_down + e * stride_we, s_down + e * stride_se
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, inter, BLOCK_K):
-            k_ok = k0 + kk < inter
-            a = tl.load(a_ptr + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_down + w_off + k0 * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            s = 1.0
-            if SCALED:
-                s = tl.load(s_down + s_off + (k0 // SCALE_K) * stride_sk, mask=col_ok, other=0.0)
-            acc = tile_dot(a, w, acc, s, SCALED, DOT_F32, PRECISION)
+            a = tl.load(a_ptr + k0, mask=row_ok[:, None] & (k0 + kk < inter)[None, :], other=0.0)
+            acc = weight_dot(acc, a, w, s, cols, col_ok, k0, inter, stride_wn, stride_wk, stride_sn, stride_sk,
+                             FORMAT, SCALE_N, SCALE_K, DOT_F32, PRECISION, BLOCK_K, BLOCK_N)
         if HAS_BIAS:
             acc += tl.load(b_down + e * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if WEIGHTED:

@@ -11,7 +11,7 @@ import torch
 
 from workbench.routing import RouterSpec, router_scores, select_experts, weigh_experts
 
-from .backend import cdiv, next_pow2, use_triton
+from .backend import cdiv, next_pow2, require, use_triton
 
 SCORES = ("softmax", "sigmoid", "sqrtsoftplus", "identity")
 
@@ -32,6 +32,7 @@ def reference_route(logits: torch.Tensor, spec: RouterSpec,
 def triton_route(logits: torch.Tensor, spec: RouterSpec, correction_bias: torch.Tensor | None = None, *,
                  ids_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernel behind `route`: one program scores, selects and weighs a few rows."""
+    require("route_kernel", logits)
     n, experts = logits.shape
     limited = _groups_limited(spec)
     if (experts != spec.experts or spec.score not in SCORES or spec.top_k > experts

@@ -2,7 +2,10 @@
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU interpreter here, set before any import
+import torch
+
+if not torch.cuda.is_available():  # no GPU: Triton kernels run on the CPU interpreter, set before any triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import transformers as tf  # noqa: E402
@@ -11,6 +14,16 @@ from oracle import make_checkpoint  # noqa: E402
 
 MIXTRAL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256, num_local_experts=6, num_experts_per_tok=2)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip where no CUDA GPU is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -46,3 +46,8 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, message: str, *, hook: str, layer: int | None, position: int):
         self.hook, self.layer, self.position = hook, layer, position
         super().__init__(message)
+
+
+class KernelError(RuntimeError):
+    """A Triton kernel cannot run here (triton missing, a CPU tensor outside the interpreter, a GPU older than the
+    kernels support); the message names the kernel, the device and the remedy: the `backend="torch"` path."""
