@@ -3,7 +3,6 @@ on tiny checkpoints written here in the published layouts: DeepSeek-V3 FP8 (`wei
 (ue8m0 `.scale`) with FP4 routed experts, and GPT-OSS with MXFP4 experts (`_blocks` / `_scales`). Dequantisation
 is checked against transformers' own unpackers, GPT-OSS against the transformers oracle on the same weights."""
 
-import functools
 import json
 import re
 import shutil
@@ -105,22 +104,6 @@ def quantised(request):
     return get
 
 
-@functools.cache
-def fused_fp4_error() -> str | None:
-    """Why `workbench.kernels.fused_experts` refuses FP4 codes (uint8) with e8m0 exponents, or None if it takes them."""
-    from workbench.kernels import fused_experts
-
-    g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 256, (2, 32, 32), dtype=torch.uint8, generator=g)
-    scales = torch.randint(124, 130, (2, 32, 2), dtype=torch.uint8, generator=g)
-    x, ids, w = torch.randn(3, 64, generator=g), torch.tensor([[0, 1], [1, 0], [0, 1]]), torch.rand(3, 2, generator=g)
-    try:
-        fused_experts(x, ids, w, codes, codes, codes, scales=(scales, scales, scales), block=quant.FP4_BLOCK)
-    except Exception as e:  # noqa: BLE001 - any refusal means the FP4 path is not there yet
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 def expert_sets(cache: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: t.sort(-1).values for n, t in cache.items() if n.endswith("topk_ids")}
 
@@ -131,9 +114,6 @@ def test_kept_equals_dequantise_then_run(quantised, name, backend):
     """The same forward, weights kept quantised or dequantised on load: identical on the CPU backends (the same
     dequantised values, rounded once, in the same operations), within 1e-4 through the fused kernels."""
     folder, vocab = quantised(name), CHECKPOINTS[name]
-    fp4 = name != "v3-fp8"
-    if backend == "triton" and fp4 and fused_fp4_error():
-        pytest.skip(f"workbench.kernels.fused_experts has no FP4 path yet ({fused_fp4_error()})")
     ids = input_ids(vocab)
     kept = wb.load(folder, dtype=torch.float32, backend=backend)
     deq = wb.load(folder, dtype=torch.float32, backend=backend, dequantize=True)
