@@ -125,7 +125,8 @@ def reference_expert_out(hidden: torch.Tensor, ids: torch.Tensor, weights: torch
 
 
 def reference_moe_sum(out: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """y [N, H] = sum over slots of out [N, k, H] (times weights [N, k] if given), in fp32, in slot order."""
+    """y [N, H] = sum over slots of out [N, k, H] (times weights [N, k] if given), in fp32, in slot order, rounded
+    once to out's dtype: how every backend of the model combines expert outputs (`MoE.combine`)."""
     y = torch.zeros(out.shape[0], out.shape[2], dtype=torch.float32, device=out.device)
     for j in range(out.shape[1]):
         y += out[:, j].float() if weights is None else out[:, j].float() * weights[:, j, None].float()
@@ -276,8 +277,9 @@ def fused_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gat
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """y [N, H] = sum_k weights * expert_ids(x), plus hidden [N, k, I] / unweighted out [N, k, H] when asked.
 
-    With want_out the routing weights are applied in the sum instead of the down GEMM, so `out` is what the
-    `experts.out` hook sees; y is the same either way up to rounding.
+    The routing weights are applied in the sum, not in the down GEMM: `out` is what the `experts.out` hook sees,
+    rounded to the activation dtype, and y = moe_sum(out, weights) whether asked for or not (one convention with
+    the model's CPU backends: `workbench.models.moe.MoE.combine`).
     """
     gb, ub, db = biases if biases is not None else (None, None, None)
     gs, us, ds = scales if scales is not None else (None, None, None)
@@ -287,7 +289,6 @@ def fused_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gat
         alignment = align(ids, gate.shape[0], config.block_m)
     hidden = expert_hidden(x, ids, gate, up, limit=limit, alpha=alpha, bias=(gb, ub), scale=(gs, us), block=block,
                            alignment=alignment, config=config)
-    out = expert_out(hidden, ids, None if want_out else weights, down, bias=db, scale=ds, block=block,
-                     alignment=alignment, config=config)
-    y = moe_sum(out, weights if want_out else None)
+    out = expert_out(hidden, ids, None, down, bias=db, scale=ds, block=block, alignment=alignment, config=config)
+    y = moe_sum(out, weights)
     return y, hidden if want_hidden else None, out if want_out else None

@@ -2,7 +2,7 @@
 checkpoint, run hooked, plain, chunked and hook-edited forwards and a trace, and save what this rank saw.
 
 usage: torchrun --nproc-per-node N tests/distributed_worker.py CHECKPOINT OUT_DIR LENGTH [--mismatch-hooks]
-                                                                          [--tensor-parallel T] [--backend B]
+                                                           [--tensor-parallel T] [--backend B] [--dtype D]
 """
 
 from __future__ import annotations
@@ -74,8 +74,9 @@ def main() -> None:
     rank, world = distributed.init()
     tp = int(sys.argv[sys.argv.index("--tensor-parallel") + 1]) if "--tensor-parallel" in sys.argv else 1
     backend = sys.argv[sys.argv.index("--backend") + 1] if "--backend" in sys.argv else "auto"
+    dtype = getattr(torch, sys.argv[sys.argv.index("--dtype") + 1]) if "--dtype" in sys.argv else torch.float32
     calls = count_backends()
-    model = wb.load(folder, dtype=torch.float32, tensor_parallel=tp, backend=backend)
+    model = wb.load(folder, dtype=dtype, tensor_parallel=tp, backend=backend)
     if "--mismatch-hooks" in sys.argv:
         with model.hooks({"logits": lambda x, ctx: None} if rank == 1 else {}):
             model(torch.zeros(1, 3, dtype=torch.long))

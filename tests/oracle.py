@@ -6,6 +6,7 @@ transformers is a dev-only dependency; only tests import it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,22 @@ def make_checkpoint(config, folder: Path, seed: int = 0, scale: float = 0.3):
     perturb(model, seed, scale)
     model.save_pretrained(folder)
     return model
+
+
+def legacy_rope(folder: Path):
+    """Rewrite folder's config.json in the pre-5.x transformers layout (top-level `rope_theta`, a `rope_scaling` dict
+    keyed `type`, null when unscaled, instead of `rope_parameters`) and return transformers' model read from it: the
+    oracle run with the same config file."""
+    import transformers
+
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    rope = dict(config.pop("rope_parameters"))
+    config["rope_theta"], kind = rope.pop("rope_theta"), rope.pop("rope_type")
+    assert kind != "default" or not rope, rope
+    config["rope_scaling"] = None if kind == "default" else {"type": kind, **rope}
+    path.write_text(json.dumps(config, indent=2))
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def input_ids(vocab: int, seed: int = 1, length: int = T) -> torch.Tensor:

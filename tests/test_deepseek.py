@@ -10,7 +10,7 @@ import transformers as tf
 from safetensors.torch import load_file, save_file
 
 import workbench as wb
-from oracle import assert_parity, make_checkpoint, routing_is_nontrivial
+from oracle import assert_parity, legacy_rope, make_checkpoint, routing_is_nontrivial
 from workbench.config import Config
 from workbench.models.deepseek import _at_least, router_spec
 
@@ -62,6 +62,33 @@ def test_parity(tmp_path, name, config):
     if "groups" in name:  # the perturbed correction bias was loaded, in fp32
         bias = out["model"].layers[str(first)].ffn.router.correction_bias
         assert bias.dtype == torch.float32 and bias.abs().max() > 0.05
+
+
+def test_legacy_rope_config(tmp_path):
+    """A config in the pre-5.x layout, as DeepSeek-V3's own config.json writes it (`rope_theta` and a `rope_scaling`
+    dict with `type: yarn`, no `rope_parameters`): the oracle's logits, routing and YaRN softmax scale."""
+    make_checkpoint(v3(rope_parameters=YARN, n_group=4, topk_group=2), tmp_path)
+    hf = legacy_rope(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_parameters" not in config and config["rope_scaling"]["type"] == "yarn"
+    assert hf.config.rope_parameters["rope_type"] == "yarn" and hf.config.rope_parameters["factor"] == 8.0
+    model = check(tmp_path, hf)["model"]
+    m = 0.1 * 0.7 * torch.log(torch.tensor(8.0)).item() + 1
+    assert model.layers["0"].attn.scale == pytest.approx(16**-0.5 * m * m)
+
+
+@pytest.mark.parametrize("name,config,interleaved", [
+    ("v3-interleaved", lambda: v3(rope_interleave=True), True),
+    ("v3-halves", lambda: v3(rope_interleave=False, rope_parameters=YARN), False),
+    ("v2-ignores-the-field", lambda: v2(rope_interleave=False), True),  # transformers' V2 always pairs adjacent
+])
+def test_rope_interleave(tmp_path, name, config, interleaved):
+    """DeepSeek-V3's `rope_interleave: false` rotates MLA's rope channels as two halves (rotate-half), as transformers
+    does; true (the default) in adjacent pairs."""
+    hf = make_checkpoint(config(), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["rope_interleave"] is (name == "v3-interleaved")
+    model = check(tmp_path, hf)["model"]
+    assert model.layers["0"].attn.rotary.interleaved is interleaved
 
 
 def test_yarn_scales_softmax(tmp_path):

@@ -1,9 +1,11 @@
 """Parity of the dense baselines (Llama, Qwen2) and Mixtral with the transformers oracle."""
 
+import json
+
 import pytest
 import transformers as tf
 
-from oracle import assert_parity, make_checkpoint, routing_is_nontrivial
+from oracle import assert_parity, legacy_rope, make_checkpoint, routing_is_nontrivial
 
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -30,3 +32,16 @@ def test_mixtral_parity(tmp_path, window):
     hf = make_checkpoint(cfg, tmp_path)
     out = assert_parity(tmp_path, hf, COMMON["vocab_size"])
     assert routing_is_nontrivial(out["cache"])
+
+
+def test_mixtral_legacy_rope_config(tmp_path):
+    """Mixtral's config.json as released (pre-5.x layout: top-level `rope_theta`, `rope_scaling: null`): the
+    oracle's logits and routing."""
+    cfg = tf.MixtralConfig(**COMMON, num_local_experts=6, num_experts_per_tok=2,
+                           rope_parameters=dict(rope_type="default", rope_theta=1e6))
+    make_checkpoint(cfg, tmp_path)
+    hf = legacy_rope(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_parameters" not in config and config["rope_theta"] == 1e6 and config["rope_scaling"] is None
+    assert hf.config.rope_parameters == {"rope_type": "default", "rope_theta": 1e6}
+    assert routing_is_nontrivial(assert_parity(tmp_path, hf, COMMON["vocab_size"])["cache"])

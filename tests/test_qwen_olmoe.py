@@ -8,7 +8,7 @@ import transformers as tf
 from safetensors.torch import load_file, save_file
 
 import workbench as wb
-from oracle import assert_parity, input_ids, make_checkpoint, routing_is_nontrivial
+from oracle import assert_parity, input_ids, legacy_rope, make_checkpoint, routing_is_nontrivial
 
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -54,6 +54,18 @@ def test_parity(tmp_path, name, config, moe_layers, shared):
     out = assert_parity(tmp_path, hf, COMMON["vocab_size"])
     assert routing_is_nontrivial(out["cache"])
     check_layers(out["model"], moe_layers, shared)
+
+
+def test_qwen2_legacy_rope_config(tmp_path):
+    """Qwen2-MoE's config in the pre-5.x layout, YaRN-scaled as Qwen's long-context configs are (`rope_theta` and a
+    `rope_scaling` dict with `type: yarn`, no `rope_parameters`): the oracle's logits and routing."""
+    make_checkpoint(qwen2(rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
+                                               original_max_position_embeddings=64)), tmp_path)
+    hf = legacy_rope(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_parameters" not in config and config["rope_theta"] == 1e6 and config["rope_scaling"]["type"] == "yarn"
+    assert hf.config.rope_parameters["rope_type"] == "yarn" and hf.config.rope_parameters["rope_theta"] == 1e6
+    assert routing_is_nontrivial(assert_parity(tmp_path, hf, COMMON["vocab_size"])["cache"])
 
 
 def test_qwen2_norm_topk_prob_read_from_config(tmp_path):

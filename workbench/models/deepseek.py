@@ -29,6 +29,9 @@ DEFAULTS = {
     "kimi_k2": ("noaux_tc", True, 2.5, 3),
     "deepseek_v32": ("noaux_tc", True, 2.5, 3),
 }
+# model types whose `rope_interleave` (default true) says whether MLA's rope channels pair up adjacent or as two
+# halves, as transformers' DeepseekV3 reads it; V2 and V3.2 always pair adjacent channels
+ROPE_INTERLEAVE = ("deepseek_v3", "kimi_k2")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,7 +50,8 @@ class Args(ModelArgs):
     def from_config(cls, cfg: Config) -> Args:
         base = ModelArgs.common(cfg, eps=1e-6)
         moe, moe_inter = tuple(moe_layers(cfg)), cfg.int("moe_intermediate_size")
-        return cls(**vars(base), mla=MLAArgs.from_config(cfg), router=router_spec(cfg), moe=moe,
+        interleaved = cfg.get("model_type") not in ROPE_INTERLEAVE or _flag(cfg, "rope_interleave", True)
+        return cls(**vars(base), mla=MLAArgs.from_config(cfg, interleaved), router=router_spec(cfg), moe=moe,
                    inter=None if all(moe) else cfg.int("intermediate_size"), moe_inter=moe_inter,
                    shared_inter=cfg.int("n_shared_experts", 0, min=0) * moe_inter, act=activation(cfg))
 

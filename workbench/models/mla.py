@@ -30,17 +30,18 @@ class MLAArgs:
     q_rank: int | None  # width of the q latent (q_lora_rank); None: queries projected directly
     bias: bool  # attention_bias, on q_a, kv_a and the output projection
     rope_params: dict[str, Any]  # `Config.rope()`
+    interleaved: bool  # rope channels rotated in adjacent pairs (DeepSeek's layout), else as two halves
 
     @classmethod
-    def from_config(cls, cfg: Config) -> MLAArgs:
+    def from_config(cls, cfg: Config, interleaved: bool) -> MLAArgs:
         return cls(heads=cfg.int("num_attention_heads"), nope=cfg.int("qk_nope_head_dim"),
                    rope=cfg.int("qk_rope_head_dim"), v_dim=cfg.int("v_head_dim"), kv_rank=cfg.int("kv_lora_rank"),
                    q_rank=cfg.int("q_lora_rank") if "q_lora_rank" in cfg else None,
-                   bias=bool(cfg.get("attention_bias", False)), rope_params=cfg.rope())
+                   bias=bool(cfg.get("attention_bias", False)), rope_params=cfg.rope(), interleaved=interleaved)
 
     def rotary(self) -> Rotary:
-        """Adjacent-pair (interleaved) RoPE over the `rope` channels, shared by every layer."""
-        return Rotary(self.rope, self.rope_params, interleaved=True)
+        """RoPE over the `rope` channels, shared by every layer: adjacent pairs, or halves (rotate-half)."""
+        return Rotary(self.rope, self.rope_params, interleaved=self.interleaved)
 
     def softmax_scale(self) -> float:
         """(nope + rope)^-0.5, times mscale^2 when a scaled rope sets `mscale_all_dim` (long-context YaRN)."""

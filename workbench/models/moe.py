@@ -14,15 +14,19 @@ Within the block:
    (global expert ids) on every rank, and an edit made by a hook applies everywhere;
 2. rank r takes the r-th contiguous share of the token rows, sends each (token, slot) pair's input row to the
    rank owning its expert (one all-to-all), the owners run their experts on the rows they received with the
-   model's backend, a second all-to-all returns the outputs, and rank r weighs and sums them and adds its rows'
-   shared expert;
-3. an all-gather gives every rank the whole block output again.
+   model's backend, a second all-to-all returns the outputs, and rank r weighs and sums them (`MoE.combine`);
+3. an all-gather gives every rank the whole routed output again, and every rank adds the shared expert, which
+   it runs on every token.
 
+The result equals one process's bit for bit (on CPUs, with as many threads per process): each expert's matmuls
+see the same rows in the same order as one process's (a CPU matmul over another number of rows may round
+otherwise, which is also why the shared expert runs on all the tokens), and every backend sums the k weighted
+outputs of a token in one way (`MoE.combine`).
 Which rank sends how many rows where follows from the replicated routing, so no counts are exchanged.
-`experts.hidden` / `experts.out` / `shared.out` hooks, when registered, get the whole token-major tensors
-(assembled by an all-reduce, every pair filled by exactly its owner); with none registered nothing extra
-moves. `workbench.distributed` holds the process group, the collectives and each rank's share
-(`ExpertParallel`, whose check makes every rank run a forward with the same hooks and tokens).
+`experts.hidden` / `experts.out` hooks, when registered, get the whole token-major tensors (assembled by an
+all-reduce, every pair filled by exactly its owner); with none registered nothing extra moves.
+`workbench.distributed` holds the process group, the collectives and each rank's share (`ExpertParallel`, whose
+check makes every rank run a forward with the same hooks and tokens).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from torch import nn
 
 from .. import distributed, quant
 from ..hooks import HookPoint, HookRegistry
+from ..kernels import reference_moe_sum
 from ..routing import RouterSpec, router_scores, select_experts, weigh_experts
 from .layers import MLP
 
@@ -246,6 +251,17 @@ class MoE(nn.Module):
             return self.fused(x, ids, weights, tap)
         return self.loop(x, ids, weights, tap)
 
+    def combine(self, outs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """y [N, D] = sum_j weights[:, j] * outs[:, j] of expert outputs [N, k, D]: products and sum in fp32, slots in
+        order, one rounding to the activation dtype (`kernels.reference_moe_sum`, which the `moe_sum` kernel
+        reproduces). Every backend sums this way, hooked or not, on one process or expert-parallel, so that all
+        of them give one result."""
+        if self.backend == "triton":
+            from ..kernels import moe_sum
+
+            return moe_sum(outs, weights)
+        return reference_moe_sum(outs, weights)
+
     def loop(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, tap: Tap) -> torch.Tensor:
         """The "torch" backend, the reference: one expert at a time over the (token, slot) pairs that chose it."""
         N, k = ids.shape
@@ -256,49 +272,41 @@ class MoE(nn.Module):
             for e, tok, slot in groups:
                 hidden[tok, slot] = self.experts.hidden(e, x[tok])
             hidden = tap(self.hp_hidden, hidden)
-        y = torch.zeros_like(x)
-        outs = x.new_zeros(N, k, x.shape[-1]) if self.hp_expert_out.active else None
+        outs = x.new_zeros(N, k, x.shape[-1])
         for e, tok, slot in groups:
             h = hidden[tok, slot] if hidden is not None else self.experts.hidden(e, x[tok])
-            o = self.experts.down(e, h)
-            if outs is not None:
-                outs[tok, slot] = o
-            else:
-                y.index_add_(0, tok, o * weights[tok, slot, None])
-        if outs is not None:
+            outs[tok, slot] = self.experts.down(e, h)
+        if self.hp_expert_out.active:
             outs = tap(self.hp_expert_out, outs)
-            y = (outs * weights[..., None]).sum(dim=1)
-        return y
+        return self.combine(outs, weights)
 
     def grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, tap: Tap) -> torch.Tensor:
         """The "grouped" backend: the pairs sorted by expert, one gather, each expert's rows one contiguous matmul,
-        one scatter-add (the CPU fast path). Per-expert hooks get per-pair copies of the sorted buffers, made only
-        while a hook asks."""
+        the outputs put back in pair order and combined (the CPU fast path). Per-expert hooks get per-pair copies
+        of the sorted buffers, made only while a hook asks."""
         N, k = ids.shape
         pairs = ids.flatten()
         order = torch.sort(pairs, stable=True).indices  # row-major within each expert
         ends = torch.bincount(pairs, minlength=self.experts.gate_proj.shape[0]).cumsum(0).tolist()
-        rows, tokens = x[order // k], order // k
-        if not (self.hp_hidden.active or self.hp_expert_out.active):  # each block straight into the output
-            y, w = torch.zeros_like(x), weights.flatten()[order, None]
-            for e, block in expert_blocks(ends):
-                out = self.experts.down(e, self.experts.hidden(e, rows[block]))
-                y.index_add_(0, tokens[block], out * w[block])
-            return y
-        hidden = self.experts.grouped_hidden(rows, ends)
+        rows = x[order // k]
         if self.hp_hidden.active:
+            hidden = self.experts.grouped_hidden(rows, ends)
             hidden = tap(self.hp_hidden, _by_pair(hidden, order, k)).flatten(0, 1)[order]
-        out = self.experts.grouped_down(hidden, ends)
+            out = self.experts.grouped_down(hidden, ends)
+        else:  # each block's activation stays in cache; its output overwrites its input rows unless autograd
+            out = torch.empty_like(rows) if rows.requires_grad and torch.is_grad_enabled() else rows  # needs them
+            for e, block in expert_blocks(ends):
+                out[block] = self.experts.down(e, self.experts.hidden(e, rows[block]))
+        outs = _by_pair(out, order, k)
         if self.hp_expert_out.active:
-            outs = tap(self.hp_expert_out, _by_pair(out, order, k))
-            return (outs * weights[..., None]).sum(dim=1)
-        return torch.zeros_like(x).index_add_(0, tokens, out * weights.flatten()[order, None])
+            outs = tap(self.hp_expert_out, outs)
+        return self.combine(outs, weights)
 
     def fused(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, tap: Tap) -> torch.Tensor:
         """The "triton" backend (workbench.kernels): row gather, grouped GEMMs and the gated activation fused.
         Quantised experts go in as held (codes, scales and their block). Per-expert hooks read the kernels' own
         per-pair intermediates; after a hook edits them the later stages rerun on the edit."""
-        from ..kernels import expert_out, fused_experts, moe_sum
+        from ..kernels import expert_out, fused_experts
 
         ex = self.experts
         if ex.alpha is None and ex.act is not F.silu:
@@ -315,16 +323,16 @@ class MoE(nn.Module):
             if not torch.equal(edited, hidden):
                 outs = expert_out(edited, ids, None, ex.down_proj, bias=ex.down_bias, scale=ex.down_proj_scale,
                                   **held)
-                y = moe_sum(outs, weights)
+                y = self.combine(outs, weights)
         if want_out:
             outs = tap(self.hp_expert_out, outs)
-            y = moe_sum(outs, weights)
+            y = self.combine(outs, weights)
         return y
 
     def _expert_parallel(self, x: torch.Tensor, token_ids: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """The block over flat tokens x [n, H] (the same on every rank) with this rank's experts, run by the
         backend on the rows this rank receives (see the module docstring); returns the block output [n, H]
-        (before the `moe.out` hook), the same on every rank."""
+        (before the `moe.out` hook), the same on every rank and the same as one process's."""
         ep = self.parallel
         ids, weights = self.router(x, shape, token_ids)
         n, k = ids.shape
@@ -339,7 +347,8 @@ class MoE(nn.Module):
         # dispatch: this rank's pairs, ordered by owner (stable, so row-major within each owner)
         pair = torch.sort(owner[lo * k:hi * k], stable=True).indices + lo * k  # global pair index of each row sent
         got = distributed.all_to_all_rows(x[pair // k], send, recv)
-        # received rows, by source rank then row-major: exactly the pairs this rank owns, in flat order
+        # received rows, by source rank then row-major: exactly the pairs this rank owns, in flat order, so each
+        # expert's rows are the ones it gets on one process, in the same order
         held = (owner == ep.rank).nonzero().squeeze(1)
         local = ids.flatten()[held, None] - ep.owned.start  # each row one pair [m, 1] of this rank's experts
         token_major = _token_major(ids, shape)
@@ -349,22 +358,14 @@ class MoE(nn.Module):
             full = distributed.all_reduce_rows(t.flatten(0, 1), held, n * k)
             return token_major(hp, full.view(n, k, -1)).flatten(0, 1)[held, None]
 
-        out = self.routed(got, local, got.new_ones(local.shape), shape, whole)  # unweighted expert outputs
+        out = self.routed(got, local, got.new_ones(local.shape), shape, whole)  # unweighted (weights 1: exact)
         back = distributed.all_to_all_rows(out, recv, send)  # combine: outputs return in the order sent
-        if self.hp_expert_out.active:  # the hook's outputs, weighed and summed in slot order as one process does
-            outs = torch.empty_like(back)
-            outs[pair - lo * k] = back
-            y = (outs.view(hi - lo, k, x.shape[-1]) * weights[lo:hi, :, None]).sum(dim=1)
-        else:  # each token's experts added in ascending id order, as the torch and grouped backends add them
-            add = torch.sort(ids.flatten()[pair] + (pair // k) * ep.experts, stable=True).indices
-            y = x.new_zeros(hi - lo, x.shape[-1])
-            y.index_add_(0, pair[add] // k - lo, (back * weights.flatten()[pair, None])[add])
+        outs = torch.empty_like(back)
+        outs[pair - lo * k] = back  # this rank's rows' pairs, token-major
+        y = distributed.all_gather_rows(self.combine(outs.view(hi - lo, k, x.shape[-1]), weights[lo:hi]), ep, n)
         if self.shared is not None:
-            s = self.shared_out(x[lo:hi])
-            if self.hp_shared.active:
-                s = self.hp_shared(distributed.all_gather_rows(s, ep, n).view(*shape, -1)).flatten(0, -2)[lo:hi]
-            y = y + s
-        return distributed.all_gather_rows(y, ep, n)
+            y = y + self.hp_shared(self.shared_out(x).view(*shape, -1)).flatten(0, -2)
+        return y
 
 
 def _token_major(ids: torch.Tensor, shape: tuple[int, ...]) -> Tap:
@@ -378,7 +379,6 @@ def _token_major(ids: torch.Tensor, shape: tuple[int, ...]) -> Tap:
 
 
 def _by_pair(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
-    """Rows sorted by expert (row i holds pair order[i]) as the per-pair tensor [N, k, D]."""
-    out = torch.empty_like(rows)
-    out[order] = rows
-    return out.view(len(rows) // k, k, rows.shape[-1])
+    """Rows sorted by expert (row i holds pair order[i]) as the per-pair tensor [N, k, D] (a gather by the inverse
+    permutation: a CPU row gather is faster than the scatter `out[order] = rows`)."""
+    return rows.index_select(0, torch.argsort(order)).view(len(rows) // k, k, rows.shape[-1])
