@@ -113,13 +113,17 @@ def test_a_state_continues_where_generate_stopped(v4, greedy):
 
 
 def test_hooks_see_absolute_positions_at_every_step(v4, greedy):
-    seen = []
+    seen, heads = [], []
     with v4.hooks({"layers.0.resid_pre": lambda x, ctx: seen.append((ctx.positions, ctx.input_ids))}):
         out = v4.generate(IDS, 8, chunk_tokens=10)
     assert torch.equal(out, greedy)
     assert [len(p) for p, _ in seen] == [10, 10, T - 20] + [1] * 7
     assert torch.equal(torch.cat([p for p, _ in seen]), torch.arange(T + 7))
     assert torch.equal(torch.cat([i for _, i in seen], 1), greedy[:, :-1])  # the last token is never fed
+    # the output head skips the prompt's first chunks unless a hook would see them
+    with v4.hooks({"logits": lambda x, ctx: heads.append(ctx.positions)}):
+        v4.generate(IDS, 8, chunk_tokens=10)
+    assert torch.equal(torch.cat(heads), torch.arange(T + 7))
 
 
 @pytest.mark.parametrize("tokens", [[5], [T + 2], [3, T, T + 5]])

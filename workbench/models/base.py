@@ -229,8 +229,9 @@ class CausalLM(nn.Module):
         once every row has. `cache`: a State to continue (`ids` start at its offset) and to keep; afterwards it
         holds every returned id but the last, so `generate(out[:, -1:], n, cache=cache)` goes on from there.
         """
-        ids, stop_ids, generator = self._check_generate(ids, max_new_tokens, do_sample, temperature, top_p, seed,
-                                                        stop, chunk_tokens)
+        max_new_tokens = _count(max_new_tokens, "max_new_tokens", 0)
+        chunk_tokens = _count(chunk_tokens, "chunk_tokens", 1)
+        ids, stop_ids, generator = self._check_generate(ids, do_sample, temperature, top_p, seed, stop)
         if max_new_tokens == 0:
             return ids
         cache = State() if cache is None else cache
@@ -254,14 +255,11 @@ class CausalLM(nn.Module):
                     break
         return torch.cat(out, dim=1)
 
-    def _check_generate(self, ids: Any, max_new_tokens: Any, do_sample: bool, temperature: Any, top_p: Any,
-                        seed: Any, stop: Any, chunk_tokens: Any) -> tuple[torch.Tensor, torch.Tensor,
-                                                                         torch.Generator | None]:
-        """`generate`'s arguments checked (InputError saying why): the ids, the stop ids [S], and the seeded
+    def _check_generate(self, ids: Any, do_sample: bool, temperature: Any, top_p: Any, seed: Any,
+                        stop: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Generator | None]:
+        """`generate`'s other arguments checked (InputError saying why): the ids, the stop ids [S], and the seeded
         generator (None: torch's global one)."""
         ids = self._check_ids(ids)
-        _count(max_new_tokens, "max_new_tokens", 0)
-        _count(chunk_tokens, "chunk_tokens", 1)
         if do_sample and not (isinstance(temperature, numbers.Real) and 0 < temperature < math.inf):
             raise InputError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
         if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
