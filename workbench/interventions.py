@@ -201,17 +201,27 @@ def scale_router_logits(layers: int | Iterable[int], factor: float, experts: Ite
 
 def patch(name: str, source: torch.Tensor, tokens: Tokens = None) -> Hooks:
     """Replace hook `name`'s tensor with `source` (e.g. `cache[name]` from another run) at the selected tokens;
-    `name` is one exact hook name (a glob would write the same tensor into several points)."""
+    `name` is one exact hook name (a glob would write the same tensor into several points).
+
+    Axis 1 of `source` [B, S, ...] is absolute positions 0..S-1, so a chunked forward or `generate`'s steps take
+    the rows of their own positions; a selected position past S-1 raises HookError (select the positions the
+    source covers, e.g. tokens=range(S) to patch only a prompt while generating).
+    """
     tokens = _tokens(tokens, "patch")
 
     def fn(x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
         if ctx.name != name:
             raise HookError(f"patch: {name!r} is a pattern (it matched {ctx.name!r}); patch one hook name at a time")
-        if source.shape != x.shape:
-            raise ValueError(f"patch: source for {name!r} has shape {tuple(source.shape)}, the run has {tuple(x.shape)}")
+        if source.dim() != x.dim() or source.shape[0] != x.shape[0] or source.shape[2:] != x.shape[2:]:
+            raise ValueError(f"patch: source for {name!r} has shape {tuple(source.shape)}, the run has "
+                             f"{tuple(x.shape)} (axis 1: positions)")
         sel = _token_mask(tokens, ctx)
+        pos = ctx.positions[sel]
+        if pos.numel() and int(pos.max()) >= source.shape[1]:
+            raise HookError(f"patch on {name!r}: the source covers positions 0 to {source.shape[1] - 1}, this "
+                            f"forward patches position {int(pos.max())}; select only covered positions (tokens=)")
         out = x.clone()
-        out[:, sel] = source.to(device=x.device, dtype=x.dtype)[:, sel]
+        out[:, sel] = source[:, pos.to(source.device)].to(device=x.device, dtype=x.dtype)
         return out
 
     return [(name, fn)]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -9,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..config import Config
 from ..errors import CheckpointError, InputError, NonFiniteError
@@ -210,6 +214,97 @@ class CausalLM(nn.Module):
         with self.hooks([(p, keep) for p in patterns]):
             logits = self(input_ids, **kwargs)
         return logits, {n: cache[n] for n in self.hook_names if n in cache}
+
+    @torch.no_grad()
+    def generate(self, ids: Any, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int | None = None, stop: int | Iterable[int] | None = None,
+                 cache: State | None = None, chunk_tokens: int = 8192, progress: bool = True) -> torch.Tensor:
+        """Ids [B, T + new] (LongTensor): `ids` [B, T] (or [T]) followed by up to `max_new_tokens` tokens, greedy
+        (argmax, the lowest id on ties) or sampled (`do_sample`: logits / `temperature`, then the nucleus of
+        probability mass `top_p`; `seed` makes the draws reproducible).
+
+        The prompt is prefilled `chunk_tokens` at a time, then each new token is one forward step of the
+        incremental state, so registered hooks and interventions fire at every step with absolute positions.
+        A row that emits a `stop` id has finished: its later tokens repeat that id, and generation ends early
+        once every row has. `cache`: a State to continue (`ids` start at its offset) and to keep; afterwards it
+        holds every returned id but the last, so `generate(out[:, -1:], n, cache=cache)` goes on from there.
+        """
+        max_new_tokens = _count(max_new_tokens, "max_new_tokens", 0)
+        chunk_tokens = _count(chunk_tokens, "chunk_tokens", 1)
+        ids, stop_ids, generator = self._check_generate(ids, do_sample, temperature, top_p, seed, stop)
+        if max_new_tokens == 0:
+            return ids
+        cache = State() if cache is None else cache
+        # the output head runs on every prompt chunk only where a final.* / logits hook would see it
+        head_hooked = any(hp.active for hp in self._hooks.points.values() if hp.layer is None)
+        chunks = ids.split(chunk_tokens, dim=1)
+        for i, chunk in enumerate(chunks):
+            logits = self(chunk, cache=cache, head=head_hooked or i == len(chunks) - 1)
+        out, done = [ids], torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        quiet = not progress or max_new_tokens <= 64
+        with tqdm(total=max_new_tokens, desc="generate", unit="tok", disable=quiet) as bar:
+            for step in range(max_new_tokens):
+                if step:
+                    logits = self(out[-1], cache=cache)
+                token = _next_token(logits[:, -1], do_sample, temperature, top_p, generator)
+                token = torch.where(done, out[-1][:, -1], token)  # a finished row repeats its stop id
+                out.append(token[:, None])
+                bar.update()
+                done |= torch.isin(token, stop_ids)
+                if done.all():
+                    break
+        return torch.cat(out, dim=1)
+
+    def _check_generate(self, ids: Any, do_sample: bool, temperature: Any, top_p: Any, seed: Any,
+                        stop: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Generator | None]:
+        """`generate`'s other arguments checked (InputError saying why): the ids, the stop ids [S], and the seeded
+        generator (None: torch's global one)."""
+        ids = self._check_ids(ids)
+        if do_sample and not (isinstance(temperature, numbers.Real) and 0 < temperature < math.inf):
+            raise InputError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
+        if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+            raise InputError(f"top_p must lie in (0, 1], got {top_p!r}")
+        try:
+            stop_ids = torch.as_tensor([] if stop is None else stop, device=ids.device).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            stop_ids = None
+        if stop_ids is None or stop_ids.numel() and (stop_ids.dtype.is_floating_point or stop_ids.is_complex()
+                                                     or stop_ids.dtype == torch.bool):
+            raise InputError(f"stop must be a token id or a sequence of token ids, got {stop!r}")
+        stop_ids = stop_ids.long()
+        if stop_ids.numel() and not (0 <= int(stop_ids.min()) and int(stop_ids.max()) < self.vocab_size):
+            raise InputError(f"stop ids {stop_ids.tolist()} must lie in the vocabulary [0, {self.vocab_size})")
+        if seed is None:
+            if do_sample and self.parallel is not None:
+                raise InputError("sampling under expert parallelism needs a seed, so that every rank draws the "
+                                 "same tokens")
+            return ids, stop_ids, None
+        return ids, stop_ids, torch.Generator(device=ids.device).manual_seed(_count(seed, "seed", 0))
+
+
+def _count(value: Any, what: str, least: int) -> int:
+    """An integer argument >= `least` (not a bool), else InputError."""
+    try:
+        n = operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or isinstance(value, bool) or n < least:
+        raise InputError(f"{what} must be an integer >= {least}, got {value!r}")
+    return n
+
+
+def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """The next id per row [B] from the last position's logits [B, vocab]: argmax, or a draw from the nucleus
+    (the most probable tokens whose mass first reaches `top_p`) of softmax(logits / temperature)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p < 1:
+        ranked, order = probs.sort(-1, descending=True)
+        outside = ranked.cumsum(-1) - ranked >= top_p  # the mass of the likelier tokens already reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, ranked.masked_fill(outside, 0))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def _finite(x: torch.Tensor, ctx: HookContext) -> None:
