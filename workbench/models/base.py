@@ -207,7 +207,8 @@ class CausalLM(nn.Module):
         the rest of the forward reads it (zeros where the metric does not depend on it). Routing: gradients flow
         through the top-k weights and the expert outputs; the discrete selection has none, so the integer points
         (`router.topk_ids`, indexer picks) are left out of grads. The Triton kernels have no backward: under
-        autograd the `triton` backend runs the `grouped` backend's torch ops (the same sums; README, "Gradients").
+        autograd the `triton` backend runs the `grouped` backend's torch ops (the same sums; README,
+        "Gradients and attribution").
         """
         if grad != (metric is not None):
             raise ValueError("run_with_cache: pass grad=True together with metric (a callable logits -> scalar)")
