@@ -36,7 +36,8 @@ def main() -> None:
     model = wb.load(EMBEDDED_MODEL, dtype=torch.float32)
     texts = heldout_texts(8 * args.tokens)
     print(f"model {EMBEDDED_MODEL.name}, float32, backend {model.backend}, {args.tokens} tokens per prompt")
-    print(f"{'domain':>10} {'spearman':>9} {'|spearman|':>10} {'top-10 in top-20':>17} {'estimate s':>10} {'sweep s':>8}")
+    print(f"{'domain':>10} {'spearman':>9} {'|spearman|':>10} {'top-10 in top-20':>17} {'estimate s':>10} "
+          f"{'sweep s':>8}")
     for domain in args.domains:
         ids = torch.tensor(model.tokenizer.encode(texts[domain].decode())[: args.tokens])[None]
 

@@ -64,7 +64,8 @@ def ablation_sweep(model: CausalLM, ids: torch.Tensor, metric: Metric, *, progre
         logits, cache = model.run_with_cache(ids, [f"layers.{i}.router.topk_ids" for i in layers])
         clean = float(metric(logits))
         exact = np.zeros((len(layers), max(layers.values())))
-        pairs = [(j, i, e) for j, i in enumerate(layers) for e in cache[f"layers.{i}.router.topk_ids"].unique().tolist()]
+        pairs = [(j, i, e) for j, i in enumerate(layers)
+                 for e in cache[f"layers.{i}.router.topk_ids"].unique().tolist()]
         for j, i, e in tqdm(pairs, desc="ablation sweep", unit="ablation", disable=not progress):
             with model.hooks(ablate(i, [e])):
                 exact[j, e] = float(metric(model(ids))) - clean

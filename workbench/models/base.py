@@ -88,6 +88,9 @@ def tensor_bytes(d: dict) -> int:
                for v in d.values())
 
 
+Cache = dict[str, torch.Tensor]  # hook name -> tensor
+
+
 class CausalLM(nn.Module):
     """A decoder-only language model with named hook points (vocabulary: docs/architecture.md, "Hook points").
 
@@ -199,7 +202,7 @@ class CausalLM(nn.Module):
     def run_with_cache(
         self, input_ids: torch.Tensor, names: Iterable[str] | None = None, *, grad: bool = False,
         metric: Callable[[torch.Tensor], torch.Tensor] | None = None, **kwargs: Any
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, Cache] | tuple[torch.Tensor, Cache, Cache]:
         """Forward once and return (logits, {hook name: tensor}) for the hook names/globs asked (all if None).
 
         With `grad=True` and `metric` (logits -> a scalar tensor) autograd records the forward and the return is
@@ -233,11 +236,11 @@ class CausalLM(nn.Module):
             return logits, {n: cache[n] for n in self.hook_names if n in cache}
         if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
             raise ValueError(f"run_with_cache: metric must return a floating scalar tensor, got {value!r:.80}")
-        names = [n for n in self.hook_names if n in cache]
-        wrt = [n for n in names if cache[n].requires_grad]
+        kept = [n for n in self.hook_names if n in cache]
+        wrt = [n for n in kept if cache[n].requires_grad]
         found = torch.autograd.grad(value.reshape(()), [cache[n] for n in wrt], allow_unused=True)
         grads = {n: torch.zeros_like(cache[n]) if g is None else g for n, g in zip(wrt, found)}
-        return logits.detach(), {n: cache[n].detach() for n in names}, grads
+        return logits.detach(), {n: cache[n].detach() for n in kept}, grads
 
 
 def _recorded(x: torch.Tensor) -> torch.Tensor:
