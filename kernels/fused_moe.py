@@ -125,11 +125,13 @@ def reference_expert_out(hidden: torch.Tensor, ids: torch.Tensor, weights: torch
 
 
 def reference_moe_sum(out: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """y [N, H] = sum over slots of out [N, k, H] (times weights [N, k] if given), in fp32, in slot order, rounded
-    once to out's dtype: how every backend of the model combines expert outputs (`MoE.combine`)."""
-    y = torch.zeros(out.shape[0], out.shape[2], dtype=torch.float32, device=out.device)
+    """y [N, H] = sum over slots of out [N, k, H] (times weights [N, k] if given), in fp32 (fp64 for fp64 outputs),
+    in slot order, rounded once to out's dtype: how every backend of the model combines expert outputs
+    (`MoE.combine`)."""
+    acc = torch.promote_types(out.dtype, torch.float32)
+    y = torch.zeros(out.shape[0], out.shape[2], dtype=acc, device=out.device)
     for j in range(out.shape[1]):
-        y += out[:, j].float() if weights is None else out[:, j].float() * weights[:, j, None].float()
+        y += out[:, j].to(acc) if weights is None else out[:, j].to(acc) * weights[:, j, None].to(acc)
     return y.to(out.dtype)
 
 

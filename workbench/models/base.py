@@ -92,6 +92,9 @@ def tensor_bytes(d: dict) -> int:
                for v in d.values())
 
 
+Cache = dict[str, torch.Tensor]  # hook name -> tensor
+
+
 class CausalLM(nn.Module):
     """A decoder-only language model with named hook points (vocabulary: docs/architecture.md, "Hook points").
 
@@ -200,20 +203,54 @@ class CausalLM(nn.Module):
         patterns = [names] if isinstance(names, str) else list(names)
         return self.hooks([(p, _finite) for p in patterns])
 
-    @torch.no_grad()
     def run_with_cache(
-        self, input_ids: torch.Tensor, names: Iterable[str] | None = None, **kwargs: Any
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward once and return (logits, {hook name: tensor}) for the hook names/globs asked (all if None)."""
+        self, input_ids: torch.Tensor, names: Iterable[str] | None = None, *, grad: bool = False,
+        metric: Callable[[torch.Tensor], torch.Tensor] | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, Cache] | tuple[torch.Tensor, Cache, Cache]:
+        """Forward once and return (logits, {hook name: tensor}) for the hook names/globs asked (all if None).
+
+        With `grad=True` and `metric` (logits -> a scalar tensor) autograd records the forward and the return is
+        (logits, cache, grads): grads[name] is d metric / d tensor at each cached floating point, the tensor as
+        the rest of the forward reads it (zeros where the metric does not depend on it). Routing: gradients flow
+        through the top-k weights and the expert outputs; the discrete selection has none, so the integer points
+        (`router.topk_ids`, indexer picks) are left out of grads. The Triton kernels have no backward: under
+        autograd the `triton` backend runs the `grouped` backend's torch ops (the same sums; README,
+        "Gradients and attribution").
+        """
+        if grad != (metric is not None):
+            raise ValueError("run_with_cache: pass grad=True together with metric (a callable logits -> scalar)")
+        if grad and self.parallel is not None:
+            raise ValueError("run_with_cache(grad=True) does not run expert-parallel: the collectives have no "
+                             "backward; load the model on one process")
         patterns = ["*"] if names is None else list(names)
         cache: dict[str, torch.Tensor] = {}
 
-        def keep(x: torch.Tensor, ctx) -> None:
-            cache[ctx.name] = x.detach().clone()
+        def keep(x: torch.Tensor, ctx) -> torch.Tensor | None:
+            if not grad or not x.is_floating_point():
+                cache[ctx.name] = x.detach().clone()
+                return None
+            cache[ctx.name] = x = _recorded(x).view_as(x)  # its own node: the gradient of this point alone
+            return x
 
-        with self.hooks([(p, keep) for p in patterns]):
+        first = [(self.hook_names[0], lambda x, ctx: _recorded(x))] if grad else []  # every activation records
+        with torch.set_grad_enabled(grad), self.hooks(first + [(p, keep) for p in patterns]):
             logits = self(input_ids, **kwargs)
-        return logits, {n: cache[n] for n in self.hook_names if n in cache}
+            value = metric(logits) if grad else None
+        if not grad:
+            return logits, {n: cache[n] for n in self.hook_names if n in cache}
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"run_with_cache: metric must return a floating scalar tensor, got {value!r:.80}")
+        kept = [n for n in self.hook_names if n in cache]
+        wrt = [n for n in kept if cache[n].requires_grad]
+        found = torch.autograd.grad(value.reshape(()), [cache[n] for n in wrt], allow_unused=True)
+        grads = {n: torch.zeros_like(cache[n]) if g is None else g for n, g in zip(wrt, found)}
+        return logits.detach(), {n: cache[n].detach() for n in kept}, grads
+
+
+def _recorded(x: torch.Tensor) -> torch.Tensor:
+    """x as autograd records it: itself where it already does, else a new leaf (a floating point reached by no
+    recorded op, e.g. under a model whose parameters do not require grad)."""
+    return x if x.requires_grad or not x.is_floating_point() else x.detach().requires_grad_()
 
     @torch.no_grad()
     def generate(self, ids: Any, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,

@@ -38,11 +38,17 @@ def activation(cfg: Config, key: str = "hidden_act") -> Any:
     return ACTIVATIONS[cfg.choice(key, tuple(ACTIVATIONS), "silu")]
 
 
+def recording(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on `tensors`: the Triton kernels have no backward, so their callers take
+    the torch path then (the `grouped` backend's ops, the dequantised weight)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class BlockFP8Linear(nn.Module):
     """A linear layer held as published: FP8 e4m3 codes `weight` [out, in] with one fp32 multiplier per `block`
     in `weight_scale` (docs/references.md, "Quantised formats"). `workbench.load` puts it where a checkpoint
     stores an nn.Linear's weight in FP8, under the same name. On CUDA the kernel multiplies the codes directly;
-    elsewhere the weight is dequantised to the activation dtype for each call."""
+    elsewhere (and under autograd) the weight is dequantised to the activation dtype for each call."""
 
     def __init__(self, linear: nn.Linear, block: tuple[int, int]):
         super().__init__()
@@ -60,7 +66,7 @@ class BlockFP8Linear(nn.Module):
         return quant.dequantize_into(out, self.weight, self.weight_scale, self.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
+        if x.is_cuda and not recording(x):
             from ..kernels import block_fp8_linear
 
             y = block_fp8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale, self.block)

@@ -43,7 +43,7 @@ from .. import distributed, quant
 from ..hooks import HookPoint, HookRegistry
 from ..kernels import reference_moe_sum
 from ..routing import RouterSpec, router_scores, select_experts, weigh_experts
-from .layers import MLP
+from .layers import MLP, recording
 
 # passes a backend's per-pair tensor [N, k, D] (pair = (row, slot)) through a per-expert hook point
 Tap = Callable[[HookPoint, torch.Tensor], torch.Tensor]
@@ -81,7 +81,8 @@ class Router(nn.Module):
         """Route flat tokens x [N, H] with ids [N]; hooks see token-major tensors of `shape` [B, T, ...]."""
         logits = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         logits = self.hp_logits(logits.view(*shape, -1)).flatten(0, -2)
-        if self.backend == "triton" and not self.hp_scores.active and type(self).select is Router.select:
+        if self.backend == "triton" and not self.hp_scores.active and type(self).select is Router.select \
+                and not recording(logits):
             from ..kernels import route
 
             chosen, weights = route(logits, self.spec, self.correction_bias)
@@ -155,7 +156,7 @@ class Experts(nn.Module):
         if scale is None:
             return w
         shape = (w.shape[0], w.shape[1] * 2 if w.dtype == torch.uint8 else w.shape[1])
-        if torch.is_grad_enabled() and x.requires_grad:
+        if recording(x):
             out = torch.empty(shape, dtype=x.dtype, device=w.device)
         else:
             buf = self._buffer
@@ -245,8 +246,8 @@ class MoE(nn.Module):
         """Sum_k weights[:, k] * expert_{ids[:, k]}(x) by the backend. The per-expert hooks see the [N, k, D] pair
         tensors through `tap`: by default token-major [*shape, k, D] (expert parallelism taps whole tensors)."""
         tap = tap or _token_major(ids, shape)
-        if self.backend == "grouped":
-            return self.grouped(x, ids, weights, tap)
+        if self.backend == "grouped" or self.backend == "triton" and recording(x, weights):
+            return self.grouped(x, ids, weights, tap)  # the kernels have no backward: torch ops under autograd
         if self.backend == "triton":
             return self.fused(x, ids, weights, tap)
         return self.loop(x, ids, weights, tap)
@@ -256,7 +257,7 @@ class MoE(nn.Module):
         order, one rounding to the activation dtype (`kernels.reference_moe_sum`, which the `moe_sum` kernel
         reproduces). Every backend sums this way, hooked or not, on one process or expert-parallel, so that all
         of them give one result."""
-        if self.backend == "triton":
+        if self.backend == "triton" and not recording(outs, weights):
             from ..kernels import moe_sum
 
             return moe_sum(outs, weights)
@@ -294,7 +295,7 @@ class MoE(nn.Module):
             hidden = tap(self.hp_hidden, _by_pair(hidden, order, k)).flatten(0, 1)[order]
             out = self.experts.grouped_down(hidden, ends)
         else:  # each block's activation stays in cache; its output overwrites its input rows unless autograd
-            out = torch.empty_like(rows) if rows.requires_grad and torch.is_grad_enabled() else rows  # needs them
+            out = torch.empty_like(rows) if recording(rows) else rows  # needs them
             for e, block in expert_blocks(ends):
                 out[block] = self.experts.down(e, self.experts.hidden(e, rows[block]))
         outs = _by_pair(out, order, k)
