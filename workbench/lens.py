@@ -23,7 +23,7 @@ from .hooks import HookContext
 from .models.base import CausalLM
 from .models.layers import dense_weight
 
-NO_LAYER = -1  # the `layer` / `expert` / `slot` label of a component that has none (the embedding, a block)
+NO_LAYER = -1  # `layer`, `expert` and `slot` of a component without one (the embedding; all but routed slots)
 Part = tuple[tuple[int, str, int, int], torch.Tensor]  # ((layer, kind, expert, slot), share of the logit)
 
 
@@ -57,19 +57,15 @@ def _streams(model: CausalLM) -> bool:
     return "final.hc_pre" in model.hook_names
 
 
-def _collapse(pre: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
-    """The head's collapse of streams [..., n, H] with its weights pre [..., n] into one residual [..., H]."""
-    return (pre[..., None] * streams).sum(-2)
-
-
 def direct_logit_attribution(model: CausalLM, ids: Any, target: int, *, position: int = -1) -> xr.DataArray:
     """Each part's direct contribution to the logit of token `target` at `position` of one sequence `ids`, in fp32:
     the embedding, each layer's attention, dense MLP, shared expert and routed expert slots (the slot's routing
     weight times its expert's output), with the final norm's scale frozen as in the forward.
 
     Dims (component,), labelled by `layer`, `kind` (embed / attn / mlp / shared / expert), `expert` and `slot`
-    (-1 where none); attrs: `logit` (the forward's own), `target`, `position`, `rms` of the final residual. The
-    contributions sum to `logit` up to rounding (no output bias exists to add). See the module docstring.
+    (-1 where none); attrs: `logit` (the forward's own), `target`, `position` with its `token_id`, and `rms` of the
+    final residual. The contributions sum to `logit` up to rounding (no head has a bias to add); see the module
+    docstring.
     """
     if not 0 <= int(target) < model.vocab_size:
         raise InputError(f"target token {target} is outside the vocabulary [0, {model.vocab_size})")
@@ -84,10 +80,10 @@ def direct_logit_attribution(model: CausalLM, ids: Any, target: int, *, position
     got = rec.kept
 
     resid = got[f"layers.{layers[-1]}.resid_post"]  # what the final norm reads, V4: after the head's collapse
-    gain = torch.ones(())  # per block: the scalar carrying its output to the final residual (1 without streams)
+    gain = torch.ones(())  # V4: the streams' weights in the final residual, walked back below block by block
     if streams:
-        gain = got["final.hc_pre"]  # weights of the streams in the final residual, walked back block by block
-        resid = _collapse(gain, resid)
+        gain = got["final.hc_pre"]
+        resid = (gain[:, None] * resid).sum(0)
     rms = torch.sqrt(resid.square().mean() + model.norm.eps)
     row = dense_weight(model.lm_head, torch.float32)[int(target)].float() * model.norm.weight.float()
     direction = row / rms
@@ -105,16 +101,15 @@ def direct_logit_attribution(model: CausalLM, ids: Any, target: int, *, position
                     gain.sum() * (embed[0] @ direction) if streams else embed @ direction)])
     parts = [part for block in reversed(blocks) for part in block]  # forward order
 
-    labels = list(zip(*(label for label, _ in parts)))
-    names_ = [_component_name(*label) for label, _ in parts]
+    labels = [label for label, _ in parts]
+    coords = {"component": [_component_name(*label) for label in labels]}
+    coords |= {dim: ("component", np.array(values)) for dim, values in zip(("layer", "kind", "expert", "slot"),
+                                                                             zip(*labels))}
     return xr.DataArray(
         torch.stack([share for _, share in parts]).cpu().numpy(), dims=("component",), name="logit_contribution",
-        coords={"component": names_, "layer": ("component", np.array(labels[0])),
-                "kind": ("component", np.array(labels[1])), "expert": ("component", np.array(labels[2])),
-                "slot": ("component", np.array(labels[3]))},
-        attrs={"logit": float(logits[0, position, int(target)]), "target": int(target),
-               "position": int(rec.positions[position]), "token_id": int(rec.input_ids[position]),
-               "rms": float(rms)})
+        coords=coords, attrs={"logit": float(logits[0, position, int(target)]), "target": int(target),
+                              "position": int(rec.positions[position]), "token_id": int(rec.input_ids[position]),
+                              "rms": float(rms)})
 
 
 def _block_parts(got: dict[str, torch.Tensor], ids: dict[str, torch.Tensor], layer: int, block: str,
@@ -158,7 +153,7 @@ def logit_lens(model: CausalLM, ids: Any, *, layers: Iterable[int] | None = None
     top_ids, top_probs = [], []
     with torch.no_grad():
         for i in chosen:
-            x = rec.kept[f"layers.{i}.resid_post"].to(model.norm.weight.dtype)
+            x = rec.kept[f"layers.{i}.resid_post"].to(model.embed.weight.dtype)  # the residual's own dtype
             if _streams(model):
                 x = model.hc_head(x[None])[0]
             probs = model.lm_head(model.norm(x)).float().softmax(-1)
