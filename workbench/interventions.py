@@ -253,8 +253,8 @@ def steer(name: str, vector: Any, scale: float = 1.0, tokens: Tokens = None) -> 
             raise HookError(f"steer: {ctx.name!r} is not a residual-stream hook point; steer one of "
                             f"layers.{{i}}.{{{','.join(RESIDUAL)}}}")
         if delta.dim() > x.dim() - 2 or delta.shape != x.shape[x.dim() - delta.dim():]:
-            raise HookError(f"steer: a vector of shape {tuple(delta.shape)} does not fit {ctx.name!r}, whose per-token shape "
-                            f"is {tuple(x.shape[2:])}")
+            raise HookError(f"steer: a vector of shape {tuple(delta.shape)} does not fit {ctx.name!r}, whose "
+                            f"per-token shape is {tuple(x.shape[2:])}")
         sel = _token_mask(tokens, ctx).view(1, -1, *[1] * (x.dim() - 2))
         return torch.where(sel, x + delta.to(device=x.device, dtype=x.dtype), x)
 
