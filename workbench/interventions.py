@@ -2,7 +2,7 @@
 
 Each function returns a list of (hook name, fn) pairs, so interventions compose by addition:
 
-    with model.hooks(ablate(3, [5]) + force(4, [0, 1], tokens=range(10, 20))):
+    with model.hooks(ablate(3, [5]) + force(4, [0, 1], tokens=range(10, 20)) + steer("layers.2.resid_post", v)):
         logits = model(ids)
 
 `tokens` selects absolute positions (a range, slice, list or bool/int tensor); None means all tokens. Python's
@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import HookError
 from .hooks import HookContext, HookFn
+from .schema import hook_kind
 
 Hooks = list[tuple[str, HookFn]]
+RESIDUAL = ("resid_pre", "resid_mid", "resid_post")  # the hook kinds holding the residual stream
 Tokens = range | slice | Sequence[int] | torch.Tensor | None
 
 
@@ -223,5 +227,45 @@ def patch(name: str, source: torch.Tensor, tokens: Tokens = None) -> Hooks:
         out = x.clone()
         out[:, sel] = source[:, pos.to(source.device)].to(device=x.device, dtype=x.dtype)
         return out
+
+    return [(name, fn)]
+
+
+def boost(layers: int | Iterable[int], experts: Iterable[int], bias: float, tokens: Tokens = None) -> Hooks:
+    """Add `bias` to the listed experts' router logits: every family's score rises with its logit, so a positive
+    bias makes them likelier to be chosen and weighs them more (a softmax router: their probabilities times
+    e**bias before normalising); a negative one suppresses them softly. Unlike `scale_router_logits`, the push
+    does not depend on the logit's sign. On a hash-routed layer only the weights change, never the choice.
+    """
+    if not math.isfinite(bias):
+        raise ValueError(f"boost: bias must be finite, got {bias}")
+    experts, tokens, layers = _experts(experts, "boost"), _tokens(tokens, "boost"), _layers(layers)
+
+    def fn(logits: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+        return torch.where(_cells(tokens, experts, logits, ctx), logits + bias, logits)
+
+    return _check_range("boost", max(experts, default=-1), layers) + [(f"layers.{i}.router.logits", fn) for i in layers]
+
+
+def steer(name: str, vector: Any, scale: float = 1.0, tokens: Tokens = None) -> Hooks:
+    """Add `scale * vector` to the residual stream at hook `name` (`layers.{i}.resid_pre` / `resid_mid` /
+    `resid_post`, or a glob of them) at the selected tokens. `vector` (a tensor or array) is [hidden], or under
+    DeepSeek-V4's hyper-connections [hidden] for every stream alike or [hc_mult, hidden] one per stream."""
+    if not math.isfinite(scale):
+        raise ValueError(f"steer: scale must be finite, got {scale}")
+    v = vector if isinstance(vector, torch.Tensor) else torch.as_tensor(np.asarray(vector))
+    if v.dim() == 0 or not v.is_floating_point() or not torch.isfinite(v).all():
+        raise ValueError(f"steer: vector must be a finite float vector, got {v.dtype} of shape {tuple(v.shape)}")
+    tokens, delta = _tokens(tokens, "steer"), scale * v.float()
+
+    def fn(x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+        if hook_kind(ctx.name) not in RESIDUAL:
+            raise HookError(f"steer: {ctx.name!r} is not a residual-stream hook point; steer one of "
+                            f"layers.{{i}}.{{{','.join(RESIDUAL)}}}")
+        if delta.dim() > x.dim() - 2 or delta.shape != x.shape[x.dim() - delta.dim():]:
+            raise HookError(f"steer: a vector of shape {tuple(delta.shape)} does not fit {ctx.name!r}, whose "
+                            f"per-token shape is {tuple(x.shape[2:])}")
+        sel = _token_mask(tokens, ctx).view(1, -1, *[1] * (x.dim() - 2))
+        return torch.where(sel, x + delta.to(device=x.device, dtype=x.dtype), x)
 
     return [(name, fn)]
