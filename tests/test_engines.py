@@ -20,7 +20,8 @@ IDS = torch.randint(0, 96, (1, T), generator=torch.Generator().manual_seed(3))
 def dump(layers: int, seed: int = 0, dtype=np.int16) -> np.ndarray:
     """Random routing in an engine's layout [tokens, layers, k]: k distinct experts per token and layer."""
     rng = np.random.default_rng(seed)
-    return np.stack([np.stack([rng.choice(E, K, replace=False) for _ in range(layers)]) for _ in range(T)]).astype(dtype)
+    rows = [[rng.choice(E, K, replace=False) for _ in range(layers)] for _ in range(T)]
+    return np.asarray(rows).astype(dtype)
 
 
 def b64(a: np.ndarray) -> str:
