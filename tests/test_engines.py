@@ -100,7 +100,7 @@ def test_compare_matches_numpy():
     np.testing.assert_allclose(got.jaccard.values, (inter / (2 * K - inter)).mean(0))
     first = np.array([np.flatnonzero(~equal[t])[0] if (~equal[t]).any() else -1 for t in range(T)])
     np.testing.assert_array_equal(got.first_divergence.values, first)
-    assert 0 < got.agreement.mean() < 1
+    assert 0 < got.agreement.mean() < 1 and got.hash_routed.dims == ("layer",)
     with pytest.raises(InputError, match="layers"):
         analysis.compare(a, read_vllm(e, IDS, n_experts=E, layers=[0, 1, 2, 5]))
     with pytest.raises(InputError, match="different tokens"):

@@ -27,5 +27,5 @@ from .scan import BLOCK_BYTES, token_reader
 
 __all__ = ["from_cache", "routed_view", "expert_count", "hash_routed", "token_reader", "expert_load", "eplb_weight",
            "coactivation", "domain_specialisation", "vocabulary_specialisation", "mutual_information", "repetition",
-           "saturation", "compare", "cross_layer", "router_confidence", "super_experts", "BLOCK_BYTES", "HASH_PROBE_TOKENS",
-           "HASH_MIN_REPEATS", "TASKS_PER_THREAD", "FIXED_POINT", "ArrayLike"]
+           "saturation", "compare", "cross_layer", "router_confidence", "super_experts", "BLOCK_BYTES",
+           "HASH_PROBE_TOKENS", "HASH_MIN_REPEATS", "TASKS_PER_THREAD", "FIXED_POINT", "ArrayLike"]

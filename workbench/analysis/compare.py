@@ -7,7 +7,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import InputError
-from .dataset import routed_view
+from .dataset import hash_routed, routed_view
 from .scan import scan_blocks, token_reader
 
 NEVER = -1  # first_divergence of a token routed alike at every layer
@@ -46,5 +46,5 @@ def compare(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
          "jaccard": ("layer", jaccard / max(n, 1), {"definition": "mean |A ∩ B| / |A ∪ B| of the expert sets"}),
          "first_divergence": ("token", first, {"definition": "first layer whose expert sets differ",
                                                "fill": NEVER})},
-        coords={"layer": layers, "token": a.token.values},
+        coords={"layer": layers, "token": a.token.values, "hash_routed": hash_routed(a)},
         attrs={"metric": "routing comparison", "k": int(a.sizes["k"]), "tokens": int(n)})
