@@ -269,3 +269,25 @@ def steer(name: str, vector: Any, scale: float = 1.0, tokens: Tokens = None) -> 
         return torch.where(sel, x + delta.to(device=x.device, dtype=x.dtype), x)
 
     return [(name, fn)]
+
+
+def replay(trace: object, tokens: Tokens = None) -> Hooks:
+    """Route as `trace` records: at each of its routed layers every selected token gets its recorded ids, weighed
+    by the router's own rule as in `force`. `trace` is a routing Dataset of positions 0..T-1 (`open_store`,
+    `analysis.from_cache`, `workbench.engines`) or a dict {layer number: ids [T, k]}."""
+    if isinstance(trace, dict):
+        recorded = {int(layer): ids for layer, ids in trace.items()}
+    elif hasattr(trace, "topk_ids") and "layer" in trace.topk_ids.dims:
+        ids = trace.topk_ids.transpose("layer", "token", "k")
+        positions = ids.token.values.tolist()
+        if positions != list(range(len(positions))):
+            raise ValueError(f"replay: the trace covers positions {positions[0]}..{positions[-1]}, not 0..T-1; "
+                             "replay a trace of a whole sequence")
+        routed = set(trace.attrs.get("routed_layers", ids.layer.values.tolist()))
+        recorded = {int(layer): ids.sel(layer=layer).values for layer in ids.layer.values if int(layer) in routed}
+    else:
+        raise TypeError(f"replay: trace must be a routing Dataset or {{layer: ids [T, k]}}, got {type(trace).__name__}")
+    if not recorded:
+        raise ValueError("replay: the trace holds no routed layer")
+    return [hook for layer, ids in recorded.items()
+            for hook in force(layer, torch.as_tensor(ids).long(), tokens)]

@@ -6,6 +6,7 @@ read chunk by chunk, never whole) or an in-memory trace built by `from_cache`. B
 - `cluster`: counting over the blocks, here or on a dask.distributed cluster.
 - `kernels`: the numba kernels that count.
 - `metrics`: the analyses, with their definitions.
+- `compare`: two routings of the same tokens side by side (agreement, Jaccard, first divergence per token).
 
 For code of its own (the widgets are such code), `routed_view`, `expert_count` and `token_reader` are the same
 entry points the analyses use: the routed layers in (layer, token, k) order, the expert count, and a reader of
@@ -16,6 +17,7 @@ kept; every per-layer result carries a `hash_routed(layer)` coordinate, detected
 """
 
 from .cluster import TASKS_PER_THREAD
+from .compare import compare
 from .dataset import (HASH_MIN_REPEATS, HASH_PROBE_TOKENS, ArrayLike, expert_count, from_cache, hash_routed,
                       routed_view)
 from .kernels import FIXED_POINT
@@ -25,5 +27,5 @@ from .scan import BLOCK_BYTES, token_reader
 
 __all__ = ["from_cache", "routed_view", "expert_count", "hash_routed", "token_reader", "expert_load", "eplb_weight",
            "coactivation", "domain_specialisation", "vocabulary_specialisation", "mutual_information", "repetition",
-           "saturation", "cross_layer", "router_confidence", "super_experts", "BLOCK_BYTES", "HASH_PROBE_TOKENS",
-           "HASH_MIN_REPEATS", "TASKS_PER_THREAD", "FIXED_POINT", "ArrayLike"]
+           "saturation", "compare", "cross_layer", "router_confidence", "super_experts", "BLOCK_BYTES",
+           "HASH_PROBE_TOKENS", "HASH_MIN_REPEATS", "TASKS_PER_THREAD", "FIXED_POINT", "ArrayLike"]
