@@ -246,12 +246,6 @@ class CausalLM(nn.Module):
         grads = {n: torch.zeros_like(cache[n]) if g is None else g for n, g in zip(wrt, found)}
         return logits.detach(), {n: cache[n].detach() for n in kept}, grads
 
-
-def _recorded(x: torch.Tensor) -> torch.Tensor:
-    """x as autograd records it: itself where it already does, else a new leaf (a floating point reached by no
-    recorded op, e.g. under a model whose parameters do not require grad)."""
-    return x if x.requires_grad or not x.is_floating_point() else x.detach().requires_grad_()
-
     @torch.no_grad()
     def generate(self, ids: Any, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None, stop: int | Iterable[int] | None = None,
@@ -317,6 +311,12 @@ def _recorded(x: torch.Tensor) -> torch.Tensor:
                                  "same tokens")
             return ids, stop_ids, None
         return ids, stop_ids, torch.Generator(device=ids.device).manual_seed(_count(seed, "seed", 0))
+
+
+def _recorded(x: torch.Tensor) -> torch.Tensor:
+    """x as autograd records it: itself where it already does, else a new leaf (a floating point reached by no
+    recorded op, e.g. under a model whose parameters do not require grad)."""
+    return x if x.requires_grad or not x.is_floating_point() else x.detach().requires_grad_()
 
 
 def _count(value: Any, what: str, least: int) -> int:
