@@ -30,6 +30,7 @@ DTYPES = {INPUT_IDS: np.dtype(np.int32), TOPK_IDS: np.dtype(np.int16), TOPK_WEIG
 # routed layer; the last dim of the other two is the number of experts
 ROUTER_TOPK_IDS, ROUTER_TOPK_WEIGHTS = ROUTING_HOOKS = ("router.topk_ids", "router.topk_weights")
 ROUTER_LOGITS, ROUTER_SCORES = "router.logits", "router.scores"
+ROUTER_MARGIN = "router.margin"  # [B, T]: k-th minus (k+1)-th selection score, stored as router_margin(layer, token)
 _ROUTING = {ROUTER_TOPK_IDS: TOPK_IDS, ROUTER_TOPK_WEIGHTS: TOPK_WEIGHTS}
 # trailing dim names per hook kind (right-aligned: resid [H] -> hidden, [hc, H] -> hc, hidden)
 _HIDDEN = ("hc", "hidden")
@@ -37,6 +38,7 @@ TRAILING_DIMS = {
     **{s: _HIDDEN for s in ("resid_pre", "resid_mid", "resid_post", "attn.out", "shared.out", "moe.out",
                             "mlp.out", "final.norm_out")},
     ROUTER_LOGITS: ("expert",), ROUTER_SCORES: ("expert",), ROUTER_TOPK_IDS: ("k",), ROUTER_TOPK_WEIGHTS: ("k",),
+    ROUTER_MARGIN: (), "attn.indexer_topk": ("pick",),
     "experts.hidden": ("k", "intermediate"), "experts.out": ("k", "hidden"), "logits": ("vocab",),
 }
 
