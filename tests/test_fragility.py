@@ -175,3 +175,21 @@ def test_pick_distances_on_tiny_v4(runs):
         np.testing.assert_array_equal(out.hist.sel(layer=layer).values, np.histogram(d, edges)[0])
     with pytest.raises(wb.InputError, match="rate="):
         A.pick_distances(a)
+
+
+def test_widgets_show_margins_and_entropy(runs):
+    from workbench.widgets import LongContextNavigator, TokenView
+
+    a = runs[2][torch.float32]
+    view = TokenView(a, layer=3, start=10, length=5)
+    for pos in range(10, 15):
+        margin = float(a.router_margin.sel(layer=3)[pos])
+        assert f"token {pos}:" in view.html() and f"margin {margin:.2e}" in view.html()
+    assert "margin" not in TokenView(a, layer=0, start=10, length=5).html()  # hash-routed: none
+    nav = LongContextNavigator(a, layer=3, bins=8, entropy=True)
+    want = A.by_position(a, 8).entropy.sel(layer=3).values
+    np.testing.assert_allclose(nav.figure.data[-1].y, want, rtol=1e-6)
+    nav.view(100, 300)  # a zoom re-bins the entropy with the load
+    np.testing.assert_allclose(nav.figure.data[-1].y,
+                               A.by_position(a.isel(token=slice(100, 300)), 8).entropy.sel(layer=3).values, rtol=1e-6)
+    assert len(LongContextNavigator(a, layer=3, bins=8).figure.data) == 1 + 8

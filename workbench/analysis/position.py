@@ -18,13 +18,15 @@ PICKS = "attn_indexer_topk"  # the store / from_cache variable of the CSA `attn.
 
 
 def position_edges(positions: np.ndarray, bins: int | ArrayLike) -> np.ndarray:
-    """Bin edges over token positions: `bins` equal-width bins from the first position to one past the last, or
-    the given increasing edges."""
+    """Bin edges over token positions: `bins` equal-width bins from the first position to one past the last (as
+    the long-context navigator bins them; fewer where there are fewer positions), or the given increasing edges."""
     if isinstance(bins, (int, np.integer)):
         if bins < 1:
             raise InputError(f"bins must be at least 1; got {bins}")
         lo, hi = (int(positions[0]), int(positions[-1]) + 1) if len(positions) else (0, 1)
-        return lo + np.arange(bins + 1) * (hi - lo) // bins if hi - lo >= bins else np.arange(lo, hi + 1)
+        if hi - lo < bins:
+            return np.arange(lo, hi + 1)
+        return lo - (-np.arange(bins + 1) * (hi - lo) // bins)  # position p in bin (p - lo) * bins // (hi - lo)
     edges = np.asarray(bins, np.int64)
     if edges.ndim != 1 or len(edges) < 2 or (np.diff(edges) <= 0).any():
         raise InputError(f"bins must be a count or at least two increasing edges; got {bins!r}")
