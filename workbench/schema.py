@@ -12,6 +12,8 @@ variable a hook point becomes, with which dims, dtype and fill value (docs/archi
 - A named hook `layers.{i}.a.b` is held in variable `a_b(layer, token, ...)`; one outside the layers
   (`final.norm_out`, `logits`) in `final_norm_out(token, ...)`: dots become underscores, bfloat16 becomes
   float32. Layers a variable does not cover (dense layers in `topk_*`) read as its fill value.
+- `router.margin` [B, T] becomes `router_margin(layer, token)` (NaN at hash-routed layers, which have none);
+  V4's `attn.indexer_topk` becomes `attn_indexer_topk(layer, token, pick)`.
 """
 
 from __future__ import annotations
