@@ -11,8 +11,8 @@ IDS = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(3))
 
 def test_hook_names_follow_design(mixtral):
     names = mixtral.hook_names
-    per_layer = ["resid_pre", "attn.out", "resid_mid", "router.logits", "router.scores", "router.topk_ids",
-                 "router.topk_weights", "experts.hidden", "experts.out", "moe.out", "resid_post"]
+    per_layer = ["resid_pre", "attn.out", "resid_mid", "router.logits", "router.scores", "router.margin",
+                 "router.topk_ids", "router.topk_weights", "experts.hidden", "experts.out", "moe.out", "resid_post"]
     assert names == [f"layers.{i}.{n}" for i in range(3) for n in per_layer] + ["final.norm_out", "logits"]
 
 
@@ -39,7 +39,8 @@ def test_cache_shapes_and_consistency(mixtral):
 
 def test_globs_and_subset(mixtral):
     _, cache = mixtral.run_with_cache(IDS, names=["layers.2.router.*", "logits"])
-    assert list(cache) == [f"layers.2.router.{n}" for n in ("logits", "scores", "topk_ids", "topk_weights")] + ["logits"]
+    kinds = ("logits", "scores", "margin", "topk_ids", "topk_weights")
+    assert list(cache) == [f"layers.2.router.{n}" for n in kinds] + ["logits"]
     with pytest.raises(KeyError, match="did you mean"):
         mixtral.run_with_cache(IDS, names=["layers.2.router.topk_id"])
 

@@ -82,8 +82,8 @@ def _kind(dtype: torch.dtype) -> str:
 # Where each hook sits inside a layer, in forward order; family-specific points (e.g. `attn.*`) fall
 # in by prefix, others right after `resid_pre`.
 _LAYER_ORDER = ("resid_pre", "", "hc.attn.", "attn.", "attn.out", "resid_mid", "hc.ffn.", "router.logits",
-                "router.scores", "router.topk_ids", "router.topk_weights", "experts.hidden", "experts.out",
-                "shared.out", "moe.out", "mlp.out", "resid_post")
+                "router.scores", "router.margin", "router.topk_ids", "router.topk_weights", "experts.hidden",
+                "experts.out", "shared.out", "moe.out", "mlp.out", "resid_post")
 
 
 def _forward_rank(name: str) -> tuple:

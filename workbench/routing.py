@@ -43,9 +43,9 @@ def router_scores(logits: torch.Tensor, kind: str) -> torch.Tensor:
     return logits
 
 
-def select_experts(scores: torch.Tensor, spec: RouterSpec, correction_bias: torch.Tensor | None) -> torch.Tensor:
-    """Top-k expert ids [N, k] from fp32 scores [N, E]: the bias steers selection only, groups dropped by
-    group-limited routing are masked with -inf, ties go to the lower index."""
+def selection_scores(scores: torch.Tensor, spec: RouterSpec, correction_bias: torch.Tensor | None) -> torch.Tensor:
+    """The scores [N, E] that decide selection, from fp32 scores [N, E]: plus the correction bias (which steers
+    selection only), experts of groups dropped by group-limited routing set to -inf."""
     sel = scores + correction_bias.float() if correction_bias is not None else scores
     if spec.groups > 1 and spec.topk_groups < spec.groups:
         grouped = sel.view(sel.shape[0], spec.groups, -1)
@@ -56,7 +56,26 @@ def select_experts(scores: torch.Tensor, spec: RouterSpec, correction_bias: torc
         keep = torch.sort(rank, dim=-1, descending=True, stable=True).indices[:, : spec.topk_groups]
         mask = torch.zeros_like(rank, dtype=torch.bool).scatter_(1, keep, True)
         sel = grouped.masked_fill(~mask[..., None], float("-inf")).view_as(sel)
+    return sel
+
+
+def select_experts(scores: torch.Tensor, spec: RouterSpec, correction_bias: torch.Tensor | None) -> torch.Tensor:
+    """Top-k expert ids [N, k] from fp32 scores [N, E] by `selection_scores`; ties go to the lower index."""
+    sel = selection_scores(scores, spec, correction_bias)
     return torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, : spec.top_k]
+
+
+def selection_margin(scores: torch.Tensor, spec: RouterSpec, correction_bias: torch.Tensor | None) -> torch.Tensor:
+    """Per row of fp32 scores [N, E], the k-th minus the (k+1)-th `selection_scores` value [N]: how far the
+    last selected expert stands above the first one left out (0: a tie; inf: nothing left out to take its
+    place, e.g. k = E, or every other expert's group dropped). A change of selection between two runs of the
+    same token needs a perturbation of the scores at least this large (or a change of the kept groups)."""
+    sel = selection_scores(scores, spec, correction_bias)
+    k = spec.top_k
+    if sel.shape[-1] <= k:
+        return sel.new_full(sel.shape[:-1], float("inf"))
+    top = sel.topk(k + 1, dim=-1).values
+    return torch.where(torch.isinf(top[:, k]), float("inf"), top[:, k - 1] - top[:, k])
 
 
 def weigh_experts(scores: torch.Tensor, ids: torch.Tensor, spec: RouterSpec) -> torch.Tensor:

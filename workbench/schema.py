@@ -12,6 +12,8 @@ variable a hook point becomes, with which dims, dtype and fill value (docs/archi
 - A named hook `layers.{i}.a.b` is held in variable `a_b(layer, token, ...)`; one outside the layers
   (`final.norm_out`, `logits`) in `final_norm_out(token, ...)`: dots become underscores, bfloat16 becomes
   float32. Layers a variable does not cover (dense layers in `topk_*`) read as its fill value.
+- `router.margin` [B, T] becomes `router_margin(layer, token)` (NaN at hash-routed layers, which have none);
+  V4's `attn.indexer_topk` becomes `attn_indexer_topk(layer, token, pick)`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ DTYPES = {INPUT_IDS: np.dtype(np.int32), TOPK_IDS: np.dtype(np.int16), TOPK_WEIG
 # routed layer; the last dim of the other two is the number of experts
 ROUTER_TOPK_IDS, ROUTER_TOPK_WEIGHTS = ROUTING_HOOKS = ("router.topk_ids", "router.topk_weights")
 ROUTER_LOGITS, ROUTER_SCORES = "router.logits", "router.scores"
+ROUTER_MARGIN = "router.margin"  # [B, T]: k-th minus (k+1)-th selection score, stored as router_margin(layer, token)
 _ROUTING = {ROUTER_TOPK_IDS: TOPK_IDS, ROUTER_TOPK_WEIGHTS: TOPK_WEIGHTS}
 # trailing dim names per hook kind (right-aligned: resid [H] -> hidden, [hc, H] -> hc, hidden)
 _HIDDEN = ("hc", "hidden")
@@ -37,6 +40,7 @@ TRAILING_DIMS = {
     **{s: _HIDDEN for s in ("resid_pre", "resid_mid", "resid_post", "attn.out", "shared.out", "moe.out",
                             "mlp.out", "final.norm_out")},
     ROUTER_LOGITS: ("expert",), ROUTER_SCORES: ("expert",), ROUTER_TOPK_IDS: ("k",), ROUTER_TOPK_WEIGHTS: ("k",),
+    ROUTER_MARGIN: (), "attn.indexer_topk": ("pick",),
     "experts.hidden": ("k", "intermediate"), "experts.out": ("k", "hidden"), "logits": ("vocab",),
 }
 

@@ -251,7 +251,8 @@ class RoutingDashboard(_Snapshot, ipywidgets.VBox):
 
 class TokenView(_Snapshot, ipywidgets.VBox):
     """A window of the traced text, each token coloured by its first-choice expert at one layer; hovering a
-    token shows its position, text, top-k experts and weights. Reads only the window from the store."""
+    token shows its position, text, top-k experts, weights and (where recorded) routing margin. Reads only the
+    window from the store."""
 
     def __init__(self, source: Source, *, layer: int | None = None, start: int = 0, length: int = 200,
                  decode: Callable[[int], str] | None = None):
@@ -304,7 +305,7 @@ class TokenView(_Snapshot, ipywidgets.VBox):
         """The shown tokens' ids, top-k experts and (where stored) weights at the chosen layer, read from the
         store for the window only (it ends at the last token)."""
         part = self.dataset.isel(token=slice(self.start, min(self.start + self.length, self.n_tokens)))
-        names = [v for v in ROUTING_VARIABLES if v in part]
+        names = [v for v in (*ROUTING_VARIABLES, "router_margin") if v in part]
         return part[names].sel(layer=self.layer).compute()
 
     def html(self) -> str:
@@ -323,6 +324,8 @@ class TokenView(_Snapshot, ipywidgets.VBox):
             title = f"token {pos}: {text} | experts {', '.join(str(e) for e in experts[j])}"
             if weights is not None:
                 title += " | weights " + ", ".join(f"{w:.2f}" for w in weights[j])
+            if "router_margin" in win and not np.isnan(win.router_margin.values[j]):
+                title += f" | margin {win.router_margin.values[j]:.2e}"
             style = f"background:{_color(int(experts[j, 0]))}" if experts[j, 0] >= 0 else ""
             spans.append(f'<span style="{style}" title="{html.escape(title)}">{html.escape(text)}</span>')
         return ('<div style="font-family:monospace;white-space:pre-wrap;line-height:1.9">'
@@ -356,9 +359,11 @@ class LongContextNavigator(_Snapshot, ipywidgets.VBox):
     visible range into `bins` bins here in Python; the figure never holds more than `bins` points per series.
 
     `bins` is capped so that bins x experts <= MAX_CELLS (150,000) values: with 384 experts, 390 bins.
+    `entropy=True` adds the routing entropy of each bin (of its load share, over ln E; 1 = balanced) as a line.
     """
 
-    def __init__(self, source: Source, *, layer: int | None = None, bins: int = 400, experts: int = 8):
+    def __init__(self, source: Source, *, layer: int | None = None, bins: int = 400, experts: int = 8,
+                 entropy: bool = False):
         super().__init__()
         self.dataset, self.source = _open(source)
         ds = self.dataset
@@ -371,13 +376,19 @@ class LongContextNavigator(_Snapshot, ipywidgets.VBox):
         self.layer_picker.observe(lambda _: self.view(*self.range), "value")
         self.reset_button = ipywidgets.Button(description="reset zoom")
         self.reset_button.on_click(lambda _: self.view(0, self.n_tokens))
-        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.04)
+        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.04,
+                            specs=[[{}], [{"secondary_y": entropy}]])
         fig.add_trace(go.Heatmap(colorscale="Viridis", zmin=0,
                                  colorbar=dict(title="share", len=0.6, y=1, yanchor="top"),
                                  hovertemplate="position %{x:.0f}, expert %{y}: share %{z:.4f}<extra></extra>"),
                       row=1, col=1)
         for _ in range(self.experts):
             fig.add_trace(go.Scatter(mode="lines", line_shape="hv"), row=2, col=1)
+        self.entropy = entropy
+        if entropy:
+            fig.add_trace(go.Scatter(mode="lines", line_shape="hv", name="entropy / ln E",
+                                     line=dict(color="black", dash="dot")), row=2, col=1, secondary_y=True)
+            fig.update_yaxes(title_text="entropy / ln E", range=[0, 1.05], row=2, col=1, secondary_y=True)
         fig.update_layout(height=560, margin=dict(t=50), legend=dict(y=0.35, yanchor="top"))
         fig.update_yaxes(title_text="expert", row=1, col=1)
         fig.update_yaxes(title_text="share of slots", row=2, col=1)
@@ -435,6 +446,8 @@ class LongContextNavigator(_Snapshot, ipywidgets.VBox):
             for line, e in zip(self.figure.data[1:], top):
                 line.x, line.y = share.bin_start.values, share.values[:, e].astype(np.float32)
                 line.name, line.line.color = f"expert {e}", _color(int(e))
+            if self.entropy:
+                self.figure.data[-1].x, self.figure.data[-1].y = share.bin_start.values, bin_entropy(share.values)
             self.figure.layout.title = (f"expert load along the sequence, layer {self.layer}: tokens "
                                         f"{start:,}..{stop:,} in {share.sizes['bin']} bins")
             self.figure.layout.xaxis.range = self.figure.layout.xaxis2.range = (start, stop)
@@ -464,6 +477,14 @@ class LongContextNavigator(_Snapshot, ipywidgets.VBox):
         start, stop = self.range
         return (f"LongContextNavigator(source={self.source!r}, layer={self.layer}, tokens {start:,}..{stop:,} "
                 f"of {self.n_tokens:,}, bins={self.bins}, experts={self.n_experts})")
+
+
+def bin_entropy(share: np.ndarray) -> np.ndarray:
+    """Normalised entropy of each row of load shares [bins, E] (1 = every expert equally loaded), as
+    `analysis.by_position` defines it; NaN for an empty bin."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(share > 0, share * np.log(share), 0.0).sum(-1) / math.log(share.shape[-1])
+    return np.where(share.sum(-1) > 0, h, np.nan).astype(np.float32)
 
 
 # ---------------------------------------------------------------- intervention panel

@@ -436,7 +436,10 @@ class HyperHead(nn.Module):
 
 
 class HashRouter(Router):
-    """Hash routing: the experts of token t are `tid2eid[t]`; weights still come from the learned scores."""
+    """Hash routing: the experts of token t are `tid2eid[t]`; weights still come from the learned scores (no
+    `router.margin`: no score decides the selection)."""
+
+    margins = False
 
     def __init__(self, hidden: int, spec: RouterSpec, hooks: HookRegistry, prefix: str, vocab: int):
         super().__init__(hidden, spec, hooks, prefix)

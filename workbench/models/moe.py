@@ -42,7 +42,7 @@ from torch import nn
 from .. import distributed, quant
 from ..hooks import HookPoint, HookRegistry
 from ..kernels import reference_moe_sum
-from ..routing import RouterSpec, router_scores, select_experts, weigh_experts
+from ..routing import RouterSpec, router_scores, select_experts, selection_margin, weigh_experts
 from .layers import MLP, recording
 
 # passes a backend's per-pair tensor [N, k, D] (pair = (row, slot)) through a per-expert hook point
@@ -54,7 +54,12 @@ class Router(nn.Module):
 
     Selection may use a correction bias and group limits; the weights are then computed for the
     (possibly hook-edited) ids, so forcing ids yields the weights the router would give those experts.
+    `router.margin` [B, T] (computed only while hooked): the k-th minus the (k+1)-th selection score
+    (`routing.selection_margin`), how near the token is to a change of selection; routers whose selection
+    is no top-k of scores (`margins = False`: hash routing) have no such point.
     """
+
+    margins = True  # whether selection is a top-k of scores, so `router.margin` exists
 
     def __init__(self, hidden: int, spec: RouterSpec, hooks: HookRegistry, prefix: str):
         super().__init__()
@@ -64,6 +69,7 @@ class Router(nn.Module):
         self.correction_bias = nn.Parameter(torch.empty(spec.experts)) if spec.correction_bias else None
         self.hp_logits = hooks.point(f"{prefix}.router.logits")
         self.hp_scores = hooks.point(f"{prefix}.router.scores")
+        self.hp_margin = hooks.point(f"{prefix}.router.margin") if self.margins else None
         self.hp_ids = hooks.point(f"{prefix}.router.topk_ids")
         self.hp_weights = hooks.point(f"{prefix}.router.topk_weights")
         self.backend = "torch"  # "triton": select and weigh in one kernel (workbench.kernels.route)
@@ -81,8 +87,9 @@ class Router(nn.Module):
         """Route flat tokens x [N, H] with ids [N]; hooks see token-major tensors of `shape` [B, T, ...]."""
         logits = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         logits = self.hp_logits(logits.view(*shape, -1)).flatten(0, -2)
-        if self.backend == "triton" and not self.hp_scores.active and type(self).select is Router.select \
-                and not recording(logits):
+        margin = self.hp_margin is not None and self.hp_margin.active
+        if self.backend == "triton" and not self.hp_scores.active and not margin \
+                and type(self).select is Router.select and not recording(logits):
             from ..kernels import route
 
             chosen, weights = route(logits, self.spec, self.correction_bias)
@@ -92,6 +99,8 @@ class Router(nn.Module):
             weights = weights.view(*shape, -1)
         else:
             scores = self.hp_scores(router_scores(logits, self.spec.score).view(*shape, -1)).flatten(0, -2)
+            if margin:
+                self.hp_margin(selection_margin(scores, self.spec, self.correction_bias).view(shape))
             ids = self.hp_ids(self.select(scores, token_ids).view(*shape, -1)).flatten(0, -2)
             weights = self.weigh(scores, ids).view(*shape, -1)
         weights = self.hp_weights(weights, topk_ids=ids.view(*shape, -1)).flatten(0, -2)
