@@ -12,6 +12,7 @@ variable a hook point becomes, with which dims, dtype and fill value (docs/archi
 - A named hook `layers.{i}.a.b` is held in variable `a_b(layer, token, ...)`; one outside the layers
   (`final.norm_out`, `logits`) in `final_norm_out(token, ...)`: dots become underscores, bfloat16 becomes
   float32. Layers a variable does not cover (dense layers in `topk_*`) read as its fill value.
+- A generation trace adds `generated(token)` bool: True where the model wrote the token, False in the prompt.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import torch
 # the variables every routing Dataset holds: the token ids, and each routed layer's chosen experts and weights
 INPUT_IDS, TOPK_IDS, TOPK_WEIGHTS = ROUTING_VARIABLES = ("input_ids", "topk_ids", "topk_weights")
 DTYPES = {INPUT_IDS: np.dtype(np.int32), TOPK_IDS: np.dtype(np.int16), TOPK_WEIGHTS: np.dtype(np.float16)}
+# a generation trace's marks (token): True where the model wrote the token, False in the prompt
+GENERATED = "generated"
 # hook kinds (a hook point's name less its `layers.{i}.` prefix): the routing comes from the first two, at every
 # routed layer; the last dim of the other two is the number of experts
 ROUTER_TOPK_IDS, ROUTER_TOPK_WEIGHTS = ROUTING_HOOKS = ("router.topk_ids", "router.topk_weights")
