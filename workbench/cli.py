@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", action="append", type=_window, metavar="START:END",
                    help="record --names only for tokens [START, END); repeatable")
     p.add_argument("--chunk-tokens", type=int, default=8192, metavar="N", help="tokens per forward chunk and commit")
-    p.add_argument("--generate", type=int, metavar="N", help="continue the tokens by up to N generated tokens, traced too")
+    p.add_argument("--generate", type=int, metavar="N",
+                   help="continue the tokens by up to N generated tokens, traced too")
     p.add_argument("--do-sample", action="store_true", help="sample the generated tokens (default: greedy)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
