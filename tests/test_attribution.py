@@ -145,6 +145,10 @@ def test_sweep_equals_ablate_calls(mixtral):
         for layer, e in [(0, 1), (2, 4), (1, 0)]:
             with mixtral.hooks(ablate(layer, [e])):
                 assert float(exact.sel(layer=layer, expert=e)) == float(metric(mixtral(ids))) - clean
+    some = ablation_sweep(mixtral, ids, metric, layers=[2, 0], progress=False)
+    assert some.layer.values.tolist() == [0, 2] and some.equals(exact.sel(layer=[0, 2]))
+    with pytest.raises(ValueError, match=r"MoE layers \[0, 1, 2\]"):
+        ablation_sweep(mixtral, ids, metric, layers=[3], progress=False)
 
 
 def test_attribution_patching(model64):

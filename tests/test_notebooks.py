@@ -20,7 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-PARAMETERISED = ["01_quickstart", "02_routing_tour", "04_long_context", "05_interventions", "06_hub_checkpoint"]
+PARAMETERISED = ["01_quickstart", "02_routing_tour", "04_long_context", "05_interventions", "06_hub_checkpoint",
+                 "07_attribution"]
 PAIRED = sorted({p.stem for p in NOTEBOOKS.glob("*.py")} | {p.stem for p in NOTEBOOKS.glob("*.ipynb")})
 
 
@@ -235,3 +236,27 @@ def test_hub_checkpoint_on_a_local_folder(tmp_path, monkeypatch):
     assert facts["weight_sum_mean"] == pytest.approx(config["routed_scaling_factor"], rel=2e-3)  # float16 weights
     assert 0 < facts["mean_router_entropy_bits"] <= math.log2(config["n_routed_experts"])
     assert outputs(nb, "application/vnd.moe-workbench.routing+json") == 1
+
+
+# ---------------------------------------------------------------- 07 attribution
+
+
+def test_attribution(tmp_path):
+    facts, nb = execute("07_attribution", tmp_path, SWEEP_LAYERS=[5], OUT=str(tmp_path))
+    # the first-order estimate ranks the experts of the swept layer as the true ablations do
+    assert facts["sweep_layers"] == [5] and facts["pairs"] == 32 and 4 <= facts["routed_pairs"] <= 32
+    assert facts["spearman"] > 0.7 and facts["spearman_abs"] > 0.7 and facts["top10_in_top20"] >= 7
+    # DLA: the parts sum to the logit, the routed experts carry most of it
+    assert facts["dla_sum"] == pytest.approx(facts["dla_logit"], abs=1e-4)
+    assert sum(facts["dla_by_kind"].values()) == pytest.approx(facts["dla_logit"], abs=1e-4)
+    assert facts["dla_components"] == 1 + 6 * (1 + 1 + 4)  # embed; per layer attention, shared, 4 slots
+    # steering towards French raises French over English, away from it lowers it
+    gap = facts["steer_gap"]
+    assert facts["steer_vector_shape"] == [4, 192] and gap["-2.0"] < gap["0.0"] < gap["2.0"]
+    assert facts["steer_diverged_at"] is not None and facts["steered_text"] != facts["baseline_text"]
+    # the generation trace: the panel's unchanged continuation, routed as one forward over the final sequence
+    assert facts["generated"] == 12 and facts["tokens"] == facts["generation"]["prompt_tokens"] + 12
+    assert facts["generated_equals_generate"] is True and facts["generated_routing_equals_forward"] is True
+    assert facts["generation"]["max_new_tokens"] == facts["generation"]["new_tokens"] == 12
+    assert outputs(nb, "application/vnd.jupyter.widget-view+json") == 1
+    assert outputs(nb, "application/vnd.plotly.v1+json") == 3

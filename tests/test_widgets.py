@@ -24,7 +24,7 @@ from test_analysis import dataset, routing
 from workbench import analysis as A
 from workbench import widgets as W
 from workbench.demo import EMBEDDED_MODEL
-from workbench.interventions import ablate, force
+from workbench.interventions import ablate, force, steer
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1 << 20
@@ -375,6 +375,47 @@ def test_intervention_panel_checks_arguments(model):
             W.InterventionPanel(model, prompt)
     with pytest.raises(ValueError, match="top"):
         W.InterventionPanel(model, ids, top=0)
+
+
+def test_intervention_panel_generates_side_by_side(model):
+    """Each continuation is `model.generate` under the same hooks, token for token."""
+    vector = torch.randn(model.embed.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    panel = W.InterventionPanel(model, PROMPT, layer=3, vectors={"random": vector})
+    ids, n = panel.ids, 12
+
+    def continuation(hooks=()) -> list[int]:
+        with model.hooks(list(hooks)):
+            return model.generate(ids, n, progress=False)[0, ids.shape[1]:].tolist()
+
+    base = continuation()
+    assert len(base) == n
+    cases = [((3, [panel.routing[3][0]], "ablate"), {}, ablate(3, [panel.routing[3][0]])),
+             ((3, [(e + 1) % 32 for e in panel.routing[3]], "force"), {}, force(3, [(e + 1) % 32 for e in
+                                                                                    panel.routing[3]])),
+             ((2, [], "steer"), dict(vector="random", scale=8.0), steer("layers.2.resid_post", vector, 8.0))]
+    for args, kwargs, hooks in cases:
+        result = panel.generate(*args, n, **kwargs)
+        after = continuation(hooks)
+        assert result["baseline_ids"] == base and result["intervened_ids"] == after
+        assert result["baseline"] == model.tokenizer.decode(base)
+        assert result["intervened"] == model.tokenizer.decode(after)
+        parted = [i for i, (a, b) in enumerate(zip(base, after)) if a != b]
+        assert result["diverged_at"] == (parted[0] if parted else None)
+        assert panel.continuations.value == W.InterventionPanel.continuation_html(result)
+    assert result["diverged_at"] is not None and result["scale"] == 8.0  # a strong random push changes the text
+    assert html.escape(result["intervened"]) in panel._repr_mimebundle_()["text/html"]
+
+    panel.mode_picker.value, panel.layer_picker.value, panel.new_tokens.value = "steer", 2, 5
+    panel.scale_box.value = 8.0
+    panel.generate_button.click()
+    assert panel.generation["max_new_tokens"] == 5 and panel.generation["intervened_ids"] == after[:5]
+    assert "steer layer 2 (scale 8)" in panel.continuations.value
+    for kwargs, message in [(dict(mode="steer"), "steering needs a vector"),
+                            (dict(mode="steer", vector="nope"), "not one of the panel's vectors"),
+                            (dict(max_new_tokens=0), "max_new_tokens")]:
+        with pytest.raises(ValueError, match=message):
+            panel.generate(3, [1], **kwargs)
+    assert "steer" not in W.InterventionPanel(model, PROMPT).mode_picker.options  # no vectors, no steering
 
 
 # ---------------------------------------------------------------- static snapshots

@@ -55,11 +55,12 @@ def expert_attribution(model: CausalLM, ids: torch.Tensor, metric: Metric, *, pe
     return out if per_token else out.sum("token", keep_attrs=True)
 
 
-def ablation_sweep(model: CausalLM, ids: torch.Tensor, metric: Metric, *, progress: bool = True) -> xr.DataArray:
+def ablation_sweep(model: CausalLM, ids: torch.Tensor, metric: Metric, *, layers: Iterable[int] | None = None,
+                   progress: bool = True) -> xr.DataArray:
     """Exact metric(ablated) - metric(clean) for each (layer, expert) under `ablate(layer, [expert])` (mode "zero"),
     one forward per expert the input routes to (an expert no token selects changes nothing: exactly 0).
-    Returns [layer, expert], as `expert_attribution`."""
-    layers = moe_layers(model)
+    Returns [layer, expert], as `expert_attribution`; `layers` sweeps only those MoE layers (fewer forwards)."""
+    layers = _only(moe_layers(model), layers)
     with torch.no_grad():
         logits, cache = model.run_with_cache(ids, [f"layers.{i}.router.topk_ids" for i in layers])
         clean = float(metric(logits))
@@ -110,6 +111,17 @@ def attribution_patching(model: CausalLM, clean_ids: torch.Tensor, corrupt_ids: 
         {"experts": _labelled(experts.numpy(), layers, "experts"),
          "points": xr.DataArray(per_point, dims=("hook", "token"), coords={"hook": points, "token": np.arange(T)})},
         attrs={"metric": value, "estimate": "first order (gradient x difference)"})
+
+
+def _only(layers: dict[int, int], wanted: Iterable[int] | None) -> dict[int, int]:
+    """The MoE layers `layers` restricted to `wanted` (None: all), refusing a layer that is not one of them."""
+    if wanted is None:
+        return layers
+    wanted = [int(i) for i in wanted]
+    missing = [i for i in wanted if i not in layers]
+    if missing or not wanted:
+        raise ValueError(f"layers {wanted} must be some of the MoE layers {list(layers)}")
+    return {i: n for i, n in layers.items() if i in wanted}
 
 
 def _labelled(values: np.ndarray, layers: dict[int, int], name: str, **attrs) -> xr.DataArray:

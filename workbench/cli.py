@@ -70,8 +70,8 @@ def text_tokens(tokenizer, path: Path) -> np.ndarray:
 
 def _tokens(args: argparse.Namespace, model) -> tuple[np.ndarray, int | None]:
     """The token ids to trace and the seed that made them (random tokens only)."""
-    if args.seed is not None and args.random_tokens is None:
-        raise ValueError("--seed applies only to --random-tokens")
+    if args.seed is not None and args.random_tokens is None and not args.do_sample:
+        raise ValueError("--seed applies only to --random-tokens and --do-sample")
     if args.text is not None:
         if model.tokenizer is None:
             raise ValueError(f"{args.model}: the model has no tokenizer; pass --tokens FILE.npy instead")
@@ -82,6 +82,16 @@ def _tokens(args: argparse.Namespace, model) -> tuple[np.ndarray, int | None]:
     if args.random_tokens < 1:
         raise ValueError(f"--random-tokens must be at least 1, got {args.random_tokens}")
     return np.random.default_rng(seed).integers(0, model.vocab_size, args.random_tokens), seed
+
+
+def _generation(args: argparse.Namespace) -> dict:
+    """`trace`'s generation arguments from --generate and the sampling flags (which need it)."""
+    if args.generate is None:
+        if args.do_sample or args.temperature != 1.0 or args.top_p != 1.0 or args.stop:
+            raise ValueError("--do-sample, --temperature, --top-p and --stop apply only with --generate N")
+        return {}
+    return dict(generate=args.generate, do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                stop=args.stop)
 
 
 def _window(text: str) -> tuple[int, int]:
@@ -119,7 +129,8 @@ def trace(args: argparse.Namespace) -> int:
         tokens, seed = _tokens(args, model)
         try:
             out = run_trace(model, tokens, args.out, names=args.names, chunk_tokens=args.chunk_tokens,
-                            layers=args.layers, windows=args.window, overwrite=args.overwrite, seed=seed)
+                            layers=args.layers, windows=args.window, overwrite=args.overwrite,
+                            seed=args.seed if seed is None else seed, **_generation(args))
         except KeyboardInterrupt:
             print(f"workbench trace: interrupted; rerun the same command to resume {args.out}", file=sys.stderr)
             return 130
@@ -173,6 +184,8 @@ def info(args: argparse.Namespace) -> int:
           + ", ".join(f"{k} {v}" for k, v in a["versions"].items()))
     for key in ("seed", "tokens_sha256", "names", "layers", "windows", "chunk_tokens", "created", "completed"):
         print(f"  {key:<18} {a.get(key)}")
+    if a.get("generation"):
+        print(f"  {'generation':<18} {a['generation']}")
     if not args.check:
         return 0
     damage = check(path)
@@ -285,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--text", metavar="FILE", help="UTF-8 text file, tokenised with the model's tokenizer")
     src.add_argument("--tokens", metavar="FILE.npy", help="1-D integer array of token ids")
     src.add_argument("--random-tokens", metavar="N", type=int, help="N uniformly random token ids")
-    p.add_argument("--seed", type=int, help="seed of --random-tokens (default 0)")
+    p.add_argument("--seed", type=int, help="seed of --random-tokens (default 0) and of --do-sample")
     p.add_argument("--out", required=True, metavar="STORE", help="zarr store directory to write")
     p.add_argument("--names", nargs="+", action="extend", metavar="GLOB",
                    help="hook points to record besides routing, e.g. 'layers.*.resid_post'")
@@ -293,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", action="append", type=_window, metavar="START:END",
                    help="record --names only for tokens [START, END); repeatable")
     p.add_argument("--chunk-tokens", type=int, default=8192, metavar="N", help="tokens per forward chunk and commit")
+    p.add_argument("--generate", type=int, metavar="N",
+                   help="continue the tokens by up to N generated tokens, traced too")
+    p.add_argument("--do-sample", action="store_true", help="sample the generated tokens (default: greedy)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+    p.add_argument("--stop", nargs="+", type=int, metavar="ID", help="token ids that end the generation")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the checkpoint's; float32 is the fastest on CPUs without bf16 units)")
     p.add_argument("--backend", default="auto", help="model backend (see workbench.load)")

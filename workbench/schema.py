@@ -14,6 +14,7 @@ variable a hook point becomes, with which dims, dtype and fill value (docs/archi
   float32. Layers a variable does not cover (dense layers in `topk_*`) read as its fill value.
 - `router.margin` [B, T] becomes `router_margin(layer, token)` (NaN at hash-routed layers, which have none);
   V4's `attn.indexer_topk` becomes `attn_indexer_topk(layer, token, pick)`.
+- A generation trace adds `generated(token)` bool: True where the model wrote the token, False in the prompt.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import torch
 # the variables every routing Dataset holds: the token ids, and each routed layer's chosen experts and weights
 INPUT_IDS, TOPK_IDS, TOPK_WEIGHTS = ROUTING_VARIABLES = ("input_ids", "topk_ids", "topk_weights")
 DTYPES = {INPUT_IDS: np.dtype(np.int32), TOPK_IDS: np.dtype(np.int16), TOPK_WEIGHTS: np.dtype(np.float16)}
+# a generation trace's marks (token): True where the model wrote the token, False in the prompt
+GENERATED = "generated"
 # hook kinds (a hook point's name less its `layers.{i}.` prefix): the routing comes from the first two, at every
 # routed layer; the last dim of the other two is the number of experts
 ROUTER_TOPK_IDS, ROUTER_TOPK_WEIGHTS = ROUTING_HOOKS = ("router.topk_ids", "router.topk_weights")

@@ -262,7 +262,7 @@ class CausalLM(nn.Module):
         """
         max_new_tokens = _count(max_new_tokens, "max_new_tokens", 0)
         chunk_tokens = _count(chunk_tokens, "chunk_tokens", 1)
-        ids, stop_ids, generator = self._check_generate(ids, do_sample, temperature, top_p, seed, stop)
+        ids, stop_ids, generator = self.generation_args(ids, do_sample, temperature, top_p, seed, stop)
         if max_new_tokens == 0:
             return ids
         cache = State() if cache is None else cache
@@ -277,7 +277,7 @@ class CausalLM(nn.Module):
             for step in range(max_new_tokens):
                 if step:
                     logits = self(out[-1], cache=cache)
-                token = _next_token(logits[:, -1], do_sample, temperature, top_p, generator)
+                token = next_token(logits[:, -1], do_sample, temperature, top_p, generator)
                 token = torch.where(done, out[-1][:, -1], token)  # a finished row repeats its stop id
                 out.append(token[:, None])
                 bar.update()
@@ -286,10 +286,10 @@ class CausalLM(nn.Module):
                     break
         return torch.cat(out, dim=1)
 
-    def _check_generate(self, ids: Any, do_sample: bool, temperature: Any, top_p: Any, seed: Any,
+    def generation_args(self, ids: Any, do_sample: bool, temperature: Any, top_p: Any, seed: Any,
                         stop: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Generator | None]:
         """`generate`'s other arguments checked (InputError saying why): the ids, the stop ids [S], and the seeded
-        generator (None: torch's global one)."""
+        generator (None: torch's global one). `workbench.trace(..., generate=N)` decodes with these too."""
         ids = self._check_ids(ids)
         if do_sample and not (isinstance(temperature, numbers.Real) and 0 < temperature < math.inf):
             raise InputError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
@@ -330,7 +330,7 @@ def _count(value: Any, what: str, least: int) -> int:
     return n
 
 
-def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+def next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     """The next id per row [B] from the last position's logits [B, vocab]: argmax, or a draw from the nucleus
     (the most probable tokens whose mass first reaches `top_p`) of softmax(logits / temperature)."""

@@ -30,7 +30,7 @@ import numpy as np
 import zarr
 
 from ..errors import StoreError
-from ..schema import DTYPES, INPUT_IDS
+from ..schema import DTYPES, GENERATED, INPUT_IDS
 from .integrity import CODECS, REMEDY, Damage, damaged, damaged_metadata, getter, reading
 from .layout import Layout
 
@@ -41,7 +41,7 @@ FORMAT = 1
 CRASH_ENV = "WORKBENCH_TRACE_CRASH"
 # root attrs that must match for a trace to resume a store
 IDENTITY = ("workbench_store", "weights_sha256", "config_sha256", "dtype", "tokens_total", "tokens_sha256",
-            "names", "layers", "windows", "chunk_tokens")
+            "names", "layers", "windows", "chunk_tokens", "generation")
 
 
 def open_store(path: str | Path) -> xarray.Dataset:
@@ -186,7 +186,7 @@ def _open_or_create(out: Path, attrs: dict | None, prov: dict, layout: Layout, r
             if not resume:
                 raise StoreError(f"{out} holds an incomplete trace ({committed:,} of {attrs['tokens_total']:,} "
                                  "tokens); pass resume=True to continue it or overwrite=True to replace it")
-            differ = [key for key in IDENTITY if attrs.get(key) != prov[key]]
+            differ = [key for key in IDENTITY if attrs.get(key) != prov.get(key)]
             if differ:
                 raise StoreError(f"{out} was started by a different trace (its {', '.join(differ)} differ); "
                                  "pass overwrite=True (CLI: --overwrite) to replace it, or write elsewhere")
@@ -216,8 +216,9 @@ def _create(out: Path, prov: dict, layout: Layout) -> zarr.Group:
     if layout.layers:
         root.create_array("layer", data=np.asarray(layout.layers, dtype=np.int64), compressors=CODECS,
                           dimension_names=("layer",))
-    for name, dtype in (("token", np.dtype(np.int64)), (INPUT_IDS, DTYPES[INPUT_IDS])):
-        root.create_array(name, shape=(n,), chunks=(layout.token_chunk,), dtype=dtype, fill_value=-1,
+    marks = [(GENERATED, np.dtype(bool), False)] if prov.get("generation") else []
+    for name, dtype, fill in (("token", np.dtype(np.int64), -1), (INPUT_IDS, DTYPES[INPUT_IDS], -1), *marks):
+        root.create_array(name, shape=(n,), chunks=(layout.token_chunk,), dtype=dtype, fill_value=fill,
                           compressors=CODECS, dimension_names=("token",))
     for v in layout.variables:
         root.create_array(v.name, shape=v.shape, chunks=v.chunks, dtype=v.dtype, fill_value=v.fill,

@@ -58,8 +58,9 @@ def _rows(row_bytes: int, chunk_tokens: int) -> int:
 
 
 def lay_out(model: CausalLM, ids: np.ndarray, chosen: list[str], windows: list[tuple[int, int]] | None,
-            chunk_tokens: int) -> Layout:
-    """Lay out the store; one forward over the first token tells every hook's trailing shape and dtype."""
+            chunk_tokens: int, tokens: int | None = None) -> Layout:
+    """Lay out the store for `tokens` tokens (default: `ids`; a generation trace's prompt + new tokens); one
+    forward over the first token tells every hook's trailing shape and dtype."""
     hook_names = model.hook_names
     routing = {kind: [n for n in hook_names if hook_kind(n) == kind] for kind in ROUTING_HOOKS}
     routed = [layer_of(n) for n in routing[ROUTER_TOPK_IDS]]
@@ -77,7 +78,8 @@ def lay_out(model: CausalLM, ids: np.ndarray, chosen: list[str], windows: list[t
     experts = seen[logits[0]].shape[-1] if logits else None
     if experts is not None and experts > np.iinfo(DTYPES[TOPK_IDS]).max:
         raise StoreError(f"{experts} experts do not fit the {DTYPES[TOPK_IDS]} {TOPK_IDS}")
-    laid = variables({h: (tuple(seen[h].shape[2:]), seen[h].dtype) for h in recorded}, len(ids))
+    laid = variables({h: (tuple(seen[h].shape[2:]), seen[h].dtype) for h in recorded},
+                     len(ids) if tokens is None else tokens)
     out = []
     for v in laid:
         row_bytes = int(np.prod(v.trailing, dtype=np.int64)) * v.dtype.itemsize

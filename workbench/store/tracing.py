@@ -5,6 +5,13 @@ Resume rebuilds the attention state by replaying the committed prefix with the s
 chunk (some hooks select different kernels) and their values dropped, so the continued forward is exactly the
 uninterrupted one; a snapshot of a full-attention state would cost bytes proportional to the whole prefix at
 every chunk.
+
+A generation trace (`generate=N`) lays the store out for the prompt + N tokens, prefills the prompt chunk by chunk,
+then decodes one step per token on the same state, as `CausalLM.generate` does, and commits every
+`chunk_tokens` new tokens. A stop id ends it early: the completion marker then names the tokens traced
+(`committed_tokens`, `tokens_total`) and the unwritten tail, trimmed by every reader as always, takes no disk.
+Resume replays the decoding steps too, drawing the same tokens (greedy, or seeded sampling) and checking them
+against the stored ones.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -31,8 +39,8 @@ from tqdm.auto import tqdm
 from .. import distributed, hooks, provenance
 from ..checkpoint import sha256_many
 from ..errors import StoreError
-from ..models.base import CausalLM, State
-from ..schema import DTYPES, INPUT_IDS, ROUTING_HOOKS, TOPK_IDS, TOPK_WEIGHTS, hook_kind, layer_of
+from ..models.base import CausalLM, State, next_token
+from ..schema import DTYPES, GENERATED, INPUT_IDS, ROUTING_HOOKS, TOPK_IDS, TOPK_WEIGHTS, hook_kind, layer_of
 from ..version import __version__
 from .disk import (FORMAT, check_format, crash_here, crash_point, disk_bytes, existing_attrs, io_errors, open_store,
                    prepare, write_lock)
@@ -52,6 +60,11 @@ def trace(
     overwrite: bool = False,
     progress: bool = True,
     seed: int | None = None,
+    generate: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop: int | Iterable[int] | None = None,
 ) -> Path:
     """Run `tokens` (one sequence) through `model` chunk by chunk and stream routing, plus the hooks named
     by glob in `names` (restricted to `layers` and token `windows`), to the zarr store `out`.
@@ -59,6 +72,10 @@ def trace(
     An incomplete store at `out` from the same model, tokens and arguments is resumed (resume=True) once its
     committed chunks read whole; a complete one is refused unless overwrite=True. `seed` is recorded as the
     seed that made `tokens`. The run's summary lands in the store's attrs (`open_store(out).attrs["summary"]`).
+
+    `generate=N` continues `tokens` (the prompt) by up to N tokens as `model.generate` would (`do_sample`,
+    `temperature`, `top_p`, `stop`; `seed` then seeds the sampling) and records them too: the store then holds
+    prompt and continuation, `generated(token)` marks the new tokens, and attrs["generation"] the settings.
     """
     t0 = time.perf_counter()
     parallel = model.parallel is not None
@@ -67,10 +84,13 @@ def trace(
         with distributed.agreed(parallel):
             ids = _check_tokens(tokens, model.vocab_size)
             chunk_tokens = _positive_int(chunk_tokens, "chunk_tokens")
-            windows = _check_windows(windows, len(ids))
+            gen = None if generate is None else _Decoding.of(model, ids, generate, do_sample, temperature, top_p,
+                                                            seed, stop)
+            total = len(ids) + (gen.new if gen else 0)
+            windows = _check_windows(windows, total)
             patterns = [names] if isinstance(names, str) else list(names or [])
             layers = None if layers is None else sorted({_integer(x, "a layer number") for x in layers})
-            layout = lay_out(model, ids, _select(model, patterns, layers), windows, chunk_tokens)
+            layout = lay_out(model, ids, _select(model, patterns, layers), windows, chunk_tokens, total)
             out = Path(out).expanduser()
             root, start = None, 0
             if writer:
@@ -83,11 +103,11 @@ def trace(
                 if attrs is not None and attrs.get("complete") and not overwrite:
                     raise StoreError(f"{out} already holds a complete trace; pass overwrite=True (CLI: "
                                      "--overwrite) to replace it")
-                prov = _provenance(model, ids, seed, patterns, layers, windows, chunk_tokens, layout, progress)
+                prov = _provenance(model, ids, seed, patterns, layers, windows, chunk_tokens, layout, progress, gen)
                 root, start = prepare(out, attrs, prov, layout, resume, overwrite, progress)
         if parallel:
             start = distributed.broadcast_int(start)
-        _run(model, ids, out, root, layout, start, progress and writer, t0)
+        _run(model, ids, out, root, layout, start, progress and writer, t0, gen)
     if writer:
         if provenance.active():  # only under `workbench publish` / `verify`: the routing hash
             provenance.record_dataset(open_store(out), seed=seed, path=out)
@@ -128,6 +148,30 @@ def _check_tokens(tokens: Any, vocab: int) -> np.ndarray:
     if bad.size:
         raise ValueError(f"token id {ids[bad[0]]} at position {bad[0]} is outside the vocabulary [0, {vocab})")
     return ids.astype(np.int64)
+
+
+@dataclass
+class _Decoding:
+    """How a generation trace picks its new tokens: at most `new` of them, as `CausalLM.generate` does."""
+
+    new: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    stop: torch.Tensor  # [S] ids that end the generation once emitted
+    generator: torch.Generator | None  # seeded, or None: torch's global one
+    attrs: dict[str, Any]  # the settings, as the store's attrs["generation"]
+
+    @staticmethod
+    def of(model: CausalLM, ids: np.ndarray, new: Any, do_sample: bool, temperature: float, top_p: float,
+           seed: int | None, stop: Any) -> _Decoding:
+        new = _integer(new, "generate")
+        if new < 0:
+            raise ValueError(f"generate must be at least 0 new tokens, got {new}")
+        _, stop_ids, generator = model.generation_args(ids[:1], do_sample, temperature, top_p, seed, stop)
+        attrs = {"prompt_tokens": len(ids), "max_new_tokens": new, "do_sample": bool(do_sample),
+                 "temperature": float(temperature), "top_p": float(top_p), "stop": stop_ids.tolist(), "seed": seed}
+        return _Decoding(new, bool(do_sample), temperature, top_p, stop_ids, generator, attrs)
 
 
 def _check_windows(windows: Iterable[tuple[int, int]] | None, n: int) -> list[tuple[int, int]] | None:
@@ -180,7 +224,8 @@ def _now() -> str:
 
 
 def _provenance(model: CausalLM, ids: np.ndarray, seed: int | None, names: list[str], layers: list[int] | None,
-                windows: list[tuple[int, int]] | None, chunk_tokens: int, layout: Layout, progress: bool) -> dict:
+                windows: list[tuple[int, int]] | None, chunk_tokens: int, layout: Layout, progress: bool,
+                gen: _Decoding | None) -> dict:
     """The root attrs of a new store, normalised to what JSON gives back."""
     folder = getattr(model, "checkpoint_dir", None)
     files = sorted(Path(folder).glob("*.safetensors")) if folder else []
@@ -200,7 +245,7 @@ def _provenance(model: CausalLM, ids: np.ndarray, seed: int | None, names: list[
         "workbench_version": __version__,
         "versions": _versions(),
         "seed": seed,
-        "tokens_total": len(ids),
+        "tokens_total": len(ids) + (gen.new if gen else 0),
         "tokens_sha256": hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest(),
         "names": names, "layers": layers, "windows": windows,
         "chunk_tokens": chunk_tokens,
@@ -208,6 +253,7 @@ def _provenance(model: CausalLM, ids: np.ndarray, seed: int | None, names: list[
         "routed_layers": layout.routed, "k": layout.k, "n_experts": layout.experts,
         "created": _now(),
         "committed_tokens": 0, "complete": False,
+        **({"generation": gen.attrs} if gen else {}),
     }
     return json.loads(json.dumps(attrs))
 
@@ -250,26 +296,22 @@ def _write(array: zarr.Array, v: StoredVariable, spans: list[tuple[int, int]], s
 
 
 def _run(model: CausalLM, ids: np.ndarray, out: Path, root: zarr.Group | None, layout: Layout, start: int,
-         progress: bool, t0: float) -> None:
+         progress: bool, t0: float, gen: _Decoding | None = None) -> None:
     """The chunked forward: replay up to `start`, then record and commit chunk by chunk (no root: a rank that
-    only computes)."""
+    only computes); with `gen`, then the decoding steps."""
     n, size = len(ids), layout.chunk_tokens
-    names = ("token", INPUT_IDS, *(v.name for v in layout.variables))
+    total = n + (gen.new if gen else 0)
+    names = ("token", INPUT_IDS, *(v.name for v in layout.variables), *((GENERATED,) if gen else ()))
     arrays = {name: root[name] for name in names} if root is not None else {}
     crash = crash_point()
     state = State()
     head = any(not v.layered for v in layout.variables)  # final.* or logits asked for
     with torch.no_grad(), \
             tqdm(total=start, unit="tok", unit_scale=True, desc="replay", disable=not progress or not start) as rbar, \
-            tqdm(total=n, initial=start, unit="tok", unit_scale=True, desc="trace", disable=not progress) as bar:
-        for i, s in enumerate(range(0, n, size)):
-            e = min(s + size, n)
-            sink = {} if s >= start else None
-            with model.hooks(_hooks(layout, s, e, sink)):
-                model(torch.from_numpy(ids[s:e])[None], cache=state, head=head)
-            if sink is None:
-                rbar.update(e - s)
-                continue
+            tqdm(total=total, initial=start, unit="tok", unit_scale=True, desc="trace", disable=not progress) as bar:
+
+        def commit(i: int, s: int, e: int, sink: dict, chunk_ids: np.ndarray, last: bool) -> None:
+            """Write trace chunk number `i`, tokens [s, e), then its marker (`last`: the completion marker)."""
             crash_here(crash, i, "forward")
             # under expert parallelism only rank 0 writes, and a failed write stops every rank
             with distributed.agreed(model.parallel is not None), io_errors(out, f"writing tokens {s:,}..{e:,}"):
@@ -278,15 +320,75 @@ def _run(model: CausalLM, ids: np.ndarray, out: Path, root: zarr.Group | None, l
                         _write(arrays[v.name], v, v.spans(s, e), sink)
                         if j == 0:
                             crash_here(crash, i, "write")
-                    arrays[INPUT_IDS][s:e] = ids[s:e].astype(DTYPES[INPUT_IDS])
+                    arrays[INPUT_IDS][s:e] = chunk_ids.astype(DTYPES[INPUT_IDS])
                     arrays["token"][s:e] = np.arange(s, e)
+                    if gen:
+                        arrays[GENERATED][s:e] = np.arange(s, e) >= n
                     crash_here(crash, i, "marker")
                     marker: dict[str, Any] = {"committed_tokens": e}
-                    if e == n:
-                        marker.update(complete=True, completed=_now(), summary=_summary(out, layout, n, start, t0))
+                    if last:
+                        marker.update(complete=True, completed=_now(), summary=_summary(out, layout, e, start, t0))
+                        if gen:  # an early stop: the store holds the tokens traced, its tail never written
+                            marker.update(tokens_total=e, generation={**gen.attrs, "new_tokens": e - n})
                     root.attrs.update(marker)
             crash_here(crash, i, "committed")
             bar.update(e - s)
+
+        for i, s in enumerate(range(0, n, size)):
+            e = min(s + size, n)
+            sink = {} if s >= start else None
+            with model.hooks(_hooks(layout, s, e, sink)):
+                logits = model(torch.from_numpy(ids[s:e])[None], cache=state, head=head or (gen is not None and e == n))
+            if sink is None:
+                rbar.update(e - s)
+                continue
+            commit(i, s, e, sink, ids[s:e], e == total)
+        if gen and gen.new:
+            stored = root[INPUT_IDS][n:start] if root is not None and start > n else None
+            _decode(model, gen, logits, state, layout, n, start, head, stored, rbar, commit, -(-n // size))
+
+
+def _decode(model: CausalLM, gen: _Decoding, logits: torch.Tensor, state: State, layout: Layout, n: int,
+            start: int, head: bool, stored: np.ndarray | None, rbar: tqdm, commit: Callable, chunk: int) -> None:
+    """The decoding steps after an `n`-token prompt whose last logits are `logits`: draw a token, feed it as one
+    step (hooks as a trace chunk of that token registers them), commit every `chunk_tokens` new tokens and at
+    the end. Steps before `start` replay, checking the tokens they draw against the `stored` ones."""
+    size, pos, first = layout.chunk_tokens, n, max(start, n)
+    new: list[int] = []
+    pending: dict[str, list[torch.Tensor]] = {}
+    while True:
+        token = next_token(logits[:, -1], gen.do_sample, gen.temperature, gen.top_p, gen.generator)
+        if stored is not None and pos < start and int(token) != stored[pos - n]:
+            raise StoreError(f"resuming: the token drawn at position {pos:,} ({int(token)}) differs from the stored "
+                             f"one ({int(stored[pos - n])}), so the generation does not replay (sampling without a "
+                             "seed?); pass overwrite=True (CLI: --overwrite) to trace it afresh")
+        last = pos + 1 == n + gen.new or bool(torch.isin(token, gen.stop).any())
+        keep = pos >= start
+        with model.hooks(_step_hooks(layout, pos, pending if keep else None)):
+            logits = model(token[:, None], cache=state, head=head or not last)
+        new.append(int(token))
+        pos += 1
+        if not keep:
+            rbar.update(1)
+        elif last or (pos - n) % size == 0:
+            sink = {}
+            for v in layout.variables:
+                spans = v.spans(first, pos)
+                for hook in v.hooks if spans else ():
+                    sink[hook] = torch.cat(pending[hook]).split([b - a for a, b in spans])
+            commit(chunk + (first - n) // size, first, pos, sink, np.asarray(new[first - n:]), last)
+            first, pending = pos, {}
+        if last:
+            return
+
+
+def _step_hooks(layout: Layout, pos: int, pending: dict | None) -> list:
+    """Hooks of one decoding step at position `pos`, appending each recorded tensor (batch row 0) to
+    `pending[hook]`; None: keep nothing."""
+    def keep(x: torch.Tensor, ctx) -> None:
+        if pending is not None:
+            pending.setdefault(ctx.name, []).append(x[0].detach().to("cpu", copy=True))
+    return [(hook, keep) for v in layout.variables if v.spans(pos, pos + 1) for hook in v.hooks]
 
 
 def _peak_rss() -> int:
