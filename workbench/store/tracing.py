@@ -18,7 +18,7 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from .. import distributed, hooks, provenance
 from ..checkpoint import sha256_many
 from ..errors import StoreError
 from ..models.base import CausalLM, State
+from ..sae import IDS, SAE, VALUES, latents, sparse
 from ..schema import DTYPES, INPUT_IDS, ROUTING_HOOKS, TOPK_IDS, TOPK_WEIGHTS, hook_kind, layer_of
 from ..version import __version__
 from .disk import (FORMAT, check_format, crash_here, crash_point, disk_bytes, existing_attrs, io_errors, open_store,
@@ -52,6 +53,8 @@ def trace(
     overwrite: bool = False,
     progress: bool = True,
     seed: int | None = None,
+    saes: Mapping[str, SAE] | None = None,
+    sae_k: int = 32,
 ) -> Path:
     """Run `tokens` (one sequence) through `model` chunk by chunk and stream routing, plus the hooks named
     by glob in `names` (restricted to `layers` and token `windows`), to the zarr store `out`.
@@ -59,6 +62,9 @@ def trace(
     An incomplete store at `out` from the same model, tokens and arguments is resumed (resume=True) once its
     committed chunks read whole; a complete one is refused unless overwrite=True. `seed` is recorded as the
     seed that made `tokens`. The run's summary lands in the store's attrs (`open_store(out).attrs["summary"]`).
+
+    `saes` {hook name: SAE} also stores each SAE's latents at its hook, as the `sae_k` largest per token (and
+    stream): variables `<kind>_sae_ids` / `<kind>_sae_values` (`workbench.store.layout`), within `windows`.
     """
     t0 = time.perf_counter()
     parallel = model.parallel is not None
@@ -70,7 +76,8 @@ def trace(
             windows = _check_windows(windows, len(ids))
             patterns = [names] if isinstance(names, str) else list(names or [])
             layers = None if layers is None else sorted({_integer(x, "a layer number") for x in layers})
-            layout = lay_out(model, ids, _select(model, patterns, layers), windows, chunk_tokens)
+            saes, sae_k = _check_saes(model, saes), _positive_int(sae_k, "sae_k")
+            layout = lay_out(model, ids, _select(model, patterns, layers), windows, chunk_tokens, saes, sae_k)
             out = Path(out).expanduser()
             root, start = None, 0
             if writer:
@@ -84,6 +91,9 @@ def trace(
                     raise StoreError(f"{out} already holds a complete trace; pass overwrite=True (CLI: "
                                      "--overwrite) to replace it")
                 prov = _provenance(model, ids, seed, patterns, layers, windows, chunk_tokens, layout, progress)
+                prov["saes"] = {h: {"cfg": sae.cfg, "weights_sha256": _sae_digest(sae), "k": sae_k}
+                                for h, sae in saes.items()} or None
+                prov = json.loads(json.dumps(prov))
                 root, start = prepare(out, attrs, prov, layout, resume, overwrite, progress)
         if parallel:
             start = distributed.broadcast_int(start)
@@ -147,6 +157,27 @@ def _check_windows(windows: Iterable[tuple[int, int]] | None, n: int) -> list[tu
     return sorted(out)
 
 
+def _check_saes(model: CausalLM, saes: Mapping[str, SAE] | None) -> dict[str, SAE]:
+    """{hook name: SAE}, each name one hook point of the model."""
+    out = {}
+    for hook, sae in (saes or {}).items():
+        if not isinstance(sae, SAE):
+            raise ValueError(f"saes[{hook!r}] must be a workbench.sae.SAE (load_sae), got {type(sae).__name__}")
+        if hook not in model.hook_names:
+            raise ValueError(f"saes: {hook!r} is not a hook point of this model (a name, not a glob)")
+        out[hook] = sae
+    return out
+
+
+def _sae_digest(sae: SAE) -> str:
+    """sha256 of an SAE's tensors (names, shapes, bytes), to tell a resumed trace it runs the same SAE."""
+    h = hashlib.sha256()
+    for name, p in sorted(sae.state_dict().items()):
+        h.update(f"{name}{list(p.shape)}{p.dtype}".encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _select(model: CausalLM, patterns: list[str], layers: list[int] | None) -> list[str]:
     """The hook points named by `patterns` (globs), within `layers`, routing left out (always recorded)."""
     hook_names = model.hook_names
@@ -154,7 +185,9 @@ def _select(model: CausalLM, patterns: list[str], layers: list[int] | None) -> l
     for pattern in patterns:
         if not isinstance(pattern, str):
             raise ValueError(f"names must be hook names or globs (strings), got {pattern!r}")
-        chosen.update((n, None) for n in hooks.match(pattern, hook_names) if hook_kind(n) not in ROUTING_HOOKS)
+        # an SAE's points (`.sae.`) fire only while it is spliced; its latents are stored through `saes=`
+        chosen.update((n, None) for n in hooks.match(pattern, hook_names)
+                      if hook_kind(n) not in ROUTING_HOOKS and ".sae." not in n)
     if layers is not None:
         have = sorted({i for i in map(layer_of, hook_names) if i is not None})
         missing = [i for i in layers if i not in have]
@@ -223,11 +256,24 @@ def _capture(sink: dict | None, start: int, spans: list[tuple[int, int]]):
     return keep
 
 
+def _encode(sink: dict | None, start: int, spans: list[tuple[int, int]], sae: SAE, k: int):
+    """A hook keeping the `spans` of its tensor's SAE latents (batch row 0) as sparse ids and values in `sink`."""
+    def keep(x: torch.Tensor, ctx) -> None:
+        if sink is not None:
+            parts = [sparse(latents(sae.to(x.device), x[:1, a - start:b - start], ctx.name)[0], k) for a, b in spans]
+            sink[f"{ctx.name}.{IDS}"] = [ids.cpu() for ids, _ in parts]
+            sink[f"{ctx.name}.{VALUES}"] = [values.cpu() for _, values in parts]
+    return keep
+
+
 def _hooks(layout: Layout, start: int, stop: int, sink: dict | None) -> list:
     pairs = []
     for v in layout.variables:
         spans = v.spans(start, stop)
-        if spans:
+        if spans and v.kind.endswith(f".{IDS}"):  # one hook fills both of an SAE's variables
+            for hook in (h.removesuffix(f".{IDS}") for h in v.hooks):
+                pairs.append((hook, _encode(sink, start, spans, layout.saes[hook], layout.sae_k)))
+        elif spans and not v.kind.endswith(f".{VALUES}"):
             fn = _capture(sink, start, spans)
             pairs += [(hook, fn) for hook in v.hooks]
     return pairs
