@@ -229,7 +229,15 @@ def test_shipped_sae_matches_its_card(embedded):
     corpus = Path(__file__).resolve().parent.parent / "data" / "corpus"
     rows = torch.stack([torch.tensor(list((corpus / f"{d}.heldout.txt").read_bytes()[:128]))
                         for d in ("code", "prose", "german")])
-    x = embedded.run_with_cache(rows, names=[sae.hook_name], head=False)[1][sae.hook_name].flatten(0, 2)
+    kept = []
+
+    def grab(x, ctx):  # the layers after the SAE's have nothing to add
+        kept.append(x.flatten(0, 2))
+        raise StopIteration
+
+    with pytest.raises(StopIteration), embedded.hooks({sae.hook_name: grab}):
+        embedded(rows, head=False)
+    x = kept[0]
     err = (sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    assert abs((1 - float(err)) - card["explained_variance"]) < 0.1
+    assert abs((1 - float(err)) - card["explained_variance"]) < 0.05, float(1 - err)
     assert card["explained_variance"] > 0.5 and card["l0"] <= 16

@@ -3,7 +3,7 @@
 The SAE reads each of the model's 4 hyper-connection streams on its own (d_in = hidden = 192, one dictionary;
 see workbench/sae.py), so every token gives 4 training rows. Activations come from seeded random windows of
 data/corpus/*.train.txt (the forward stops after layer 3); the card's figures from consecutive windows of
-*.heldout.txt. Fixed seed; about 5 minutes on 2 cores.
+*.heldout.txt. Fixed seed; 17 minutes on 2 cores shared with other jobs (the shipped run).
 
     .venv/bin/python data/saes/train_sae.py [--out data/saes/wb-v4-mini-layers.3.resid_post]
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -164,7 +165,8 @@ sae = load_sae("data/saes/wb-v4-mini-layers.3.resid_post")
 Training: `data/saes/train_sae.py` (seed {args.seed}), {rows:,} rows ({rows // 4:,} tokens x 4 streams) from
 {args.windows} random windows of {args.seq} bytes per domain of `data/corpus/*.train.txt`; Adam, lr {args.lr},
 {args.steps} steps of {args.batch} rows, MSE plus an AuxK term for dead latents, unit-norm decoder rows;
-{seconds / 60:.1f} minutes on 2 CPU cores.
+{seconds / 60:.1f} minutes on 2 CPU cores (shared: 1-minute load average {ev['load_average']:.1f} when training
+ended).
 
 ## Held-out figures
 
@@ -209,14 +211,15 @@ def main() -> None:
     print(f"{len(x):,} training rows in {time.perf_counter() - t0:.0f} s", flush=True)
     sae = init_sae(x.shape[-1], args.d_sae, args.k, x)
     train(sae, x, args.steps, args.batch, args.lr, g)
-    seconds = time.perf_counter() - t0
+    seconds, load = time.perf_counter() - t0, os.getloadavg()[0]
     sae.cfg["metadata"] = {"model_name": "wb-v4-mini", "hook_name": HOOK, "context_size": args.seq,
                            "dataset_path": "data/corpus/*.train.txt"}
     sae.save(args.out)
     sae = load_sae(args.out)  # the figures are those of the shipped file
     heldout = {d: heldout_windows(data, args.eval_windows, args.seq) for d, data in read("heldout").items()}
     ev = evaluate(model, sae, heldout)
-    ev.update(seed=args.seed, steps=args.steps, train_rows=len(x), train_seconds=round(seconds, 1))
+    ev.update(seed=args.seed, steps=args.steps, train_rows=len(x), train_seconds=round(seconds, 1),
+              load_average=round(load, 1))
     (args.out / "eval.json").write_text(json.dumps(ev, indent=2) + "\n")
     (args.out / "README.md").write_text(card(args.out, args, ev, len(x), seconds))
     print(json.dumps(ev, indent=2))
