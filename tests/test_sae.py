@@ -223,6 +223,7 @@ def test_stored_latents_are_encode_of_the_stored_activations(request, which, tmp
 
 def test_shipped_sae_matches_its_card(embedded):
     sae = load_sae(SHIPPED)
+    assert torch.equal(load_sae(SHIPPED.name).W_dec, sae.W_dec)  # found by name from anywhere
     card = json.loads((SHIPPED / "eval.json").read_text())
     assert sae.hook_name == "layers.3.resid_post" and sae.architecture == "topk" and sae.W_enc.dtype == torch.float32
     assert sae.d_in == 192 and sae.d_sae == 4 * 192 and sae.cfg["k"] == 16

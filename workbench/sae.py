@@ -41,6 +41,9 @@ PICKLED = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 LATENTS = "sae.latents"  # `<hook>.sae.latents`: the point splice declares after its hook
 IDS, VALUES = "sae_ids", "sae_values"  # stored variables `<hook kind>_sae_ids` / `_sae_values` (workbench.store)
+# the SAEs shipped in data/saes/ (installed as workbench/_data/saes), which load_sae finds by folder name alone
+SHIPPED = next((p for p in (Path(__file__).resolve().parent / "_data" / "saes",
+                            Path(__file__).resolve().parent.parent / "data" / "saes") if p.is_dir()), None)
 
 
 class SAE(nn.Module):
@@ -135,9 +138,12 @@ def _check_cfg(cfg: dict[str, Any], file: str | None = None) -> dict[str, Any]:
 
 
 def load_sae(source: str | Path, *, revision: str | None = None, device: str | torch.device | None = None) -> SAE:
-    """An SAE from a local folder (cfg.json + sae_weights.safetensors) or a hub repo, `org/name` or
-    `org/name/sub/folder` (resolved through huggingface_hub: its cache, HF_HUB_OFFLINE, `revision`)."""
+    """An SAE from a local folder (cfg.json + sae_weights.safetensors), a shipped one by name
+    ("wb-v4-mini-layers.3.resid_post") or a hub repo, `org/name` or `org/name/sub/folder` (resolved through
+    huggingface_hub: its cache, HF_HUB_OFFLINE, `revision`)."""
     path = Path(source).expanduser()
+    if not path.exists() and SHIPPED is not None and str(source) in {p.name for p in SHIPPED.iterdir()}:
+        path = SHIPPED / str(source)
     if path.is_dir():
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to hub repos, not the local folder {path}")
@@ -155,7 +161,7 @@ def load_sae(source: str | Path, *, revision: str | None = None, device: str | t
         root = Path(snapshot_download(repo_id=repo, revision=revision,
                                       allow_patterns=[prefix + CFG_FILE, prefix + "*.safetensors"]))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        raise CheckpointError(f"could not fetch from the hub: {e}", file=f"{text}@{revision}" if revision else text)
+        raise CheckpointError(f"could not fetch from the hub: {e}", file=f"{text}@{revision}" if revision else text) from None
     return _read(root / sub, device)
 
 

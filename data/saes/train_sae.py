@@ -170,7 +170,8 @@ ended).
 
 ## Held-out figures
 
-{ev['rows']:,} rows: {args.eval_windows} consecutive windows of {args.seq} bytes per domain of `data/corpus/*.heldout.txt`.
+{ev['rows']:,} rows: {args.eval_windows} consecutive windows of {args.seq} bytes per domain of
+`data/corpus/*.heldout.txt`.
 
 | | |
 |---|---|

@@ -88,7 +88,8 @@ def lay_out(model: CausalLM, ids: np.ndarray, chosen: list[str], windows: list[t
     shapes = {h: (tuple(seen[h].shape[2:]), seen[h].dtype) for h in recorded}
     for hook, sae in saes.items():  # [B, T, (hc,) d_sae] latents stored as [.., (hc,) sae_k]
         lead = tuple(latents(sae, seen[hook].float(), hook).shape[2:-1])
-        shapes.update({f"{hook}.{IDS}": ((*lead, sae_k), torch.int32), f"{hook}.{VALUES}": ((*lead, sae_k), torch.float32)})
+        shapes[f"{hook}.{IDS}"] = ((*lead, sae_k), torch.int32)
+        shapes[f"{hook}.{VALUES}"] = ((*lead, sae_k), torch.float32)
     recorded += [f"{hook}.{part}" for hook in saes for part in (IDS, VALUES)]
     laid = variables(shapes, len(ids))
     out = []
