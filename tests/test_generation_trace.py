@@ -160,3 +160,21 @@ def test_cli_generate(tiny, tmp_path, capsys):
     assert "'max_new_tokens': 6" in capsys.readouterr().out
     assert cli.main(["trace", str(TINY), "--random-tokens", "5", "--out", str(tmp_path / "e.zarr"), "--stop", "3"]) == 2
     assert "apply only with --generate N" in capsys.readouterr().err
+
+
+def test_sae_latents_of_generated_tokens_are_encode_of_their_activations(tmp_path):
+    """`saes=` with `generate=`: each decoding step stores the SAE's latents of its token as a prompt chunk does."""
+    from workbench.sae import dense, load_sae
+    from workbench.sae import stored as sae_stored
+
+    model, hook = wb.load(EMBEDDED_MODEL), "layers.3.resid_post"
+    sae = load_sae("wb-v4-mini-layers.3.resid_post")
+    ids = np.asarray(model.tokenizer.encode("def add(a, b):"))
+    out = trace(model, ids, tmp_path / "gen.zarr", generate=6, names=[hook], saes={hook: sae}, sae_k=16,
+                chunk_tokens=8, progress=False)
+    ds = open_store(out)
+    assert ds.generated.values.sum() == 6
+    got = dense(*sae_stored(ds, hook), sae.cfg["d_sae"])
+    want = sae.encode(torch.from_numpy(ds.resid_post.sel(layer=3).values))
+    assert got.shape == want.shape and (want[len(ids):] != 0).any()
+    torch.testing.assert_close(got, want)

@@ -6,8 +6,8 @@ from .loading import load
 from .models.base import State
 from .store import open_store, trace
 from .version import __version__
-from . import display, interventions
+from . import display, interventions, sae
 
 display.register()  # inside IPython: routing Datasets show as routing summaries
 __all__ = ["load", "CheckpointError", "HookError", "InputError", "NonFiniteError", "HookContext", "interventions",
-           "State", "trace", "open_store", "StoreError", "__version__"]
+           "sae", "State", "trace", "open_store", "StoreError", "__version__"]

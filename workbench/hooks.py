@@ -87,6 +87,8 @@ _LAYER_ORDER = ("resid_pre", "", "hc.attn.", "attn.", "attn.out", "resid_mid", "
 
 
 def _forward_rank(name: str) -> tuple:
+    if ".sae." in name:  # an SAE's points (workbench.sae) come right after the point it is spliced at
+        return (*_forward_rank(name.split(".sae.")[0]), 1)
     layer = layer_of(name)
     if layer is None:
         final = ("final.hc_pre", "final.norm_out", "logits")

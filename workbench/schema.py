@@ -3,7 +3,8 @@ variable a hook point becomes, with which dims, dtype and fill value (docs/archi
 
 - dims `token` and `layer`, both coordinates: the absolute token position and the checkpoint's own layer
   numbers (the routed layers plus the layers of any named hook); `k`; and per-hook trailing dims `hidden`
-  (`hc`, `hidden` under hyper-connections), `expert`, `intermediate` (per-expert hidden) and `vocab`.
+  (`hc`, `hidden` under hyper-connections), `expert`, `intermediate` (per-expert hidden), `vocab`, and
+  `sae_k` for an SAE's stored latents (`x_y_sae_ids`, `x_y_sae_values`: `workbench.store.layout`).
   A trailing dim whose size clashes with a dim of that name is prefixed with its variable's name.
 - `input_ids(token)` int32, and the routing of every routed layer at every token: `topk_ids(layer, token, k)`
   int16 (fill -1) and `topk_weights(layer, token, k)` float16 (fill NaN). float16 keeps 11 significant bits
@@ -46,6 +47,12 @@ TRAILING_DIMS = {
     ROUTER_MARGIN: (), "attn.indexer_topk": ("pick",),
     "experts.hidden": ("k", "intermediate"), "experts.out": ("k", "hidden"), "logits": ("vocab",),
 }
+SAE_DIMS = ("hc", "sae_k")  # an SAE's stored latents `<kind>.sae_ids` / `.sae_values` (workbench.store.layout)
+
+
+def trailing_names(kind: str) -> tuple[str, ...]:
+    """The trailing dim names of a hook kind (right-aligned), () where none are known."""
+    return SAE_DIMS if kind.endswith((".sae_ids", ".sae_values")) else TRAILING_DIMS.get(kind, ())
 
 
 def layer_of(hook: str) -> int | None:
@@ -140,7 +147,7 @@ def variables(hooks: Mapping[str, tuple[tuple[int, ...], torch.dtype | np.dtype]
         trailing, dtype = hooks[members[0]]
         kind = hook_kind(members[0])
         dtype = DTYPES[name] if name in DTYPES else numpy_dtype(dtype)
-        dims = trailing_dims(name, TRAILING_DIMS.get(kind, ()), tuple(trailing), sizes)
+        dims = trailing_dims(name, trailing_names(kind), tuple(trailing), sizes)
         if layer_of(members[0]) is None:
             out.append(Variable(name, kind, dict.fromkeys(members), ("token", *dims), (tokens, *trailing), dtype))
         else:

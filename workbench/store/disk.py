@@ -41,7 +41,7 @@ FORMAT = 1
 CRASH_ENV = "WORKBENCH_TRACE_CRASH"
 # root attrs that must match for a trace to resume a store
 IDENTITY = ("workbench_store", "weights_sha256", "config_sha256", "dtype", "tokens_total", "tokens_sha256",
-            "names", "layers", "windows", "chunk_tokens", "generation")
+            "names", "layers", "windows", "chunk_tokens", "generation", "saes")
 
 
 def open_store(path: str | Path) -> xarray.Dataset:

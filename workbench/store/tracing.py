@@ -25,8 +25,8 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from .. import distributed, hooks, provenance
 from ..checkpoint import sha256_many
 from ..errors import StoreError
 from ..models.base import CausalLM, State, next_token
+from ..sae import IDS, SAE, VALUES, latents, sparse
 from ..schema import DTYPES, GENERATED, INPUT_IDS, ROUTING_HOOKS, TOPK_IDS, TOPK_WEIGHTS, hook_kind, layer_of
 from ..version import __version__
 from .disk import (FORMAT, check_format, crash_here, crash_point, disk_bytes, existing_attrs, io_errors, open_store,
@@ -65,6 +66,8 @@ def trace(
     temperature: float = 1.0,
     top_p: float = 1.0,
     stop: int | Iterable[int] | None = None,
+    saes: Mapping[str, SAE] | None = None,
+    sae_k: int = 32,
 ) -> Path:
     """Run `tokens` (one sequence) through `model` chunk by chunk and stream routing, plus the hooks named
     by glob in `names` (restricted to `layers` and token `windows`), to the zarr store `out`.
@@ -76,6 +79,8 @@ def trace(
     `generate=N` continues `tokens` (the prompt) by up to N tokens as `model.generate` would (`do_sample`,
     `temperature`, `top_p`, `stop`; `seed` then seeds the sampling) and records them too: the store then holds
     prompt and continuation, `generated(token)` marks the new tokens, and attrs["generation"] the settings.
+    `saes` {hook name: SAE} also stores each SAE's latents at its hook, as the `sae_k` largest per token (and
+    stream): variables `<kind>_sae_ids` / `<kind>_sae_values` (`workbench.store.layout`), within `windows`.
     """
     t0 = time.perf_counter()
     parallel = model.parallel is not None
@@ -90,7 +95,9 @@ def trace(
             windows = _check_windows(windows, total)
             patterns = [names] if isinstance(names, str) else list(names or [])
             layers = None if layers is None else sorted({_integer(x, "a layer number") for x in layers})
-            layout = lay_out(model, ids, _select(model, patterns, layers), windows, chunk_tokens, total)
+            saes, sae_k = _check_saes(model, saes), _positive_int(sae_k, "sae_k")
+            layout = lay_out(model, ids, _select(model, patterns, layers), windows, chunk_tokens, total, saes,
+                             sae_k)
             out = Path(out).expanduser()
             root, start = None, 0
             if writer:
@@ -104,6 +111,9 @@ def trace(
                     raise StoreError(f"{out} already holds a complete trace; pass overwrite=True (CLI: "
                                      "--overwrite) to replace it")
                 prov = _provenance(model, ids, seed, patterns, layers, windows, chunk_tokens, layout, progress, gen)
+                prov["saes"] = {h: {"cfg": sae.cfg, "weights_sha256": _sae_digest(sae), "k": sae_k}
+                                for h, sae in saes.items()} or None
+                prov = json.loads(json.dumps(prov))
                 root, start = prepare(out, attrs, prov, layout, resume, overwrite, progress)
         if parallel:
             start = distributed.broadcast_int(start)
@@ -191,6 +201,27 @@ def _check_windows(windows: Iterable[tuple[int, int]] | None, n: int) -> list[tu
     return sorted(out)
 
 
+def _check_saes(model: CausalLM, saes: Mapping[str, SAE] | None) -> dict[str, SAE]:
+    """{hook name: SAE}, each name one hook point of the model."""
+    out = {}
+    for hook, sae in (saes or {}).items():
+        if not isinstance(sae, SAE):
+            raise ValueError(f"saes[{hook!r}] must be a workbench.sae.SAE (load_sae), got {type(sae).__name__}")
+        if hook not in model.hook_names:
+            raise ValueError(f"saes: {hook!r} is not a hook point of this model (a name, not a glob)")
+        out[hook] = sae
+    return out
+
+
+def _sae_digest(sae: SAE) -> str:
+    """sha256 of an SAE's tensors (names, shapes, bytes), to tell a resumed trace it runs the same SAE."""
+    h = hashlib.sha256()
+    for name, p in sorted(sae.state_dict().items()):
+        h.update(f"{name}{list(p.shape)}{p.dtype}".encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _select(model: CausalLM, patterns: list[str], layers: list[int] | None) -> list[str]:
     """The hook points named by `patterns` (globs), within `layers`, routing left out (always recorded)."""
     hook_names = model.hook_names
@@ -198,7 +229,9 @@ def _select(model: CausalLM, patterns: list[str], layers: list[int] | None) -> l
     for pattern in patterns:
         if not isinstance(pattern, str):
             raise ValueError(f"names must be hook names or globs (strings), got {pattern!r}")
-        chosen.update((n, None) for n in hooks.match(pattern, hook_names) if hook_kind(n) not in ROUTING_HOOKS)
+        # an SAE's points (`.sae.`) fire only while it is spliced; its latents are stored through `saes=`
+        chosen.update((n, None) for n in hooks.match(pattern, hook_names)
+                      if hook_kind(n) not in ROUTING_HOOKS and ".sae." not in n)
     if layers is not None:
         have = sorted({i for i in map(layer_of, hook_names) if i is not None})
         missing = [i for i in layers if i not in have]
@@ -269,11 +302,24 @@ def _capture(sink: dict | None, start: int, spans: list[tuple[int, int]]):
     return keep
 
 
+def _encode(sink: dict | None, start: int, spans: list[tuple[int, int]], sae: SAE, k: int):
+    """A hook keeping the `spans` of its tensor's SAE latents (batch row 0) as sparse ids and values in `sink`."""
+    def keep(x: torch.Tensor, ctx) -> None:
+        if sink is not None:
+            parts = [sparse(latents(sae.to(x.device), x[:1, a - start:b - start], ctx.name)[0], k) for a, b in spans]
+            sink[f"{ctx.name}.{IDS}"] = [ids.cpu() for ids, _ in parts]
+            sink[f"{ctx.name}.{VALUES}"] = [values.cpu() for _, values in parts]
+    return keep
+
+
 def _hooks(layout: Layout, start: int, stop: int, sink: dict | None) -> list:
     pairs = []
     for v in layout.variables:
         spans = v.spans(start, stop)
-        if spans:
+        if spans and v.kind.endswith(f".{IDS}"):  # one hook fills both of an SAE's variables
+            for hook in (h.removesuffix(f".{IDS}") for h in v.hooks):
+                pairs.append((hook, _encode(sink, start, spans, layout.saes[hook], layout.sae_k)))
+        elif spans and not v.kind.endswith(f".{VALUES}"):
             fn = _capture(sink, start, spans)
             pairs += [(hook, fn) for hook in v.hooks]
     return pairs
@@ -388,7 +434,22 @@ def _step_hooks(layout: Layout, pos: int, pending: dict | None) -> list:
     def keep(x: torch.Tensor, ctx) -> None:
         if pending is not None:
             pending.setdefault(ctx.name, []).append(x[0].detach().to("cpu", copy=True))
-    return [(hook, keep) for v in layout.variables if v.spans(pos, pos + 1) for hook in v.hooks]
+
+    def encode(x: torch.Tensor, ctx) -> None:  # an SAE's latents, as sparse ids and values
+        if pending is not None:
+            ids, values = sparse(latents(layout.saes[ctx.name].to(x.device), x[:1], ctx.name)[0], layout.sae_k)
+            pending.setdefault(f"{ctx.name}.{IDS}", []).append(ids.cpu())
+            pending.setdefault(f"{ctx.name}.{VALUES}", []).append(values.cpu())
+
+    pairs = []
+    for v in layout.variables:
+        if not v.spans(pos, pos + 1) or v.kind.endswith(f".{VALUES}"):
+            continue
+        if v.kind.endswith(f".{IDS}"):  # one hook fills both of an SAE's variables
+            pairs += [(hook.removesuffix(f".{IDS}"), encode) for hook in v.hooks]
+        else:
+            pairs += [(hook, keep) for hook in v.hooks]
+    return pairs
 
 
 def _peak_rss() -> int:
