@@ -20,6 +20,8 @@
 # 3. **Steering**: a vector from a store (the mean difference of `resid_post` between French and English tokens),
 #    added during generation, with the intervention panel's continuations side by side.
 # 4. **Routing of generated tokens**: `trace(..., generate=N)` records the prompt and the continuation.
+# 5. **SAE latents next to routing**: the shipped sparse autoencoder on layer 3's residual stream, spliced with
+#    its error term (the forward unchanged), its latents streamed to a store beside the routing they feed.
 
 # %% tags=["parameters"]
 PROMPT = "def add(a, b):\n    return"  # prompt of the attribution and the DLA
@@ -30,6 +32,7 @@ STEER_SCALE = 2.0  # multiple of the vector added during generation
 GEN_PROMPT = "The package "  # prompt of the continuations and the generation trace
 NEW_TOKENS = 12  # generated tokens
 OUT = "runs"  # folder of the stores this notebook writes (replaced on every run)
+SAE_BYTES = 256  # bytes of held-out text per domain traced with the SAE's latents
 THREADS = 2  # torch threads
 
 # %%
@@ -213,6 +216,58 @@ fig.update_layout(title=f"Top-1 expert per layer, prompt then {facts['generated'
                         "line)", height=360, xaxis=dict(tickangle=-60))
 print(f"{facts['tokens']} tokens, {facts['generated']} generated: {facts['generated_text']!r}")
 fig
+
+# %% [markdown]
+# ## 5. SAE latents next to routing
+#
+# `data/saes/wb-v4-mini-layers.3.resid_post` is a top-k sparse autoencoder (768 latents, 16 active per token and
+# stream) trained on layer 3's residual stream by `data/saes/train_sae.py`; one dictionary serves all four
+# hyper-connection streams. Spliced with its error term the forward is unchanged; `trace(..., saes=...)` stores each
+# token's active latents (ids and values) beside the routing. Layer 4's router reads this residual stream: for the
+# latents most tied to one domain, which layer-4 expert takes the tokens where they fire, and how much more often
+# than on all tokens (lift)?
+
+# %%
+from workbench.sae import load_sae, splice, stored, top_contexts
+
+sae_hook = "layers.3.resid_post"
+sae = load_sae("wb-v4-mini-layers.3.resid_post")
+with torch.no_grad():
+    plain = model(ids)
+    with model.hooks(splice(model, sae)):
+        spliced = model(ids)
+facts["sae_splice_identical"] = bool(torch.equal(plain, spliced))
+domains = ("code", "french", "numbers")
+sae_ids = {d: np.asarray(tok.encode(text(d, 0, SAE_BYTES))) for d in domains}
+domain_of = np.repeat(domains, [len(v) for v in sae_ids.values()])
+sae_run = wb.trace(model, np.concatenate(list(sae_ids.values())), out_dir / "sae.zarr", saes={sae_hook: sae},
+                   sae_k=16, overwrite=True, progress=False)
+sds = wb.open_store(sae_run)
+lat, _ = stored(sds, sae_hook)  # [token, hc, 16]: the active latents of each token and stream
+d_sae = sae.cfg["d_sae"]
+active = np.zeros((sds.sizes["token"], d_sae), bool)  # latent active in any stream
+rows = np.repeat(np.arange(sds.sizes["token"]), lat.values[0].size)
+ok = lat.values.reshape(len(active), -1) >= 0
+active[rows[ok.ravel()], lat.values.reshape(len(active), -1)[ok]] = True
+routed4 = sds.topk_ids.sel(layer=4).values  # [token, k]
+base = np.bincount(routed4.ravel(), minlength=32) / routed4.size
+table = []
+for d in domains:
+    share = active[domain_of == d].mean(0) / np.maximum(active.mean(0), 1e-9) * (domain_of == d).mean()
+    for j in np.argsort(-(share * (active.sum(0) >= 8)))[:2]:  # the two latents most tied to the domain
+        on = routed4[active[:, j]]
+        e = int(np.bincount(on.ravel(), minlength=32).argmax())
+        best = top_contexts(sds, sae_hook, int(j), n=1, width=10)
+        table.append({"domain": d, "latent": int(j), "tokens active": int(active[:, j].sum()),
+                      "share in domain": float(share[j]), "layer-4 expert": e,
+                      "lift": float((on == e).mean() / base[e] * 1), "top context": tok.decode(
+                          [int(t) for t in best.context.values[0] if t >= 0])})
+latents_table = pd.DataFrame(table)
+facts |= {"sae_tokens": int(sds.sizes["token"]), "sae_latents_active": int(active.any(0).sum()),
+          "sae_mean_l0": float(active.sum(1).mean()), "sae_table": table}
+print(f"splice with the error term leaves the logits identical: {facts['sae_splice_identical']}; "
+      f"{facts['sae_latents_active']} of {d_sae} latents fire on these {facts['sae_tokens']} tokens")
+latents_table.round(2)
 
 # %% tags=["summary"]
 print(json.dumps(facts, indent=1))

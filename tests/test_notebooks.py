@@ -258,5 +258,11 @@ def test_attribution(tmp_path):
     assert facts["generated"] == 12 and facts["tokens"] == facts["generation"]["prompt_tokens"] + 12
     assert facts["generated_equals_generate"] is True and facts["generated_routing_equals_forward"] is True
     assert facts["generation"]["max_new_tokens"] == facts["generation"]["new_tokens"] == 12
+    # SAE: spliced with its error term the logits are unchanged; each domain's most tied latents, with the
+    # layer-4 expert that takes their tokens
+    assert facts["sae_splice_identical"] is True and facts["sae_mean_l0"] >= 16
+    table = facts["sae_table"]
+    assert [row["domain"] for row in table] == ["code", "code", "french", "french", "numbers", "numbers"]
+    assert all(row["tokens active"] >= 8 and 0 <= row["layer-4 expert"] < 32 and row["lift"] > 0 for row in table)
     assert outputs(nb, "application/vnd.jupyter.widget-view+json") == 1
     assert outputs(nb, "application/vnd.plotly.v1+json") == 3
