@@ -19,7 +19,11 @@ def test_demo_writes_report_and_summary(tmp_path):
     rows = re.findall(r"^\s+(\d)\s+[\d.]+\s+((?:e\d+ [\d.]+x\s*){7})$", text, flags=re.M)
     assert [r[0] for r in rows] == [str(i) for i in range(6)]
     page = report.read_text()
-    assert page.count("<table") == 1 and "plotly" in page and "Plotly.newPlot" in page
+    assert page.count("<table") == 3 and "plotly" in page and "Plotly.newPlot" in page
+    # facts in tables with units and 2 decimals, not raw Python dicts
+    assert "{'code'" not in page and "3.328772" not in page
+    assert re.search(r"<td class=label>code</td><td>[\d,]+</td><td>3\.33</td>", page)
+    assert len(set(re.findall(r"layer (\d), expert %\{x\}: ", page))) == 6  # a load panel per layer
     for domain in ("code", "prose", "french", "numbers", "structured"):
         assert domain in page
 

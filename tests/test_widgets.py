@@ -75,7 +75,12 @@ def test_dashboard_matches_brute_force(trace):
     counts = np.array([[Counter(layer.ravel().tolist())[e] for e in range(8)] for layer in ids])
     share = counts / (T * k)
     np.testing.assert_allclose(dash.heatmap.data[0].z, share, atol=1e-3 * share.max())
-    np.testing.assert_allclose(dash.heatmap.data[0].customdata, counts / (T * k / 8), atol=0.005)
+    custom = np.array(dash.heatmap.data[0].customdata)
+    assert (custom[..., 0] == np.arange(8)).all()  # sort="id": column j is expert j in every layer
+    np.testing.assert_allclose(custom[..., 1], counts / (T * k / 8), atol=0.005)
+    heat = dash.heatmap.data[0]
+    assert (heat.zmin, heat.zmid, heat.zmax) == (0, 1 / 8, 2 / 8)  # diverging, white at the uniform share 1/E
+    assert heat.colorscale[0][1] == "rgb(33,102,172)" and heat.colorscale[-1][1] == "rgb(178,24,43)"
     assert list(dash.heatmap.data[0].y) == [10, 11, 12] and dash.heatmap.layout.title.text == "expert load"
     assert dash.selected == (10, int(counts[0].argmax()))  # no hash-routed layer: the first, its busiest expert
     dash.select(12, 3)
@@ -88,27 +93,64 @@ def test_dashboard_matches_brute_force(trace):
     assert dash.coactivation.layout.title.text == "co-activation, layer 12"
     row, col = dash.coactivation.layout.shapes
     assert (row.y0, row.y1, col.x0, col.x1) == (2.5, 3.5, 2.5, 3.5)
-    assert dash.bars.layout.title.text.startswith("expert 3, layer 12")
+    # the profile: expert 3 at layer 12 only, against numpy
+    fig = dash.profile_figure
+    hit = (ids[2] == 3).any(1)
+    assert fig.layout.title.text.startswith(f"expert 3, layer 12: takes {hit.sum()} of 203 tokens")
+    tokens, by_domain, position, partners = fig.data
+    inputs = ds.input_ids.values
+    taken = Counter(inputs[hit].tolist())
+    top = sorted(taken, key=lambda t: (-taken[t], t))[:10]
+    assert list(tokens.y) == [f"{shown_byte(t)} ({t})" for t in top] and list(tokens.x) == [taken[t] for t in top]
     names = sorted(set(domains))
-    assert list(dash.bars.data[0].x) == names
+    assert list(by_domain.x) == names
     shares = [np.mean([3 in row for row in ids[2, domains == d].tolist()]) for d in names]
-    np.testing.assert_allclose(dash.bars.data[0].y, shares, rtol=1e-12)
-    assert dash.bars.layout.shapes[0].y0 == pytest.approx(k / 8)  # the uniform k/E line
+    np.testing.assert_allclose(by_domain.y, shares, rtol=1e-12)
+    assert fig.layout.shapes[0].y0 == pytest.approx(k / 8)  # the uniform k/E line of the domain panel
+    b = np.arange(T) * 20 // T
+    np.testing.assert_allclose(position.y, [(ids[2, b == i] == 3).sum() / ((b == i).sum() * k) for i in range(20)])
+    pair = {j: int((hit & (ids[2] == j).any(1)).sum()) for j in range(8) if j != 3}
+    best = sorted((j for j in pair if pair[j]), key=lambda j: (-pair[j], j))
+    assert list(partners.x) == [str(j) for j in best]
+    np.testing.assert_allclose(partners.y, [pair[j] / hit.sum() for j in best])
     assert "<b>tokens</b> 203" in dash.header.value and "<b>k</b> 2" in dash.header.value
     assert repr(dash).startswith("RoutingDashboard(") and "selected=(layer 12, expert 3), by domain" in repr(dash)
 
 
-def test_dashboard_click_updates_the_linked_figures(trace):
+def test_dashboard_click_opens_the_expert_profile_at_that_layer(trace):
     ds, ids, domains = trace
     dash = W.RoutingDashboard(ds, labels=domains, layer=12, expert=0)
     before = np.array(dash.coactivation.data[0].z, float)
     click(dash.heatmap, 5, 11)
     assert dash.selected == (11, 5)
     assert dash.coactivation.layout.title.text == "co-activation, layer 11"
-    assert "expert 5, layer 11" in dash.bars.layout.title.text
+    assert dash.profile_figure.layout.title.text.startswith("expert 5, layer 11:")
+    assert dash.profile.attrs["count"] == (ids[1] == 5).any(1).sum()
     assert not np.allclose(np.array(dash.coactivation.data[0].z, float), before, equal_nan=True)
     click(dash.coactivation, 2, 5)  # a co-activation cell selects its partner expert at the same layer
     assert dash.selected == (11, 2)
+    partner = dash.profile_figure.data[3].x[0]
+    dash.profile_figure.data[3]._dispatch_on_click(Points(point_inds=[0], xs=[partner], ys=[0], trace_index=3),
+                                                   InputDeviceState())
+    assert dash.selected == (11, int(partner))
+
+
+def test_dashboard_sorts_experts_by_load_and_compacts_layers(trace):
+    ds, ids, _ = trace
+    dash = W.RoutingDashboard(ds, sort="load", compact=True)
+    counts = np.array([[(layer == e).sum() for e in range(8)] for layer in ids])
+    order = np.argsort(-counts, axis=1, kind="stable")
+    custom = np.array(dash.heatmap.data[0].customdata)
+    assert (custom[..., 0] == order).all()
+    z = np.array(dash.heatmap.data[0].z, float)
+    assert (np.diff(z, axis=1) <= 0).all()  # each row falls from its busiest expert
+    click(dash.heatmap, 0, 12)  # rank 0 of layer 12: its busiest expert
+    assert dash.selected == (12, int(order[2, 0]))
+    click(dash.heatmap, 7, 10)
+    assert dash.selected == (10, int(order[0, 7]))
+    assert dash.heatmap.layout.height < W.RoutingDashboard(ds).heatmap.layout.height
+    with pytest.raises(ValueError, match="sort must be 'id' or 'load'"):
+        W.RoutingDashboard(ds, sort="similarity")
 
 
 @pytest.mark.parametrize("layer, expert, message", [(13, 0, r"layer .*\[10, 11, 12\]"), (10, 8, "expert .* 0 and 7"),
@@ -251,10 +293,14 @@ def test_widgets_open_a_store_path(store):
     assert dash.selected[0] == 2  # layers 0 and 1 are hash-routed
     assert "hash-routed</b> 0, 1" in dash.header.value and str(path) in dash.header.value
     layer, expert = dash.selected
-    want = [(ids[i] == expert).sum() / ids[i].size for i in range(6)]
-    np.testing.assert_allclose(dash.bars.data[0].y, want, rtol=1e-12)
-    assert list(dash.bars.data[0].x) == list(range(6)) and dash.bars.layout.title.text.startswith(
-        f"expert {expert}, layer {layer}")
+    hit = (ids[layer] == expert).any(1)
+    taken = Counter(np.frombuffer(text, np.uint8)[hit].tolist())
+    top = sorted(taken, key=lambda t: (-taken[t], t))[:10]
+    assert list(dash.profile_figure.data[0].y) == [f"{shown_byte(t)} ({t})" for t in top]
+    weights = np.where(ids[layer] == expert, ds.topk_weights.values[layer].astype(np.float64), 0).sum(1)
+    strong = sorted(np.flatnonzero(hit), key=lambda p: (-weights[p], p))[:10]
+    assert list(dash.profile_figure.data[1].x) == [str(p) for p in strong]  # no labels: the highest weights
+    assert dash.profile_figure.layout.title.text.startswith(f"expert {expert}, layer {layer}")
     view = W.TokenView(path, layer=4, start=250)
     shown = spans(view)
     assert len(shown) == 50

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import provenance
+from . import colours, provenance
 
 # the embedded model and held-out corpus: a wheel's package data (pyproject maps data/ to workbench/_data), else
 # data/ of the source checkout (editable install, PYTHONPATH)
@@ -92,38 +92,63 @@ def route(model, texts: dict[str, bytes], chunk_tokens: int = 512) -> Routing:
     return Routing(layers, list(texts), experts, k, share, load, {d: int(v.sizes["token"]) for d, v in per_domain.items()})
 
 
-def report_html(r: Routing, title: str, meta: dict) -> str:
-    """A self-contained page: specialisation heatmaps per layer, expert load, and a summary table."""
+def _table(head: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """An HTML table; the first `left` columns are labels (left-aligned), the rest numbers (right-aligned)."""
+    def cells(tag: str, row: list[str]) -> str:
+        return "".join(f"<{tag}{' class=label' if i < left else ''}>{html.escape(c)}</{tag}>" for i, c in enumerate(row))
+    return "<table><tr>" + cells("th", head) + "</tr>" + "".join(f"<tr>{cells('td', r)}</tr>" for r in rows) \
+        + "</table>"
+
+
+def report_html(r: Routing, title: str, facts: dict[str, str], bits_per_byte: dict[str, float] | None = None) -> str:
+    """A self-contained page: a facts table, tokens and held-out bits per byte per domain, the most
+    specialised expert per layer and domain, and one panel per layer (expert ids are local to a layer) for
+    specialisation and load, coloured on the diverging scale around the uniform share (`workbench.colours`)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     cols = min(3, len(r.layers))
     rows = -(-len(r.layers) // cols)
-    heat = make_subplots(rows=rows, cols=cols, subplot_titles=[f"layer {layer}" for layer in r.layers],
-                         vertical_spacing=0.12, horizontal_spacing=0.05)
+    titles = [f"layer {layer}" for layer in r.layers]
+    heat = make_subplots(rows=rows, cols=cols, subplot_titles=titles, vertical_spacing=0.12, horizontal_spacing=0.05)
     for i, layer in enumerate(r.layers):
-        heat.add_trace(go.Heatmap(z=r.share[i] / r.baseline, x=list(range(r.experts)), y=r.domains, zmin=0, zmax=4,
-                                  colorscale="Viridis", colorbar=dict(title="x k/E"), showscale=i == 0,
+        heat.add_trace(go.Heatmap(z=r.share[i] / r.baseline, x=list(range(r.experts)), y=r.domains,
+                                  **colours.diverging(1.0), colorbar=dict(title="x k/E"), showscale=i == 0,
                                   hovertemplate="expert %{x}<br>%{y}: %{z:.2f} x uniform<extra></extra>"),
                        row=i // cols + 1, col=i % cols + 1)
     heat.update_layout(title="Per-domain specialisation: share of a domain's tokens routed to each expert, "
-                             "as a multiple of the uniform k/E", height=300 * rows + 80)
-    load = go.Figure([go.Bar(name=f"layer {layer}", x=list(range(r.experts)), y=r.load[i] * r.experts)
-                      for i, layer in enumerate(r.layers)])
-    load.update_layout(barmode="group", title="Expert load (share of routing slots x E; 1 = balanced)",
-                       xaxis_title="expert", height=380)
-    table = "".join(
-        f"<tr><td>{layer}</td><td>{r.max_violation()[i]:.2f}</td>"
-        + "".join(f"<td>e{r.top(layer, d)[0]} ({r.top(layer, d)[1]:.1f}x)</td>" for d in r.domains) + "</tr>"
-        for i, layer in enumerate(r.layers))
-    head = "".join(f"<th>{html.escape(d)}</th>" for d in r.domains)
-    facts = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in meta.items())
+                             "as a multiple of the uniform k/E (white: uniform, red above, blue below)",
+                       height=300 * rows + 80)
+    load = make_subplots(rows=rows, cols=cols, subplot_titles=titles, shared_yaxes=True, vertical_spacing=0.15,
+                         horizontal_spacing=0.04)
+    for i, layer in enumerate(r.layers):
+        relative = r.load[i] * r.experts
+        rgb = colours.diverging_rgb(relative, 1.0)
+        load.add_trace(go.Bar(x=list(range(r.experts)), y=relative, showlegend=False,
+                              marker_color=[colours.css(tuple(c)) for c in rgb.tolist()],
+                              hovertemplate=f"layer {layer}, expert %{{x}}: %{{y:.2f}} x uniform<extra></extra>"),
+                       row=i // cols + 1, col=i % cols + 1)
+        load.add_hline(y=1.0, line_dash="dash", line_color="gray", row=i // cols + 1, col=i % cols + 1)
+    load.update_xaxes(title_text="expert")
+    load.update_layout(title="Expert load per layer: share of the layer's routing slots x E (1 = balanced, dashed)",
+                       height=240 * rows + 80)
+    bpb = bits_per_byte or {}
+    domains = _table(["domain", "held-out tokens", "bits per byte (model card)"],
+                     [[d, f"{r.tokens[d]:,}", f"{bpb[d]:.2f}" if d in bpb else "n/a"] for d in r.domains]
+                     + [["all", f"{sum(r.tokens.values()):,}", ""]])
+    specialised = _table(["layer", "load MaxVio"] + r.domains,
+                         [[str(layer), f"{r.max_violation()[i]:.2f}"]
+                          + [f"e{r.top(layer, d)[0]} ({r.top(layer, d)[1]:.1f}x)" for d in r.domains]
+                          for i, layer in enumerate(r.layers)])
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head><body>
-<h1>{html.escape(title)}</h1><ul>{facts}</ul>
-<h2>Most specialised expert per layer and domain</h2>
-<table><tr><th>layer</th><th>load MaxVio</th>{head}</tr>{table}</table>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}.label{{text-align:left}}</style></head><body>
+<h1>{html.escape(title)}</h1>
+{_table(["", ""], [[k, v] for k, v in facts.items()], left=2)}
+<h2>Tokens and held-out bits per byte by domain</h2>
+{domains}
+<h2>Most specialised expert per layer and domain (share of the domain's tokens / uniform k/E)</h2>
+{specialised}
 {heat.to_html(full_html=False, include_plotlyjs=True)}
 {load.to_html(full_html=False, include_plotlyjs=False)}
 </body></html>"""
@@ -152,9 +177,12 @@ def run(model_path: Path = EMBEDDED_MODEL, out: Path = Path("workbench-demo.html
         print(f"{layer:>5}  {r.max_violation()[i]:6.2f}  {cells}")
     if bpb:
         print("\nheld-out bits per byte (model card): " + ", ".join(f"{d} {v:.2f}" for d, v in bpb.items()))
-    meta = {"model": str(model_path), "commit": model.commit or "local folder", "tokens per domain": r.tokens,
-            "experts": f"{r.experts} routed, top-{r.k}", "held-out bits per byte": bpb or "n/a"}
-    out.write_text(report_html(r, "moe-workbench demo: routing of the embedded model by domain", meta))
+    facts = {"model": str(model_path), "commit": model.commit or "local folder",
+             "architecture": f"{model.config.get('model_type')}, {len(model.layers)} layers, "
+                             f"{params / 1e6:.2f}M parameters",
+             "experts": f"{r.experts} routed, top-{r.k}; uniform share k/E = {r.baseline:.3f}",
+             "held-out tokens": f"{sum(r.tokens.values()):,} over {len(r.domains)} domains"}
+    out.write_text(report_html(r, "moe-workbench demo: routing of the embedded model by domain", facts, bpb))
     print(f"\nreport  {out.resolve()}  ({out.stat().st_size / 1e6:.1f} MB, self-contained)")
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return r

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import colours
 from .schema import TOPK_IDS
 
 if TYPE_CHECKING:
@@ -133,7 +134,8 @@ def img_tag(png: bytes | None, alt: str) -> str:
 
 
 def to_png(summary: dict[str, Any]) -> bytes | None:
-    """The summary's heatmap as a PNG (Pillow), coloured around its uniform baseline; None without one."""
+    """The summary's heatmap as a PNG (Pillow), None without one: coloured around its uniform baseline (see
+    `workbench.colours`), or on the sequential scale where the heatmap says `"scale": "sequential"`."""
     from PIL import Image, ImageDraw
 
     hm = summary.get("heatmap")
@@ -146,7 +148,8 @@ def to_png(summary: dict[str, Any]) -> bytes | None:
     cell_h = max(2, min(24, 480 // max(L, 1)))
     image = Image.new("RGB", (left + cell_w * E + 10, top + cell_h * L + bottom), "white")
     draw = ImageDraw.Draw(image)
-    rgb = _colours(values, hm.get("baseline"))
+    rgb = colours.sequential_rgb(values) if hm.get("scale") == "sequential" else \
+        colours.diverging_rgb(values, hm.get("baseline"))
     cells = np.repeat(np.repeat(rgb, cell_h, axis=0), cell_w, axis=1)
     image.paste(Image.fromarray(cells, "RGB"), (left, top))
     draw.text((left, 4), hm["title"][:110], fill="black")
@@ -160,19 +163,6 @@ def to_png(summary: dict[str, Any]) -> bytes | None:
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
-
-
-def _colours(values: np.ndarray, baseline: float | None) -> np.ndarray:
-    """uint8 RGB per cell: white at the baseline, red above (up to twice it), blue below; grey where missing."""
-    finite = values[np.isfinite(values)]
-    centre = baseline if baseline else (float(finite.mean()) if finite.size else 0.0)
-    span = centre if centre > 0 else (float(np.abs(finite - centre).max()) if finite.size else 1.0) or 1.0
-    t = np.clip((values - centre) / span, -1, 1)
-    up, down = np.clip(t, 0, 1)[..., None], np.clip(-t, 0, 1)[..., None]
-    white, red, blue = np.array([255, 255, 255.0]), np.array([178, 24, 43.0]), np.array([33, 102, 172.0])
-    rgb = white + up * (red - white) + down * (blue - white)
-    rgb[~np.isfinite(values)] = 200
-    return rgb.astype(np.uint8)
 
 
 def _heatmap(v: xr.DataArray, title: str, baseline: float | None) -> dict[str, Any]:

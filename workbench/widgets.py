@@ -31,7 +31,7 @@ import xarray as xr
 from plotly.subplots import make_subplots
 
 from . import analysis as A
-from . import display
+from . import colours, display
 from .interventions import ablate, force, steer
 from .models.moe import Router
 from .schema import ROUTER_TOPK_IDS, ROUTING_VARIABLES
@@ -137,49 +137,84 @@ class _Snapshot:
 
 
 class RoutingDashboard(_Snapshot, ipywidgets.VBox):
-    """Expert load per layer (click a cell to select a layer and expert), the selected layer's co-activation
-    matrix and the selected expert's share of each domain's tokens (`labels`: one domain per token, as
-    `analysis.domain_specialisation` takes them), or without labels its load at every layer."""
+    """Expert load per layer on the diverging scale around the uniform share 1/E (click a cell to select a
+    layer and expert), the selected layer's co-activation matrix and the selected expert's profile at that
+    layer (`analysis.expert_profile`): the tokens it takes most often in context, its share of each domain's
+    tokens (`labels`: one domain per token) or else its highest-weight tokens, its load along position and its
+    co-activation partners. Expert ids are local to a layer, so no figure puts one id across layers.
+
+    `sort="load"` orders each layer's experts by load (the x axis is then the rank within the layer and the
+    hover names the expert); `compact=True` draws thin rows for long lists of layers (DeepSeek-V4's 43-61).
+    `decode` maps a token id to text (bytes as text for a byte-level vocabulary, else the id)."""
 
     def __init__(self, source: Source, *, labels: Any = None, layer: int | None = None,
-                 expert: int | None = None):
+                 expert: int | None = None, sort: str = "id", compact: bool = False,
+                 decode: Callable[[int], str] | None = None):
         super().__init__()
+        if sort not in ("id", "load"):
+            raise ValueError(f"sort must be 'id' or 'load', got {sort!r}")
         self.dataset, self.source = _open(source)
         ds = self.dataset
         self.layers, self.n_experts, self.k = _layers(ds), A.expert_count(ds), ds.sizes["k"]
+        self.labels, self.sort = labels, sort
+        self.decode = decode or (_byte_text if "input_ids" in ds and int(ds.input_ids.max()) < 256 else str)
         self.load = A.expert_load(ds)
         self.coactivation_data = A.coactivation(ds)
-        self.domains = None if labels is None else A.domain_specialisation(ds, labels)
+        share = self.load.share.values
+        # order[i]: layer i's experts as drawn left to right
+        self.order = (np.argsort(-share, axis=1, kind="stable") if sort == "load"
+                      else np.tile(np.arange(self.n_experts), (len(self.layers), 1)))
         hashed = self.load.hash_routed.values.tolist()
         layer = _pick_layer(layer, self.layers, hashed)
         if expert is None:
             expert = int(self.load.share.sel(layer=layer).argmax("expert"))
         self.header = ipywidgets.HTML(self._header(hashed))
+        rows = np.arange(len(self.layers))[:, None]
+        relative = self.load.relative_load.values
         self.heatmap = go.FigureWidget(go.Heatmap(
-            z=_compact(self.load.share.values), x=list(range(self.n_experts)), y=self.layers,
-            customdata=np.round(self.load.relative_load.values, 2).tolist(), colorscale="Viridis", zmin=0,
-            colorbar=dict(title="share"),
-            hovertemplate="layer %{y}, expert %{x}<br>share of the layer's slots %{z:.4f}<br>"
-                          "%{customdata:.2f} x uniform (k/E of the tokens)<extra></extra>"))
-        self.heatmap.update_layout(title="expert load", xaxis_title="expert", height=120 + 28 * len(self.layers),
-                                   yaxis=dict(title="layer", tickmode="array", tickvals=self.layers,
-                                              autorange="reversed"),  # first layer on top, as the renderer draws
-                                   margin=dict(t=50, b=40))
+            z=_compact(share[rows, self.order]), x=list(range(self.n_experts)), y=self.layers,
+            customdata=np.stack([self.order, np.round(relative[rows, self.order], 2)], -1).tolist(),
+            **colours.diverging(1 / self.n_experts), colorbar=dict(title="share<br>(white: 1/E)"),
+            hovertemplate="layer %{y}, expert %{customdata[0]}<br>share of the layer's slots %{z:.4f}<br>"
+                          "%{customdata[1]:.2f} x uniform (k/E of the tokens)<extra></extra>"))
+        row_height = 8 if compact else 28
+        self.heatmap.update_layout(
+            title="expert load" + (" (experts sorted by load within each layer)" if sort == "load" else ""),
+            xaxis_title="expert" if sort == "id" else "rank by load within the layer",
+            height=120 + row_height * len(self.layers), margin=dict(t=50, b=40),
+            yaxis=dict(title="layer", autorange="reversed",  # first layer on top, as the renderer draws
+                       **({} if compact else dict(tickmode="array", tickvals=self.layers))))
         self.heatmap.data[0].on_click(self._on_click)
         self.coactivation = go.FigureWidget(go.Heatmap(
-            x=list(range(self.n_experts)), y=list(range(self.n_experts)), colorscale="Viridis", zmin=0,
+            x=list(range(self.n_experts)), y=list(range(self.n_experts)), **colours.sequential(),
             hovertemplate="of the tokens that chose expert %{y}, %{z:.3f} also chose %{x}<extra></extra>"))
         self.coactivation.update_layout(xaxis_title="expert j", yaxis=dict(title="expert i", autorange="reversed"),
                                         width=440, height=440, margin=dict(t=50))
         self.coactivation.data[0].on_click(self._on_coactivation_click)
-        self.bars = go.FigureWidget(go.Bar())
-        baseline = self.k / self.n_experts if self.domains is not None else 1 / self.n_experts
-        self.bars.add_hline(y=baseline, line_dash="dash", line_color="gray",
-                            annotation_text="uniform k/E" if self.domains is not None else "uniform 1/E")
-        self.bars.update_layout(width=500, height=440, margin=dict(t=50), yaxis_title="share",
-                                xaxis=dict(title="domain" if self.domains is not None else "layer", type="category"))
+        second = "share of each domain's tokens" if labels is not None else "highest routing weights"
+        fig = make_subplots(rows=2, cols=2, vertical_spacing=0.2, horizontal_spacing=0.22,
+                            subplot_titles=["tokens it takes most often", second, "load along position",
+                                            "co-activation partners"])
+        for row, col in ((1, 1), (1, 2), (2, 1), (2, 2)):
+            fig.add_trace(go.Bar(orientation="h" if (row, col) == (1, 1) else "v", showlegend=False), row=row, col=col)
+        fig.update_yaxes(autorange="reversed", type="category", row=1, col=1)
+        fig.update_xaxes(title_text="tokens", row=1, col=1)
+        fig.update_xaxes(type="category", row=1, col=2)
+        fig.update_xaxes(title_text="position", row=2, col=1)
+        fig.update_yaxes(title_text="share of slots", row=2, col=1)
+        fig.update_xaxes(title_text="expert (same layer)", type="category", row=2, col=2)
+        fig.update_yaxes(title_text="N(e, j) / N(e)", row=2, col=2)
+        if labels is not None:
+            fig.add_hline(y=self.k / self.n_experts, line_dash="dash", line_color="gray", row=1, col=2,
+                          annotation_text="uniform k/E")
+        fig.add_hline(y=1 / self.n_experts, line_dash="dash", line_color="gray", row=2, col=1,
+                      annotation_text="uniform 1/E")
+        fig.update_layout(width=680, height=560, margin=dict(t=70))
+        self.profile_figure = go.FigureWidget(fig)
+        self.profile_figure.data[3].on_click(self._on_partner_click)
         self.select(layer, expert)
-        linked = ipywidgets.HBox([self.coactivation, self.bars], layout=ipywidgets.Layout(flex_flow="row wrap"))
+        linked = ipywidgets.HBox([self.coactivation, self.profile_figure],
+                                 layout=ipywidgets.Layout(flex_flow="row wrap"))
         self.children = [self.header, self.heatmap, linked]
 
     def _header(self, hashed: list[bool]) -> str:
@@ -191,8 +226,18 @@ class RoutingDashboard(_Snapshot, ipywidgets.VBox):
             facts.append(("hash-routed", ", ".join(map(str, hash_layers))))
         return " &middot; ".join(f"<b>{name}</b> {html.escape(value)}" for name, value in facts)
 
+    def _in_context(self, ids: Sequence[int]) -> str:
+        """Context ids as text with the middle token bracketed (-1: outside the sequence, dropped)."""
+        mid = len(ids) // 2
+        text = [("[" + self._token(i) + "]" if j == mid else self._token(i)) for j, i in enumerate(ids) if i >= 0]
+        return html.escape("".join(text) if self.decode is _byte_text else " ".join(text))
+
+    def _token(self, i: int) -> str:
+        return _visible(self.decode(int(i)))
+
     def select(self, layer: int, expert: int) -> None:
-        """Show `expert` at `layer` in the co-activation and bar figures."""
+        """Show `expert` at `layer`: the layer's co-activation (the expert's row and column boxed) and the
+        expert's profile at that layer."""
         layer = _check_layer(layer, self.layers)
         expert = _check_int(expert, "expert", 0, self.n_experts - 1)
         self.selected = (layer, expert)
@@ -204,38 +249,64 @@ class RoutingDashboard(_Snapshot, ipywidgets.VBox):
             self.coactivation.layout.shapes = [
                 dict(box, x0=-0.5, x1=E - 0.5, y0=expert - 0.5, y1=expert + 0.5),
                 dict(box, x0=expert - 0.5, x1=expert + 0.5, y0=-0.5, y1=E - 0.5)]
-        with self.bars.batch_update():
-            bar = self.bars.data[0]
-            if self.domains is not None:
-                bar.x = [str(d) for d in self.domains.domain.values]
-                bar.y = self.domains.specialisation.sel(layer=layer, expert=expert).values
-                bar.marker.color = _color(expert)
-                self.bars.layout.title = f"expert {expert}, layer {layer}: share of each domain's tokens"
+        p = self.profile = A.expert_profile(self.dataset, layer, expert, labels=self.labels)
+        with self.profile_figure.batch_update():
+            tokens, second, position, partners = self.profile_figure.data
+            tokens.y = [f"{self._token(t)} ({t})" for t in p.frequent_ids.values]
+            tokens.x = p.frequent_count.values.tolist()
+            tokens.hovertext = [f"{n} of {m} occurrences; at position {q}: {self._in_context(c)}" for n, m, q, c in
+                                zip(p.frequent_count.values, p.frequent_occurrences.values,
+                                    p.frequent_position.values, p.frequent_context.values)]
+            if self.labels is not None:
+                second.x, second.y = [str(d) for d in p.domain.values], p.domain_share.values.tolist()
+                second.hovertext = [f"{c:,} of {n:,} tokens" for c, n in zip(p.domain_count.values,
+                                                                             p.domain_tokens.values)]
             else:
-                bar.x = self.layers
-                bar.y = self.load.share.sel(expert=expert).values
-                bar.marker.color = ["crimson" if x == layer else "lightgray" for x in self.layers]
-                self.bars.layout.title = f"expert {expert}, layer {layer}: share of routing slots at every layer"
+                second.x = [str(q) for q in p.strongest_position.values]
+                second.y = p.strongest_weight.values.tolist()
+                second.hovertext = [f"position {q}, weight {w:.3f}: {self._in_context(c)}" for q, w, c in
+                                    zip(p.strongest_position.values, p.strongest_weight.values,
+                                        p.strongest_context.values)]
+            position.x, position.y = p.bin_start.values.tolist(), p.position_share.values.tolist()
+            position.hovertext = [f"positions {a:,}..{b:,}" for a, b in zip(p.bin_start.values, p.bin_stop.values)]
+            partners.x = [str(j) for j in p.partner_expert.values]
+            partners.y = p.partner_coactivation.values.tolist()
+            self.profile_figure.layout.title = (f"expert {expert}, layer {layer}: takes {p.attrs['count']:,} of "
+                                                f"{p.attrs['tokens']:,} tokens ({p.attrs['share'] * E:.2f} x uniform)")
 
     def static_html(self) -> str:
-        """The header, the load heatmap (white at the uniform share) and the selected layer's co-activation."""
+        """The header, the load heatmap (white at the uniform share), the selected layer's co-activation and
+        the selected expert's most frequent tokens."""
         layer, expert = self.selected
         load = display.routing_summary(self.load)["heatmap"]
         experts = list(range(self.n_experts))
         coact = {"title": f"co-activation, layer {layer} (row i, column j: N(i, j) / N(i))", "layers": experts,
-                 "experts": experts, "baseline": None,
+                 "experts": experts, "baseline": None, "scale": "sequential",
                  "values": self.coactivation_data.coactivation.sel(layer=layer).values.tolist()}
         figures = "".join(f"<p><strong>{html.escape(hm['title'])}</strong><br>"
                           f"{display.img_tag(display.to_png({'heatmap': hm}), hm['title'])}</p>"
                           for hm in (load, coact))
+        p = self.profile
+        rows = "".join(f"<tr><td><code>{html.escape(self._token(t))}</code></td><td>{n:,}</td><td>{m:,}</td>"
+                       f"<td><code>{self._in_context(c)}</code></td></tr>" for t, n, m, c in
+                       zip(p.frequent_ids.values, p.frequent_count.values, p.frequent_occurrences.values,
+                           p.frequent_context.values))
         return (f"<p>{self.header.value}</p>{figures}"
-                f"<p>selected: layer {layer}, expert {expert}</p>")
+                f"<p>selected: layer {layer}, expert {expert}</p>"
+                f"<p><strong>{html.escape(self.profile_figure.layout.title.text)}</strong></p>"
+                "<table><tr><th>token</th><th>taken</th><th>occurrences</th><th>in context</th></tr>"
+                f"{rows}</table>")
 
     def _on_click(self, trace: Any, points: Any, state: Any) -> None:
         if points.xs:
-            self.select(int(points.ys[0]), int(points.xs[0]))
+            layer = int(points.ys[0])
+            self.select(layer, int(self.order[self.layers.index(layer)][int(points.xs[0])]))
 
     def _on_coactivation_click(self, trace: Any, points: Any, state: Any) -> None:
+        if points.xs:
+            self.select(self.selected[0], int(points.xs[0]))
+
+    def _on_partner_click(self, trace: Any, points: Any, state: Any) -> None:
         if points.xs:
             self.select(self.selected[0], int(points.xs[0]))
 
@@ -243,7 +314,7 @@ class RoutingDashboard(_Snapshot, ipywidgets.VBox):
         layer, expert = self.selected
         return (f"RoutingDashboard(source={self.source!r}, tokens={self.dataset.sizes['token']:,}, "
                 f"layers={self.layers}, experts={self.n_experts}, k={self.k}, selected=(layer {layer}, "
-                f"expert {expert}){', by domain' if self.domains is not None else ''})")
+                f"expert {expert}){', by domain' if self.labels is not None else ''})")
 
 
 # ---------------------------------------------------------------- token view

@@ -6,6 +6,7 @@ read chunk by chunk, never whole) or an in-memory trace built by `from_cache`. B
 - `cluster`: counting over the blocks, here or on a dask.distributed cluster.
 - `kernels`: the numba kernels that count.
 - `metrics`: the analyses, with their definitions.
+- `profile`: one expert's profile at one layer (top tokens in context, domains, load along position, partners).
 - `compare`: two routings of the same tokens side by side (agreement, Jaccard, first divergence per token).
 - `fragility`: routing margins (k-th minus (k+1)-th selection score) and the flips between two runs they predict.
 - `position`: routing by position over long stores; how far back DeepSeek-V4's CSA indexer picks reach.
@@ -27,10 +28,11 @@ from .kernels import FIXED_POINT
 from .metrics import (coactivation, cross_layer, domain_specialisation, eplb_weight, expert_load, mutual_information,
                       repetition, router_confidence, saturation, super_experts, vocabulary_specialisation)
 from .position import by_position, pick_distances
+from .profile import expert_profile
 from .scan import BLOCK_BYTES, token_reader
 
 __all__ = ["from_cache", "routed_view", "expert_count", "hash_routed", "token_reader", "expert_load", "eplb_weight",
            "coactivation", "domain_specialisation", "vocabulary_specialisation", "mutual_information", "repetition",
-           "saturation", "compare", "margins", "flips", "by_position", "pick_distances", "cross_layer",
-           "router_confidence", "super_experts", "BLOCK_BYTES",
+           "saturation", "compare", "margins", "flips", "by_position", "pick_distances", "expert_profile",
+           "cross_layer", "router_confidence", "super_experts", "BLOCK_BYTES",
            "HASH_PROBE_TOKENS", "HASH_MIN_REPEATS", "TASKS_PER_THREAD", "FIXED_POINT", "ArrayLike"]
