@@ -132,7 +132,7 @@ def trace(args: argparse.Namespace) -> int:
     how = {"snapshot": " from its state snapshot", "replay": " by replaying the committed tokens"}
     resumed = f", resumed at token {s['resumed_at']:,}{how.get(s.get('resumed_from'), '')}" if s["resumed_at"] else ""
     if s.get("resumed_from") == "replay" and not model.bounded_state:
-        resumed += " (its full attention state is not snapshot)"
+        resumed += " (full attention: its state is not snapshot)"
     print(f"traced {s['traced_tokens']:,} tokens into {out}{resumed} in {s['wall_s']:.2f} s "
           f"({s['tokens_per_s']:,.0f} tokens/s)")
     per_entry = s["bytes_per_routing_entry"]
