@@ -108,7 +108,7 @@ class Snapshots:
 
     def _fallback(self, committed: int, why: str) -> None:
         warnings.warn(f"{self.folder}: the state snapshot at token {committed:,} cannot be used ({why}); resuming "
-                      "by replaying the committed tokens", stacklevel=4)
+                      "by replaying the committed tokens", stacklevel=5)
         self.clear()
         return None
 
