@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -16,10 +17,13 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from safetensors import safe_open
 
 import workbench as wb
 from workbench import cli
+from workbench.demo import EMBEDDED_MODEL
 from workbench.store import StoreError, open_store, trace
+from workbench.store.snapshot import REPLAY_ENV
 from oracle import by_expert
 
 MODEL = Path(__file__).resolve().parent.parent / "data" / "models" / "tiny-random-deepseek-v3"
@@ -253,6 +257,129 @@ def test_killed_traces_resume_bit_identical(model, tmp_path):
     assert [committed(Path(store[p])) for p in points] == [N] * 5
 
 
+# ---------------------------------------------------------------- resume from state snapshots (DeepSeek-V4)
+
+V4_N, V4_CHUNK = 400, 80  # five chunks; the last one removes the snapshots before its marker
+V4_ARGS = dict(names=["layers.5.resid_post"], windows=[(200, 400)], chunk_tokens=V4_CHUNK)
+
+
+@pytest.fixture(scope="module")
+def v4_reference(tmp_path_factory):
+    """(model, tokens, store) of an uninterrupted trace of the embedded V4 model (bf16, one thread)."""
+    model, tokens, threads = wb.load(EMBEDDED_MODEL), random_tokens(V4_N, seed=7), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return model, tokens, trace(model, tokens, tmp_path_factory.mktemp("v4") / "ref.zarr", progress=False,
+                                    **V4_ARGS)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def snapshots(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "resume").glob("*")) if (out / "resume").exists() else []
+
+
+def resumed(model, tokens: np.ndarray, out: Path, warning: str | None = None) -> str | None:
+    """Resume the V4 trace at `out` (a warning matching `warning` expected, else none); how it resumed."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trace(model, tokens, out, progress=False, **V4_ARGS)
+    messages = [str(w.message) for w in seen if issubclass(w.category, UserWarning)]
+    if warning is None:
+        assert not messages, messages
+    else:
+        assert len(messages) == 1 and re.search(warning, messages[0]), messages
+    return zarr.open_group(out, mode="r").attrs["summary"]["resumed_from"]
+
+
+def test_killed_v4_traces_resume_from_snapshots_bit_identical(v4_reference, tmp_path):
+    """SIGKILL at every point of a commit (after the forward, inside the writes, between writing a snapshot and
+    renaming it, before and after the marker, on the last chunk); a writer resumed from a snapshot killed again.
+    Each resumes from the last committed snapshot without replaying and ends bit-identical to the uninterrupted
+    store; killed on the last chunk (snapshots already removed) it warns and replays."""
+    model, tokens, ref = v4_reference
+    points = ["0:forward", "1:write", "1:snapshot", "2:marker", "2:committed", "3:snapshot", "4:marker"]
+    store = {p: tmp_path / p.replace(":", "-") for p in points}
+    waves = [[(str(store[p]), p) for p in points], [(str(store["1:snapshot"]), "3:snapshot")]]
+    spec = dict(model=str(EMBEDDED_MODEL), seed=7, n=V4_N, args=V4_ARGS, waves=waves)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("WORKBENCH_TRACE_CRASH", None)
+    run = subprocess.run([sys.executable, "-c", WRITERS, json.dumps(spec)], env=env, text=True, capture_output=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count(" -9\n") == len(points) + 1, run.stdout
+    done = {p: committed(store[p]) for p in points}
+    assert done == {"0:forward": 0, "1:write": 80, "1:snapshot": 240, "2:marker": 160, "2:committed": 240,
+                    "3:snapshot": 240, "4:marker": 320}
+    # a killed write's temporary and a snapshot renamed just before the kill, past the marker: both removed
+    assert snapshots(store["3:snapshot"])[-2:] == ["000000000320.safetensors.partial", "zarr.json"]
+    assert snapshots(store["2:marker"])[-2:] == ["000000000240.safetensors", "zarr.json"]
+    assert snapshots(store["4:marker"]) == []
+    for p in points:
+        how = resumed(model, tokens, store[p], "no snapshot at token 320" if p == "4:marker" else None)
+        assert how == {"0:forward": None, "4:marker": "replay"}.get(p, "snapshot"), p
+        assert_same_store(store[p], ref)
+
+
+DAMAGE = {
+    # case -> (what it does to the snapshots of a store committed to token 240, the warning)
+    "a flipped byte": (lambda d: flip(d / "000000000160.safetensors"), "tensor .* fails its checksum"),
+    "a truncated file": (lambda d: truncate(d / "000000000240.safetensors"), "cannot be used"),
+    "a missing file": (lambda d: (d / "000000000160.safetensors").unlink(), r"continues at row \d+, the earlier "
+                                                                           r"files hold \d+"),
+    "no snapshot at the marker": (lambda d: (d / "000000000240.safetensors").unlink(), "no snapshot at token 240"),
+}
+
+
+def flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1  # the last tensor's data
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_snapshot_falls_back_to_replay(v4_reference, tmp_path, case):
+    """A snapshot that does not read whole is never used: a warning, a replay, the same store; the snapshots
+    written after the fallback start afresh, and a later resume uses them."""
+    model, tokens, ref = v4_reference
+    out = tmp_path / "run.zarr"
+    interrupted(model, tokens, out, 240, **V4_ARGS)
+    assert snapshots(out) == [f"{t:012d}.safetensors" for t in (80, 160, 240)] + ["zarr.json"]
+    with safe_open(out / "resume" / "000000000240.safetensors", framework="pt") as f:  # appended rows only
+        assert f.get_slice("1.compressor.entries").get_shape() == [1, 20, 64]
+        assert json.loads(f.metadata()["rows_before"])["1.compressor.entries"] == 40
+        assert f.get_slice("0.window.kv").get_shape() == [1, 1, 127, 64]  # the window whole
+    damage, warning = DAMAGE[case]
+    damage(out / "resume")
+    with pytest.warns(UserWarning, match=warning + ".*resuming by replaying"):
+        interrupted(model, tokens, out, 320, **V4_ARGS)
+    assert snapshots(out) == ["000000000320.safetensors", "zarr.json"]
+    assert resumed(model, tokens, out) == "snapshot"
+    assert_same_store(out, ref)
+
+
+def test_cli_reports_how_a_trace_resumed(v4_reference, tmp_path, capsys):
+    model, _, _ = v4_reference
+    out = tmp_path / "run.zarr"
+    interrupted(model, random_tokens(300, seed=4), out, 200, chunk_tokens=100, seed=4)
+    argv = ["trace", str(EMBEDDED_MODEL), "--random-tokens", "300", "--seed", "4", "--out", str(out),
+            "--chunk-tokens", "100"]
+    assert cli.main(argv) == 0
+    assert "traced 100 tokens into" in (text := capsys.readouterr().out)
+    assert "resumed at token 200 from its state snapshot in " in text
+    interrupted(model, random_tokens(300, seed=4), out, 200, chunk_tokens=100, seed=4, overwrite=True)
+    os.environ[REPLAY_ENV] = "1"  # as bench/resume.py times it
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        del os.environ[REPLAY_ENV]
+    assert "resumed at token 200 by replaying the committed tokens in " in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- refusals and errors
 
 
@@ -287,8 +414,10 @@ def test_resume_checks_identity(model, tmp_path):
         trace(model, tokens, out, chunk_tokens=64, progress=False)
     with pytest.raises(StoreError, match="incomplete trace \\(128 of 256 tokens\\)"):
         trace(model, tokens, out, resume=False, progress=False, **args)
+    assert not (out / "resume").exists()  # full attention: no snapshot, resume replays
     trace(model, tokens, out, progress=False, **args)
     assert open_store(out).attrs["summary"]["resumed_at"] == 128
+    assert open_store(out).attrs["summary"]["resumed_from"] == "replay"
     assert_same_store(out, trace(model, tokens, tmp_path / "ref.zarr", progress=False, **args))
 
 
@@ -510,7 +639,8 @@ def test_cli_resumes_and_reports_user_errors(model, tmp_path, capsys):
     assert "tokens     200 of 300 committed (incomplete: rerun `workbench trace`" in capsys.readouterr().out
     argv = ["trace", str(MODEL), "--random-tokens", "300", "--seed", "4", "--out", str(out), "--chunk-tokens", "100"]
     assert cli.main(argv) == 0
-    assert f"traced 100 tokens into {out}, resumed at token 200 in " in capsys.readouterr().out
+    assert (f"traced 100 tokens into {out}, resumed at token 200 by replaying the committed tokens (full attention: "
+            "its state is not snapshot) in ") in capsys.readouterr().out
     ds = open_store(out)
     assert np.array_equal(ds.input_ids.values, random_tokens(300, seed=4))
     assert ds.attrs["seed"] == 4 and ds.attrs["summary"]["resumed_at"] == 200
@@ -556,8 +686,6 @@ def test_trace_runs_the_output_head_only_when_asked(model, tmp_path):
 def test_embedded_model_20k_chunked_trace_equals_whole_forward(tmp_path):
     """20,000 tokens through the embedded V4 model (sliding, CSA with its indexer, HCA, hash and learned
     routing) in chunks that do not divide the sequence: the stored routing is the whole forward's."""
-    from workbench.demo import EMBEDDED_MODEL
-
     v4 = wb.load(EMBEDDED_MODEL, dtype=torch.float32)
     tokens = random_tokens(20_000, seed=5)
     ds = open_store(trace(v4, tokens, tmp_path / "run.zarr", chunk_tokens=3000, progress=False))

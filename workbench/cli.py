@@ -140,7 +140,10 @@ def trace(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     s = open_store(out).attrs["summary"]
-    resumed = f", resumed at token {s['resumed_at']:,}" if s["resumed_at"] else ""
+    how = {"snapshot": " from its state snapshot", "replay": " by replaying the committed tokens"}
+    resumed = f", resumed at token {s['resumed_at']:,}{how.get(s.get('resumed_from'), '')}" if s["resumed_at"] else ""
+    if s.get("resumed_from") == "replay" and not model.bounded_state:
+        resumed += " (full attention: its state is not snapshot)"
     print(f"traced {s['traced_tokens']:,} tokens into {out}{resumed} in {s['wall_s']:.2f} s "
           f"({s['tokens_per_s']:,.0f} tokens/s)")
     per_entry = s["bytes_per_routing_entry"]

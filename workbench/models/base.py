@@ -128,6 +128,16 @@ class CausalLM(nn.Module):
         if self.tied:
             self.lm_head.weight = self.embed.weight
 
+    # leaf names of state tensors that only grow, by rows appended along dim 1 (snapshots write just the new rows)
+    appended_state: tuple[str, ...] = ()
+
+    @property
+    def bounded_state(self) -> bool:
+        """Whether the State carried between chunks stays bounded (or only grows by `appended_state` rows), so
+        `trace` snapshots it at each commit and resumes from it; False (full attention keeps every key): resume
+        replays the committed tokens."""
+        return False
+
     @property
     def hook_names(self) -> list[str]:
         """Every hook point, in the order the forward pass reaches it."""

@@ -476,6 +476,13 @@ class Layer(nn.Module):
 class DeepseekV4(CausalLM):
     """V4's decoder: residual streams [B, T, hc_mult, H] between embedding and `hc_head`."""
 
+    appended_state = ("entries",)  # the compressors' pooled entries
+
+    @property
+    def bounded_state(self) -> bool:
+        """True: a window of raw keys, a compressor's pending tokens and its append-only pooled entries."""
+        return True
+
     def __init__(self, cfg: Config, args: Args, hooks: HookRegistry, layers):
         super().__init__(cfg, args, hooks, layers)
         self.streams = args.hc_mult

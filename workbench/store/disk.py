@@ -9,7 +9,7 @@ loss (nothing is fsynced; a chunk it tears fails its checksum). Damage (a chunk 
 read) raises a StoreError naming it, as `integrity` describes; resume first checks every committed chunk.
 
 Test hook: `WORKBENCH_TRACE_CRASH=CHUNK:POINT` makes the writer SIGKILL itself at POINT (`forward`, `write`,
-`marker` or `committed`) of trace chunk number CHUNK.
+`snapshot`: the state snapshot written, not yet renamed; `marker` or `committed`) of trace chunk number CHUNK.
 """
 
 from __future__ import annotations

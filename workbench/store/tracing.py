@@ -1,10 +1,11 @@
 """The trace loop: `trace` runs one long sequence chunk by chunk through a model and writes what its hooks see
 to a store laid out by `layout`, committing each chunk as `disk` describes.
 
-Resume rebuilds the attention state by replaying the committed prefix with the same hooks registered chunk by
-chunk (some hooks select different kernels) and their values dropped, so the continued forward is exactly the
-uninterrupted one; a snapshot of a full-attention state would cost bytes proportional to the whole prefix at
-every chunk.
+Resume restores the attention state from the snapshot committed with the last chunk (`snapshot`) where the
+family's state is bounded (`CausalLM.bounded_state`: DeepSeek-V4). Elsewhere (full attention, whose snapshot
+would cost bytes proportional to the whole prefix at every chunk), in generation traces, or where the snapshot
+cannot be read, it replays the committed prefix with the same hooks registered chunk by chunk (some hooks select
+different kernels) and their values dropped. Either way the continued forward is exactly the uninterrupted one.
 
 A generation trace (`generate=N`) lays the store out for the prompt + N tokens, prefills the prompt chunk by chunk,
 then decodes one step per token on the same state, as `CausalLM.generate` does, and commits every
@@ -21,6 +22,7 @@ import datetime
 import hashlib
 import json
 import operator
+import os
 import platform
 import resource
 import sys
@@ -46,6 +48,7 @@ from ..version import __version__
 from .disk import (FORMAT, check_format, crash_here, crash_point, disk_bytes, existing_attrs, io_errors, open_store,
                    prepare, write_lock)
 from .layout import Layout, StoredVariable, lay_out
+from .snapshot import REPLAY_ENV, Snapshots
 
 
 def trace(
@@ -343,17 +346,32 @@ def _write(array: zarr.Array, v: StoredVariable, spans: list[tuple[int, int]], s
 
 def _run(model: CausalLM, ids: np.ndarray, out: Path, root: zarr.Group | None, layout: Layout, start: int,
          progress: bool, t0: float, gen: _Decoding | None = None) -> None:
-    """The chunked forward: replay up to `start`, then record and commit chunk by chunk (no root: a rank that
-    only computes); with `gen`, then the decoding steps."""
+    """The chunked forward: restore the state at `start` from its snapshot or replay up to it, then record and
+    commit chunk by chunk (no root: a rank that only computes); with `gen`, then the decoding steps."""
     n, size = len(ids), layout.chunk_tokens
     total = n + (gen.new if gen else 0)
     names = ("token", INPUT_IDS, *(v.name for v in layout.variables), *((GENERATED,) if gen else ()))
     arrays = {name: root[name] for name in names} if root is not None else {}
     crash = crash_point()
-    state = State()
+    state, resumed_from = State(), None
+    # expert-parallel ranks keep the replay (only rank 0 could read the store's snapshots), as do generation traces
+    snaps = Snapshots(out, model.appended_state) if root is not None and model.bounded_state \
+        and model.parallel is None and gen is None else None
+    if start:
+        restored = None
+        if snaps is not None:
+            with io_errors(out, "restoring the state snapshot"):
+                if os.environ.get(REPLAY_ENV):
+                    snaps.clear()
+                else:
+                    restored = snaps.restore(start, model.embed.weight.device)
+        state, resumed_from = (restored, "snapshot") if restored is not None else (state, "replay")
+    elif snaps is not None:
+        snaps.clear()
+    replay = resumed_from == "replay"
     head = any(not v.layered for v in layout.variables)  # final.* or logits asked for
     with torch.no_grad(), \
-            tqdm(total=start, unit="tok", unit_scale=True, desc="replay", disable=not progress or not start) as rbar, \
+            tqdm(total=start, unit="tok", unit_scale=True, desc="replay", disable=not progress or not replay) as rbar, \
             tqdm(total=total, initial=start, unit="tok", unit_scale=True, desc="trace", disable=not progress) as bar:
 
         def commit(i: int, s: int, e: int, sink: dict, chunk_ids: np.ndarray, last: bool) -> None:
@@ -370,10 +388,16 @@ def _run(model: CausalLM, ids: np.ndarray, out: Path, root: zarr.Group | None, l
                     arrays["token"][s:e] = np.arange(s, e)
                     if gen:
                         arrays[GENERATED][s:e] = np.arange(s, e) >= n
+                    # the snapshot is committed by the marker together with the chunk; a complete store holds none
+                    if snaps is not None and not last:
+                        snaps.write(state, crash, i)
+                    elif snaps is not None:
+                        snaps.clear()
                     crash_here(crash, i, "marker")
                     marker: dict[str, Any] = {"committed_tokens": e}
                     if last:
-                        marker.update(complete=True, completed=_now(), summary=_summary(out, layout, e, start, t0))
+                        marker.update(complete=True, completed=_now(),
+                                      summary=_summary(out, layout, e, start, resumed_from, t0))
                         if gen:  # an early stop: the store holds the tokens traced, its tail never written
                             marker.update(tokens_total=e, generation={**gen.attrs, "new_tokens": e - n})
                     root.attrs.update(marker)
@@ -382,6 +406,8 @@ def _run(model: CausalLM, ids: np.ndarray, out: Path, root: zarr.Group | None, l
 
         for i, s in enumerate(range(0, n, size)):
             e = min(s + size, n)
+            if s < state.offset:  # committed, its state restored from the snapshot
+                continue
             sink = {} if s >= start else None
             with model.hooks(_hooks(layout, s, e, sink)):
                 logits = model(torch.from_numpy(ids[s:e])[None], cache=state, head=head or (gen is not None and e == n))
@@ -457,13 +483,14 @@ def _peak_rss() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def _summary(out: Path, layout: Layout, n: int, start: int, t0: float) -> dict[str, Any]:
-    """What this run did and cost: tokens, layers, bytes on disk (per routing entry), time, peak memory."""
+def _summary(out: Path, layout: Layout, n: int, start: int, resumed_from: str | None, t0: float) -> dict[str, Any]:
+    """What this run did and cost: tokens, where and how it resumed ("snapshot", "replay" or None), layers, bytes
+    on disk (per routing entry), time, peak memory."""
     wall = time.perf_counter() - t0
     routing = sum(disk_bytes(out / v) for v in (TOPK_IDS, TOPK_WEIGHTS) if (out / v).exists())
     entries = n * len(layout.routed) * layout.k
     return {
-        "tokens": n, "traced_tokens": n - start, "resumed_at": start,
+        "tokens": n, "traced_tokens": n - start, "resumed_at": start, "resumed_from": resumed_from,
         "layers": len(layout.layers), "routed_layers": len(layout.routed), "k": layout.k,
         "bytes_on_disk": disk_bytes(out), "routing_bytes": routing,
         "bytes_per_routing_entry": routing / entries if entries else None,
