@@ -32,6 +32,17 @@ def hash_cache(tmp_path_factory):
     os.environ["WORKBENCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("hash-cache"))
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (a module opts in with `pytestmark = pytest.mark.usefixtures(...)`):
+    traces here run as the forked writers of the crash tests do, and on a busy machine a second intra-op thread
+    costs tiny models more in handoffs than it computes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mixtral_ckpt(tmp_path_factory):
     """(folder, oracle model) of a tiny random Mixtral saved in HF layout."""

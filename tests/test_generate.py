@@ -17,6 +17,8 @@ from workbench import HookError, InputError
 from workbench.demo import EMBEDDED_MODEL
 from workbench.interventions import ablate, force, patch
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPT, NEW = 7, 6  # V4's compressors pool every 4 and 8 tokens, V3.2 keeps 4 keys: both bite within 13 tokens
 FAMILIES = {  # each family's tiny config (sliding windows that slide within PROMPT + NEW where the family has one)
     "llama": lambda: tf.LlamaConfig(**COMMON),
@@ -31,16 +33,6 @@ FAMILIES = {  # each family's tiny config (sliding windows that slide within PRO
     "deepseek-v32": lambda: v32(),
     "deepseek-v4": lambda: V4_CONFIGS["hc2-every-kind-rates-not-dividing-yarn"][0](),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decoding steps of tiny models are many small ops: on a busy machine a second intra-op thread costs more
-    in handoffs than it computes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def argmax_loop(model, ids: torch.Tensor, n: int) -> torch.Tensor:

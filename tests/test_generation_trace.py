@@ -13,16 +13,10 @@ from workbench import cli
 from workbench.demo import EMBEDDED_MODEL
 from workbench.store import StoreError, check, open_store, trace
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = Path(__file__).resolve().parent.parent / "data" / "models" / "tiny-random-deepseek-v3"
 NAMES = ["layers.2.resid_post", "final.norm_out"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

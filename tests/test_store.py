@@ -26,18 +26,11 @@ from workbench.store import StoreError, open_store, trace
 from workbench.store.snapshot import REPLAY_ENV
 from oracle import by_expert
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MODEL = Path(__file__).resolve().parent.parent / "data" / "models" / "tiny-random-deepseek-v3"
 ROUTED = [1, 2, 3]  # the embedded model: 4 layers, the first dense
 TIMING = ("created", "completed", "summary")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Every trace here runs single-threaded, as the forked writers of the crash test do."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import xarray as xr
 
@@ -13,19 +15,25 @@ from .scan import scan_blocks, token_reader
 NEVER = -1  # first_divergence of a token routed alike at every layer
 
 
+def paired(a: xr.Dataset, b: xr.Dataset, what: str) -> tuple[xr.Dataset, xr.Dataset, Callable, Callable | None]:
+    """Two routings of the same tokens as routed views, with readers of `b`'s ids and (where both hold them) its
+    input_ids by token range; InputError if their layers, token counts or k differ."""
+    a, b = routed_view(a), routed_view(b)
+    la, lb = a.layer.values.tolist(), b.layer.values.tolist()
+    if la != lb or a.sizes["token"] != b.sizes["token"] or a.sizes["k"] != b.sizes["k"]:
+        raise InputError(f"{what}: the routings differ in shape: {a.sizes['token']} vs {b.sizes['token']} tokens, "
+                         f"k {a.sizes['k']} vs {b.sizes['k']}, layers {la} vs {lb}")
+    source_b = b.encoding.get("source")
+    same_tokens = "input_ids" in a and "input_ids" in b
+    return a, b, token_reader(b.topk_ids, source_b), token_reader(b.input_ids, source_b) if same_tokens else None
+
+
 def compare(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
     """Per layer, `agreement` (share of tokens given the same set of experts) and `jaccard` (mean |A ∩ B| / |A ∪ B|
     of the sets); per token, `first_divergence` (the first layer number whose sets differ, NEVER = -1 if none).
     The two must route the same tokens (the same input_ids where both hold them) at the same layers with one k."""
-    a, b = routed_view(a), routed_view(b)
-    la, lb = a.layer.values.tolist(), b.layer.values.tolist()
-    if la != lb or a.sizes["token"] != b.sizes["token"] or a.sizes["k"] != b.sizes["k"]:
-        raise InputError(f"compare: the routings differ in shape: {a.sizes['token']} vs {b.sizes['token']} tokens, "
-                         f"k {a.sizes['k']} vs {b.sizes['k']}, layers {la} vs {lb}")
-    same_tokens = "input_ids" in a and "input_ids" in b
-    source_b = b.encoding.get("source")
-    read_b = token_reader(b.topk_ids, source_b)
-    read_tokens = token_reader(b.input_ids, source_b) if same_tokens else None
+    a, b, read_b, read_tokens = paired(a, b, "compare")
+    same_tokens, la = read_tokens is not None, a.layer.values.tolist()
     layers = np.asarray(la, np.int64)
     n = a.sizes["token"]
     agree, jaccard = np.zeros(len(la)), np.zeros(len(la))

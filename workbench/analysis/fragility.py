@@ -19,8 +19,9 @@ import xarray as xr
 
 from ..errors import InputError
 from .cluster import accumulate
+from .compare import paired
 from .dataset import dims_first, hash_routed, routed_view
-from .scan import scan_blocks, token_reader
+from .scan import scan_blocks
 
 MARGIN = "router_margin"  # the store / from_cache variable of the `router.margin` hook
 LOG_MIN, LOG_MAX, FINE_PER_DECADE = -10, 4, 64  # fine bins: 10**LOG_MIN .. 10**LOG_MAX, 64 per decade
@@ -182,15 +183,8 @@ def flips(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
     token has a smaller margin than every kept one, 0.5 = no better than chance) and the median margin of
     flipped and kept tokens, with their log-binned histograms. Per token, `flipped_layers`: in how many layers
     its set changed."""
-    a, b = routed_view(a), routed_view(b)
-    la, lb = a.layer.values.tolist(), b.layer.values.tolist()
-    if la != lb or a.sizes["token"] != b.sizes["token"] or a.sizes["k"] != b.sizes["k"]:
-        raise InputError(f"flips: the routings differ in shape: {a.sizes['token']} vs {b.sizes['token']} tokens, "
-                         f"k {a.sizes['k']} vs {b.sizes['k']}, layers {la} vs {lb}")
-    same_tokens = "input_ids" in a and "input_ids" in b
-    source_b = b.encoding.get("source")
-    read_b = token_reader(b.topk_ids, source_b)
-    read_tokens = token_reader(b.input_ids, source_b) if same_tokens else None
+    a, b, read_b, read_tokens = paired(a, b, "flips")
+    same_tokens, la = read_tokens is not None, a.layer.values.tolist()
     has_margin = MARGIN in a
     scanned = [a.topk_ids] + ([_margins_of(a)] if has_margin else []) + ([a.input_ids] if same_tokens else [])
     L, n = len(la), a.sizes["token"]
