@@ -28,7 +28,8 @@ TOKENS = 128  # tokens per domain traced for sections 1, 2 and 4
 PERTURB = 0.1  # share of the dump's rows (tokens) given other experts at one routed layer
 SWEEP_TOKENS = 64  # tokens per domain of the causal sweep (one forward [3, SWEEP_TOKENS] per ablation)
 SWEEP_LAYERS = None  # MoE layers swept (None: all six, 192 ablations)
-GPUS, SLOTS = 4, 40  # cluster shape of the what-if: GPUs, physical expert slots (32 experts + 8 replicas)
+GPUS = 4  # GPUs of the rebalancing what-if
+SLOTS = 40  # physical expert slots over them (32 experts + 8 replicas)
 LONG_STORE = None  # a long routing store (e.g. notebook 04's 1M-token trace); None: trace LONG_TOKENS random tokens
 LONG_TOKENS = 16384  # random tokens traced when LONG_STORE is None
 BINS = 16  # position bins
@@ -78,7 +79,7 @@ print(f"{len(ids)} tokens: {TOKENS} of held-out {', '.join(DOMAINS)}")
 # %%
 rng = np.random.default_rng(SEED)
 dump = ours.topk_ids.transpose("token", "layer", "k").values.astype(np.int16)  # vLLM: [tokens, moe_layers, k]
-routed = [int(i) for i in ours.attrs.get("routed_layers", [2, 3, 4, 5])]
+routed = [int(i) for i in ours.layer.values[~analysis.hash_routed(ours).values]]  # score-routed layers
 perturbed = dump.copy()
 rows = np.sort(rng.choice(len(ids), int(round(PERTURB * len(ids))), replace=False))
 start = rng.choice(routed, len(rows))  # the first perturbed layer of each row
@@ -129,7 +130,7 @@ bf16 = wb.load(EMBEDDED_MODEL, dtype=torch.bfloat16)
 _, cache16 = bf16.run_with_cache(ids[None], NAMES)
 low = analysis.from_cache(cache16, ids, n_experts=E)
 f = analysis.flips(ours, low)
-median = m["quantile"].sel(quantile=0.5)
+median = m.median_margin
 facts |= {"margin_median": {int(i): float(median.sel(layer=i)) for i in routed},
           "flips": {int(i): int(f.flips.sel(layer=i)) for i in f.layer.values},
           "flip_auc": {int(i): float(f.auc.sel(layer=i)) for i in routed}}

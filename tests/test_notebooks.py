@@ -272,7 +272,7 @@ def test_attribution(tmp_path):
 
 
 def test_engines_and_causality(tmp_path):
-    facts, nb = execute("08_engines_and_causality", tmp_path, TOKENS=64, SWEEP_TOKENS=32, SWEEP_LAYERS=[2, 5],
+    facts, nb = execute("08_engines_and_causality", tmp_path / "nb", TOKENS=64, SWEEP_TOKENS=32, SWEEP_LAYERS=[2, 5],
                         LONG_TOKENS=4096, OUT=str(tmp_path))
     # the engine dump: compare equals numpy, replay of the unperturbed dump reproduces the logits
     assert facts["tokens"] == 192 and facts["perturbed_rows"] == 19 and facts["compare_equals_numpy"] is True
