@@ -84,7 +84,7 @@ def sweep(model: CausalLM, texts: Mapping[str, Any] | tuple[Any, Any], out: str 
             bar = tqdm(total=len(todo) * prov["n_experts"], desc="causal sweep", unit="ablation",
                        disable=not progress)
             for j, i in todo:
-                row = np.zeros((len(domains), prov["n_experts"]))
+                row = np.full((len(domains), prov["n_experts"]), np.nan)  # NaN: an expert the layer lacks
                 for e in range(wanted[i]):
                     with torch.no_grad(), model.hooks(ablate(i, [e])):
                         row[:, e] = _loss(model, batches, len(domains))[0] - clean
@@ -100,8 +100,8 @@ def sweep(model: CausalLM, texts: Mapping[str, Any] | tuple[Any, Any], out: str 
 
 
 def open_sweep(path: str | Path) -> xr.Dataset:
-    """The sweep at `path`: `delta_loss(domain, layer, expert)` (NaN where a layer is not committed),
-    `clean_loss(domain)` and `tokens(domain)` (predicted tokens), its provenance in `attrs`."""
+    """The sweep at `path`: `delta_loss(domain, layer, expert)` (NaN where a layer is not committed or lacks the
+    expert), `clean_loss(domain)` and `tokens(domain)` (predicted tokens), its provenance in `attrs`."""
     path = Path(path).expanduser()
     with io_errors(path, "reading the sweep"):
         attrs = _attrs(path)
