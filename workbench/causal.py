@@ -80,6 +80,10 @@ def sweep(model: CausalLM, texts: Mapping[str, Any] | tuple[Any, Any], out: str 
             if not done:
                 root["clean_loss"][:] = clean
                 root["tokens"][:] = counts
+            elif not np.array_equal(root["clean_loss"][:], clean):
+                warnings.warn(f"{out}: the clean loss differs from the one the sweep started with (by up to "
+                              f"{np.abs(root['clean_loss'][:] - clean).max():.2e} nats); the layers swept now are "
+                              "measured against today's", stacklevel=2)
             todo = [(j, i) for j, i in enumerate(wanted) if i not in done]
             bar = tqdm(total=len(todo) * prov["n_experts"], desc="causal sweep", unit="ablation",
                        disable=not progress)
