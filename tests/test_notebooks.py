@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 PARAMETERISED = ["01_quickstart", "02_routing_tour", "04_long_context", "05_interventions", "06_hub_checkpoint",
-                 "07_attribution"]
+                 "07_attribution", "08_engines_and_causality"]
 PAIRED = sorted({p.stem for p in NOTEBOOKS.glob("*.py")} | {p.stem for p in NOTEBOOKS.glob("*.ipynb")})
 
 
@@ -265,4 +265,27 @@ def test_attribution(tmp_path):
     assert [row["domain"] for row in table] == ["code", "code", "french", "french", "numbers", "numbers"]
     assert all(row["tokens active"] >= 8 and 0 <= row["layer-4 expert"] < 32 and row["lift"] > 0 for row in table)
     assert outputs(nb, "application/vnd.jupyter.widget-view+json") == 1
+    assert outputs(nb, "application/vnd.plotly.v1+json") == 3
+
+
+# ---------------------------------------------------------------- 08 engines and causality
+
+
+def test_engines_and_causality(tmp_path):
+    facts, nb = execute("08_engines_and_causality", tmp_path / "nb", TOKENS=64, SWEEP_TOKENS=32, SWEEP_LAYERS=[2, 5],
+                        LONG_TOKENS=4096, OUT=str(tmp_path))
+    # the engine dump: compare equals numpy, replay of the unperturbed dump reproduces the logits
+    assert facts["tokens"] == 192 and facts["perturbed_rows"] == 19 and facts["compare_equals_numpy"] is True
+    assert facts["self_agreement"] == [1.0] * 6 and facts["agreement"][:2] == [1.0, 1.0]
+    assert min(facts["agreement"]) < 1.0
+    assert facts["replay_max_abs"] < 1e-5 < facts["perturbed_replay_max_abs"]
+    # fragility: margins of the routed layers, flips counted per layer
+    assert set(facts["margin_median"]) == {"2", "3", "4", "5"} and all(v > 0 for v in facts["margin_median"].values())
+    assert len(facts["flips"]) == 6 and all(v >= 0 for v in facts["flips"].values())
+    # the causal sweep of two layers against load
+    assert facts["sweep_layers"] == [2, 5] and facts["sweep_ablations"] == 64 and facts["max_delta"] > 0
+    assert set(facts["spearman_load"]) == {"2", "5"} and all(-1 <= v <= 1 for v in facts["spearman_load"].values())
+    # EPLB never worse than the contiguous placement; position bins over the random-token store
+    assert all(a <= b + 1e-12 for a, b in zip(facts["imbalance_after"], facts["imbalance_before"]))
+    assert facts["long_tokens"] == 4096 and facts["position_bins"] == 16 and 0 < facts["entropy_min"] <= 1
     assert outputs(nb, "application/vnd.plotly.v1+json") == 3
