@@ -311,6 +311,34 @@ def test_widgets_open_a_store_path(store):
     np.testing.assert_allclose(nav.aggregate(0, 300).values, brute_bins(ids[2], 32, 0, 300, 16)[0])
 
 
+@pytest.fixture(scope="module")
+def recorded(model, store):
+    """The store's tokens run in memory with router margins and the V4 indexer's picks recorded."""
+    ids = torch.tensor([list(store[1])])
+    _, cache = model.run_with_cache(ids, names=["layers.*.router.topk_ids", "layers.*.router.margin",
+                                                "layers.*.attn.indexer_topk"])
+    return A.from_cache(cache, ids, n_experts=32)
+
+
+def test_dashboard_shows_the_share_of_tokens_near_a_flip(recorded, trace):
+    ds = recorded
+    dash = W.RoutingDashboard(ds, margins=True, threshold=2e-3)
+    assert dash.children[1].children == (dash.heatmap, dash.margin_figure)
+    m = ds.router_margin.values  # (layer, token); NaN at the hash-routed layers
+    counted = (~np.isnan(m)).sum(1)
+    want = np.where(counted > 0, (m < 2e-3).sum(1) / np.maximum(counted, 1), np.nan)
+    assert np.isnan(want[:2]).all() and (want[2:] > 0).all() and (want[2:] < 1).all()
+    np.testing.assert_array_equal(dash.margin_share.values, want)
+    assert [list(r) for r in dash.margin_figure.data[0].z] == [[None]] * 2 + [[v] for v in want[2:]]
+    median = np.nanmedian(m[2:], 1)
+    np.testing.assert_allclose(dash.median_margin.values[2:], median, rtol=0.04)  # to the 10**(1/64) bins
+    looser = W.RoutingDashboard(ds, margins=True, threshold=1e-1).margin_share.values[2:]
+    np.testing.assert_array_equal(looser, (m[2:] < 1e-1).mean(1))
+    assert len(W.RoutingDashboard(ds).children) == 3 and W.RoutingDashboard(ds).margin_figure is None
+    with pytest.raises(wb.InputError, match=r"router_margin.*names=\['layers\.\*\.router\.margin'\]"):
+        W.RoutingDashboard(trace[0], margins=True)
+
+
 # ---------------------------------------------------------------- a 1M-token store with 384 experts
 
 

@@ -32,6 +32,10 @@ from plotly.subplots import make_subplots
 
 from . import analysis as A
 from . import colours, display
+from .analysis.dataset import dims_first
+from .analysis.fragility import MARGIN
+from .analysis.scan import scan_blocks
+from .errors import InputError
 from .interventions import ablate, force, steer
 from .models.moe import Router
 from .schema import ROUTER_TOPK_IDS, ROUTING_VARIABLES
@@ -145,11 +149,13 @@ class RoutingDashboard(_Snapshot, ipywidgets.VBox):
 
     `sort="load"` orders each layer's experts by load (the x axis is then the rank within the layer and the
     hover names the expert); `compact=True` draws thin rows for long lists of layers (DeepSeek-V4's 43-61).
-    `decode` maps a token id to text (bytes as text for a byte-level vocabulary, else the id)."""
+    `decode` maps a token id to text (bytes as text for a byte-level vocabulary, else the id).
+    `margins=True` adds, beside the load, each layer's share of tokens whose routing margin (`router_margin`)
+    is below `threshold` (near a flip), with the median margin in the hover."""
 
     def __init__(self, source: Source, *, labels: Any = None, layer: int | None = None,
                  expert: int | None = None, sort: str = "id", compact: bool = False,
-                 decode: Callable[[int], str] | None = None):
+                 decode: Callable[[int], str] | None = None, margins: bool = False, threshold: float = 1e-3):
         super().__init__()
         if sort not in ("id", "load"):
             raise ValueError(f"sort must be 'id' or 'load', got {sort!r}")
@@ -185,6 +191,7 @@ class RoutingDashboard(_Snapshot, ipywidgets.VBox):
             yaxis=dict(title="layer", autorange="reversed",  # first layer on top, as the renderer draws
                        **({} if compact else dict(tickmode="array", tickvals=self.layers))))
         self.heatmap.data[0].on_click(self._on_click)
+        self.margin_figure = self._margin_figure(threshold, self.heatmap.layout.height) if margins else None
         self.coactivation = go.FigureWidget(go.Heatmap(
             x=list(range(self.n_experts)), y=list(range(self.n_experts)), **colours.sequential(),
             hovertemplate="of the tokens that chose expert %{y}, %{z:.3f} also chose %{x}<extra></extra>"))
@@ -215,7 +222,38 @@ class RoutingDashboard(_Snapshot, ipywidgets.VBox):
         self.select(layer, expert)
         linked = ipywidgets.HBox([self.coactivation, self.profile_figure],
                                  layout=ipywidgets.Layout(flex_flow="row wrap"))
-        self.children = [self.header, self.heatmap, linked]
+        top = ipywidgets.HBox([self.heatmap, self.margin_figure]) if margins else self.heatmap
+        self.children = [self.header, top, linked]
+
+    def _margin_figure(self, threshold: float, height: int) -> go.FigureWidget:
+        """One column per layer: the share of tokens with margin below `threshold` (sequential scale), the
+        median margin in the hover; grey for layers without margins (hash-routed)."""
+        ds = self.dataset
+        if MARGIN not in ds:
+            raise InputError(f"margins=True needs router_margin in {self.source}: record it with "
+                               "names=['layers.*.router.margin'] (trace or run_with_cache, then analysis.from_cache)")
+        if not threshold > 0:
+            raise InputError(f"threshold must be a positive margin; got {threshold!r}")
+        values = dims_first(ds[MARGIN].sel(layer=self.layers), "layer", "token")
+        below, counted = np.zeros(len(self.layers), np.int64), np.zeros(len(self.layers), np.int64)
+        for _, _, (block,) in scan_blocks(ds, [values]):
+            below += (block < threshold).sum(1)
+            counted += (~np.isnan(block)).sum(1)
+        share = np.where(counted > 0, below / np.maximum(counted, 1), np.nan)
+        median = A.margins(ds, nearest=0).median_margin.values
+        self.margin_share = xr.DataArray(share, dims="layer", coords={"layer": self.layers}, name="margin_share",
+                                         attrs={"threshold": threshold, "definition": "tokens with margin < "
+                                                "threshold / tokens with a margin"})
+        self.median_margin = xr.DataArray(median, dims="layer", coords={"layer": self.layers}, name="median_margin")
+        fig = go.FigureWidget(go.Heatmap(
+            z=[[None if np.isnan(v) else float(v)] for v in share], x=[f"< {threshold:g}"], y=self.layers,
+            customdata=[[f"{m:.2e}"] for m in median], **colours.sequential(),
+            colorbar=dict(title="share"),
+            hovertemplate="layer %{y}: %{z:.4f} of tokens with margin %{x}<br>median margin %{customdata}"
+                          "<extra></extra>"))
+        fig.update_layout(title="near a flip", width=220, height=height, margin=dict(t=50, b=40),
+                          plot_bgcolor=colours.MISSING_CSS, yaxis=dict(autorange="reversed", type="category"))
+        return fig
 
     def _header(self, hashed: list[bool]) -> str:
         ds = self.dataset
