@@ -339,6 +339,25 @@ def test_dashboard_shows_the_share_of_tokens_near_a_flip(recorded, trace):
         W.RoutingDashboard(trace[0], margins=True)
 
 
+def test_navigator_shows_how_far_back_the_indexer_picks(recorded, trace):
+    ds = recorded
+    nav = W.LongContextNavigator(ds, bins=8, picks=True, rate=4)
+    assert nav.children[-1] is nav.pick_figure and [b.name for b in nav.pick_figure.data] == ["layer 1", "layer 4"]
+    n = ds.sizes["token"]
+    for bar, layer in zip(nav.pick_figure.data, (1, 4)):
+        picks = ds.attn_indexer_topk.sel(layer=layer).values  # (token, slots), -1 empty
+        d = (np.arange(n)[:, None] - picks * 4)[picks >= 0]
+        edges = [0, *(2 ** np.arange(int(np.ceil(np.log2(n))) + 1))]
+        assert list(bar.y) == np.histogram(d, edges)[0].tolist() and sum(bar.y) == d.size > 0
+        assert bar.x[0] == "0..0" and bar.x[-1] == f"{edges[-2]:,}..{edges[-1] - 1:,}"
+    assert "rate 4" in nav.pick_figure.layout.title.text
+    assert len(W.LongContextNavigator(ds, bins=8).children) == 2
+    with pytest.raises(wb.InputError, match="rate="):
+        W.LongContextNavigator(ds, bins=8, picks=True)
+    with pytest.raises(wb.InputError, match=r"attn_indexer_topk.*names=\['layers\.\*\.attn\.indexer_topk'\]"):
+        W.LongContextNavigator(trace[0], picks=True, rate=4)
+
+
 # ---------------------------------------------------------------- a 1M-token store with 384 experts
 
 

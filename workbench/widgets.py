@@ -469,10 +469,12 @@ class LongContextNavigator(_Snapshot, ipywidgets.VBox):
 
     `bins` is capped so that bins x experts <= MAX_CELLS (150,000) values: with 384 experts, 390 bins.
     `entropy=True` adds the routing entropy of each bin (of its load share, over ln E; 1 = balanced) as a line.
+    `picks=True` adds, for DeepSeek-V4's CSA layers, how far back the indexer's picks reach
+    (`analysis.pick_distances`: picks per log2 distance bin, `rate` the compression rate, by default from attrs).
     """
 
     def __init__(self, source: Source, *, layer: int | None = None, bins: int = 400, experts: int = 8,
-                 entropy: bool = False):
+                 entropy: bool = False, picks: bool = False, rate: int | None = None):
         super().__init__()
         self.dataset, self.source = _open(source)
         ds = self.dataset
@@ -508,7 +510,27 @@ class LongContextNavigator(_Snapshot, ipywidgets.VBox):
         for axis in ("xaxis", "xaxis2"):
             self.figure.layout.on_change(self._on_range, f"{axis}.range")
             self.figure.layout.on_change(self._on_autorange, f"{axis}.autorange")
-        self.children = [ipywidgets.HBox([self.layer_picker, self.reset_button]), self.figure]
+        self.pick_distances = A.pick_distances(ds, rate) if picks else None
+        self.pick_figure = self._pick_figure(self.pick_distances) if picks else None
+        self.children = [ipywidgets.HBox([self.layer_picker, self.reset_button]), self.figure,
+                         *([self.pick_figure] if picks else [])]
+
+    @staticmethod
+    def _pick_figure(dist: xr.Dataset) -> go.FigureWidget:
+        """Grouped bars, one series per CSA layer: picked entries per log2 bin of distance from the query."""
+        fig = go.FigureWidget()
+        labels = [f"{a:,}..{b - 1:,}" for a, b in zip(dist.bin_start.values, dist.bin_stop.values)]
+        for layer in dist.layer.values:
+            d = dist.sel(layer=layer)
+            fig.add_bar(x=labels, y=d.hist.values.tolist(), name=f"layer {layer}",
+                        customdata=np.round(d.share.values, 4).tolist(),
+                        hovertemplate="distance %{x}: %{y:,} picks (%{customdata:.1%})<extra>layer " + str(layer)
+                                      + "</extra>")
+        fig.update_layout(title=f"indexer picks by distance from the query (rate {dist.attrs['rate']})",
+                          barmode="group", height=300, margin=dict(t=50),
+                          xaxis=dict(title="distance in tokens (log2 bins)", type="category"),
+                          yaxis_title="picks")
+        return fig
 
     @property
     def layer(self) -> int:
