@@ -193,3 +193,34 @@ def test_widgets_show_margins_and_entropy(runs):
     np.testing.assert_allclose(nav.figure.data[-1].y,
                                A.by_position(a.isel(token=slice(100, 300)), 8).entropy.sel(layer=3).values, rtol=1e-6)
     assert len(LongContextNavigator(a, layer=3, bins=8).figure.data) == 1 + 8
+
+
+def test_flips_of_two_stores_on_a_cluster_equal_the_local_ones(runs, ids, tmp_path, monkeypatch):
+    import logging
+
+    import distributed
+    import xarray as xr
+
+    model = runs[0]
+    a = wb.open_store(model.trace(ids[0, :256], out=tmp_path / "a.zarr", names=["layers.*.router.margin"],
+                                  chunk_tokens=64, progress=False))
+    b = wb.open_store(wb.load(EMBEDDED_MODEL, dtype=torch.bfloat16).trace(
+        ids[0, :256], out=tmp_path / "b.zarr", chunk_tokens=64, progress=False))
+    other = wb.open_store(model.trace(ids[0, 256:512], out=tmp_path / "c.zarr", chunk_tokens=64, progress=False))
+    local = A.flips(a, b)
+    x, y = A.routed_view(a).topk_ids.values, A.routed_view(b).topk_ids.values
+    np.testing.assert_array_equal(local.flips.values, _numpy_flips(x, y).sum(1))
+    np.testing.assert_array_equal(local.flipped_layers.values, _numpy_flips(x, y).sum(0))
+    assert local.flips.sum() > 0 and np.isfinite(local.auc.values[2:]).any()
+    submitted = []
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None,
+                                  silence_logs=logging.CRITICAL) as cluster, \
+            distributed.Client(cluster, set_as_default=False) as client:
+        submit = client.submit
+        monkeypatch.setattr(client, "submit", lambda fn, *args, **kw: submitted.append(fn) or submit(fn, *args, **kw))
+        with client.as_current():
+            got = A.flips(a, b)
+            with pytest.raises(wb.InputError, match="different tokens"):
+                A.flips(a, other)
+    assert submitted.count(A.cluster._task) >= 4  # one task per 64-token chunk
+    xr.testing.assert_identical(got, local)

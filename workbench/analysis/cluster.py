@@ -26,7 +26,7 @@ import numba
 import numpy as np
 import xarray as xr
 
-from .scan import Stored, block_edges, locate, scan_blocks
+from .scan import Stored, store_paths, block_edges, locate, scan_blocks
 
 TASKS_PER_THREAD = 4  # on a cluster, token groups per worker thread (fewer where the store has fewer chunks)
 Acc = tuple  # (shape, dtype) or (shape, dtype, starting value) of an accumulator; it starts at 0 by default
@@ -60,16 +60,19 @@ def _client() -> Any:
 
 def accumulate(ds: xr.Dataset, das: Sequence[xr.DataArray], step: Callable[..., None], accs: Sequence[Acc],
                per_token: Sequence[np.ndarray] = (), params: tuple = (), *, lookback: int = 0,
-               merge: Callable[[list, list], list] = _add) -> list[np.ndarray]:
+               merge: Callable[[list, list], list] = _add,
+               sources: Sequence[str | None] | None = None) -> list[np.ndarray]:
     """Accumulators `accs` after `step(start, arrays, acc, *params)` counted every token block: the block of each
     of `das` then the same tokens of each `per_token` array, first token at `start` (`lookback` tokens before
     the block, but not before 0). With a current dask.distributed Client and every one of `das` in a store, one
-    task per group of chunks, their accumulators merged in token order by `merge` (default: summed); else here."""
+    task per group of chunks, their accumulators merged in token order by `merge` (default: summed); else here.
+    `sources`: the store path of each of `das` where they come from different stores (default: `ds`'s)."""
     client = _client()
-    stored = [locate(da, ds.encoding.get("source")) for da in das] if client is not None else []
+    paths = store_paths(ds, das, sources)
+    stored = [locate(da, path) for da, path in zip(das, paths)] if client is not None else []
     if client is None or any(x is None for x in stored):
         acc = _fresh(accs)
-        for s, e, blocks in scan_blocks(ds, das, lookback):
+        for s, e, blocks in scan_blocks(ds, das, lookback, paths):
             step(s, [*blocks, *(p[s:e] for p in per_token)], acc, *params)
         return acc
     edges = block_edges(das, das[0].sizes["token"], TASKS_PER_THREAD * max(1, sum(client.nthreads().values())))

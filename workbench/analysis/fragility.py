@@ -21,7 +21,6 @@ from ..errors import InputError
 from .cluster import accumulate
 from .compare import paired
 from .dataset import dims_first, hash_routed, routed_view
-from .scan import scan_blocks
 
 MARGIN = "router_margin"  # the store / from_cache variable of the `router.margin` hook
 LOG_MIN, LOG_MAX, FINE_PER_DECADE = -10, 4, 64  # fine bins: 10**LOG_MIN .. 10**LOG_MAX, 64 per decade
@@ -166,6 +165,19 @@ def _flip_step(x: np.ndarray, y: np.ndarray, m: np.ndarray | None, hist: np.ndar
     return flipped
 
 
+def _flips_block(start: int, arrays: list[np.ndarray], acc: list[np.ndarray], has_margin: bool,
+                 same_tokens: bool) -> None:
+    """One block of `flips`: [a ids, b ids, (a margins), (a input_ids, b input_ids)] counted into (margin
+    histograms, flips per layer, flipped layers per token)."""
+    hist, count, per_token = acc
+    if same_tokens and not np.array_equal(arrays[-2], arrays[-1]):
+        raise InputError(f"flips: the routings are of different tokens (first difference in positions "
+                         f"{start}..{start + len(arrays[-1])})")
+    flipped = _flip_step(arrays[0], arrays[1], arrays[2] if has_margin else None, hist)
+    count += flipped.sum(1)
+    per_token[start:start + flipped.shape[1]] = flipped.sum(0)
+
+
 def _auc(kept: np.ndarray, flipped: np.ndarray) -> float:
     """ROC AUC of -margin as a score for flips, from fine histograms: P(a flipped token's margin is smaller than
     a kept one's), same-bin pairs counted half."""
@@ -183,20 +195,17 @@ def flips(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
     token has a smaller margin than every kept one, 0.5 = no better than chance) and the median margin of
     flipped and kept tokens, with their log-binned histograms. Per token, `flipped_layers`: in how many layers
     its set changed."""
-    a, b, read_b, read_tokens = paired(a, b, "flips")
+    a, b, _, read_tokens = paired(a, b, "flips")
     same_tokens, la = read_tokens is not None, a.layer.values.tolist()
     has_margin = MARGIN in a
-    scanned = [a.topk_ids] + ([_margins_of(a)] if has_margin else []) + ([a.input_ids] if same_tokens else [])
+    source_a, source_b = a.encoding.get("source"), b.encoding.get("source")
+    scanned = [(a.topk_ids, source_a), (b.topk_ids, source_b)] + ([(_margins_of(a), source_a)] if has_margin else [])
+    scanned += [(a.input_ids, source_a), (b.input_ids, source_b)] if same_tokens else []
     L, n = len(la), a.sizes["token"]
-    hist = np.zeros((L, 2, len(EDGES) + 1), np.int64)
-    count = np.zeros(L, np.int64)
-    per_token = np.zeros(n, np.int16)
-    for s, e, blocks in scan_blocks(a, scanned):
-        if same_tokens and not np.array_equal(blocks[-1], read_tokens(s, e)):
-            raise InputError(f"flips: the routings are of different tokens (first difference in positions {s}..{e})")
-        flipped = _flip_step(blocks[0], np.asarray(read_b(s, e)), blocks[1] if has_margin else None, hist)
-        count += flipped.sum(1)
-        per_token[s:e] = flipped.sum(0)
+    hist, count, per_token = accumulate(
+        a, [da for da, _ in scanned], _flips_block,
+        [((L, 2, len(EDGES) + 1), np.int64), ((L,), np.int64), ((n,), np.int16)],
+        params=(has_margin, same_tokens), sources=[path for _, path in scanned])
     kept_h, flip_h = hist[:, 0], hist[:, 1]
     with_margin = hist.sum((1, 2)) > 0
     nan = np.full(L, np.nan)

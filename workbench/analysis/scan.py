@@ -107,6 +107,16 @@ def token_reader(da: xr.DataArray, source: str | None = None) -> Callable[[int, 
     return lambda s, e: values[(slice(None),) * axis + (slice(s, e),)]
 
 
+def store_paths(ds: xr.Dataset, das: Sequence[xr.DataArray],
+             sources: Sequence[str | None] | None) -> list[str | None]:
+    """The store path of each of `das`: `sources` where given (one per DataArray), else `ds`'s for all."""
+    if sources is None:
+        return [ds.encoding.get("source")] * len(das)
+    if len(sources) != len(das):
+        raise ValueError(f"sources names {len(sources)} stores for {len(das)} DataArrays")
+    return list(sources)
+
+
 def block_edges(das: Sequence[xr.DataArray], n: int, parts: int = 1) -> list[int]:
     """Block edges over [0, n): whole stored chunks (of the most finely chunked variable), about BLOCK_BYTES of
     all variables together per block, or less to make `parts` blocks where the chunks allow."""
@@ -125,14 +135,14 @@ def block_edges(das: Sequence[xr.DataArray], n: int, parts: int = 1) -> list[int
     return edges
 
 
-def scan_blocks(ds: xr.Dataset, das: Sequence[xr.DataArray],
-          lookback: int = 0) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+def scan_blocks(ds: xr.Dataset, das: Sequence[xr.DataArray], lookback: int = 0,
+                sources: Sequence[str | None] | None = None) -> Iterator[tuple[int, int, list[np.ndarray]]]:
     """(start, stop, [block of each of `das`]) over the token axis, each block but the first starting `lookback`
     tokens early, reading the next block in a worker thread (zarr decompression and numba kernels both release
-    the GIL) while the caller counts the current one."""
+    the GIL) while the caller counts the current one. `sources`: the store path of each of `das` where they come
+    from different stores (by default `ds`'s for all)."""
     n = das[0].sizes["token"]
-    source = ds.encoding.get("source")
-    readers = [token_reader(da, source) for da in das]
+    readers = [token_reader(da, source) for da, source in zip(das, store_paths(ds, das, sources))]
     edges = block_edges(das, n)
     spans = [(max(s - lookback, 0), e) for s, e in zip(edges[:-1], edges[1:])]
 
