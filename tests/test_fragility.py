@@ -220,7 +220,17 @@ def test_flips_of_two_stores_on_a_cluster_equal_the_local_ones(runs, ids, tmp_pa
         monkeypatch.setattr(client, "submit", lambda fn, *args, **kw: submitted.append(fn) or submit(fn, *args, **kw))
         with client.as_current():
             got = A.flips(a, b)
+            compared = A.compare(a, b)
             with pytest.raises(wb.InputError, match="different tokens"):
                 A.flips(a, other)
-    assert submitted.count(A.cluster._task) >= 4  # one task per 64-token chunk
+            with pytest.raises(wb.InputError, match="different tokens"):
+                A.compare(a, other)
+    assert submitted.count(A.cluster._task) >= 8  # one task per 64-token chunk, for each analysis
     xr.testing.assert_identical(got, local)
+    # compare, on the same two stores: identical to the local scan, whose figures numpy gives
+    xr.testing.assert_identical(compared, A.compare(a, b))
+    same = ~_numpy_flips(x, y)
+    np.testing.assert_array_equal(compared.agreement.values, same.mean(1))
+    changed = (~same).any(0)
+    np.testing.assert_array_equal(compared.first_divergence.values,
+                                  np.where(changed, A.routed_view(a).layer.values[(~same).argmax(0)], -1))

@@ -7,8 +7,8 @@ MoE layer's row of results is written, then the layer is added to the root attrs
 renames every file into place, so a kill leaves whole layers or nothing); a rerun with the same inputs skips the
 committed layers, and a store started from other inputs is refused.
 
-Test hook: `WORKBENCH_SWEEP_CRASH=LAYER` raises RuntimeError after that layer's results are written and before
-its marker is, as a kill there would leave them.
+Test hook: `WORKBENCH_SWEEP_CRASH=LAYER` kills the process (SIGKILL) after that layer's results are written and
+before its marker is.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import warnings
 from collections.abc import Iterable, Mapping
 from importlib import metadata
@@ -96,7 +97,7 @@ def sweep(model: CausalLM, texts: Mapping[str, Any] | tuple[Any, Any], out: str 
                 bar.update(prov["n_experts"] - wanted[i])
                 root["delta_loss"][:, j, :] = row
                 if os.environ.get(CRASH_ENV) == str(i):
-                    raise RuntimeError(f"{CRASH_ENV}: stopped after writing layer {i}, before its marker")
+                    os.kill(os.getpid(), signal.SIGKILL)
                 done = done + [i]
                 root.attrs.update({"committed_layers": done, "complete": len(done) == len(wanted)})
             bar.close()

@@ -19,7 +19,7 @@ import xarray as xr
 
 from ..errors import InputError
 from .cluster import accumulate
-from .compare import paired
+from .compare import paired, same_tokens_or_raise
 from .dataset import dims_first, hash_routed, routed_view
 
 MARGIN = "router_margin"  # the store / from_cache variable of the `router.margin` hook
@@ -170,9 +170,8 @@ def _flips_block(start: int, arrays: list[np.ndarray], acc: list[np.ndarray], ha
     """One block of `flips`: [a ids, b ids, (a margins), (a input_ids, b input_ids)] counted into (margin
     histograms, flips per layer, flipped layers per token)."""
     hist, count, per_token = acc
-    if same_tokens and not np.array_equal(arrays[-2], arrays[-1]):
-        raise InputError(f"flips: the routings are of different tokens (first difference in positions "
-                         f"{start}..{start + len(arrays[-1])})")
+    if same_tokens:
+        same_tokens_or_raise("flips", start, arrays[-2], arrays[-1])
     flipped = _flip_step(arrays[0], arrays[1], arrays[2] if has_margin else None, hist)
     count += flipped.sum(1)
     per_token[start:start + flipped.shape[1]] = flipped.sum(0)
@@ -195,17 +194,18 @@ def flips(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
     token has a smaller margin than every kept one, 0.5 = no better than chance) and the median margin of
     flipped and kept tokens, with their log-binned histograms. Per token, `flipped_layers`: in how many layers
     its set changed."""
-    a, b, _, read_tokens = paired(a, b, "flips")
-    same_tokens, la = read_tokens is not None, a.layer.values.tolist()
+    das, sources, same_tokens = paired(a, b, "flips")
+    a = routed_view(a)
+    la = a.layer.values.tolist()
     has_margin = MARGIN in a
-    source_a, source_b = a.encoding.get("source"), b.encoding.get("source")
-    scanned = [(a.topk_ids, source_a), (b.topk_ids, source_b)] + ([(_margins_of(a), source_a)] if has_margin else [])
-    scanned += [(a.input_ids, source_a), (b.input_ids, source_b)] if same_tokens else []
+    if has_margin:  # a's margins between the ids and the token ids
+        das.insert(2, _margins_of(a))
+        sources.insert(2, a.encoding.get("source"))
     L, n = len(la), a.sizes["token"]
     hist, count, per_token = accumulate(
-        a, [da for da, _ in scanned], _flips_block,
+        a, das, _flips_block,
         [((L, 2, len(EDGES) + 1), np.int64), ((L,), np.int64), ((n,), np.int16)],
-        params=(has_margin, same_tokens), sources=[path for _, path in scanned])
+        params=(has_margin, same_tokens), sources=sources)
     kept_h, flip_h = hist[:, 0], hist[:, 1]
     with_margin = hist.sum((1, 2)) > 0
     nan = np.full(L, np.nan)
