@@ -1,6 +1,7 @@
 """Engine routing dumps read as routing Datasets, compared with our own runs, and replayed into the model."""
 
 import base64
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from oracle import make_checkpoint
 from workbench import InputError, analysis
 from workbench.engines import read_sglang, read_vllm
 from workbench.interventions import replay
+
+TINY_V3 = Path(__file__).resolve().parent.parent / "data" / "models" / "tiny-random-deepseek-v3"
 
 T, E, K = 24, 8, 2
 IDS = torch.randint(0, 96, (1, T), generator=torch.Generator().manual_seed(3))
@@ -158,3 +161,24 @@ def test_replay_reproduces_and_forces_routing(family, request):
     with model.hooks(replay({layers[0]: ids[0]})):
         _, c3 = model.run_with_cache(IDS, names=names)
     np.testing.assert_array_equal(c3[f"layers.{layers[0]}.router.topk_ids"][0].numpy(), ids[0])
+
+
+def test_replayed_and_free_runs_are_both_recorded(tmp_path):
+    """`trace` under `replay` records the replayed run: its stored routing is the dump's, while the free run's
+    differs exactly at the tokens the dump changed."""
+    model = wb.load(TINY_V3)
+    ids = np.random.default_rng(0).integers(0, model.vocab_size, 40)
+    free = wb.open_store(wb.trace(model, ids, tmp_path / "free.zarr", chunk_tokens=16, progress=False))
+    layers, E = free.attrs["routed_layers"], int(free.attrs["n_experts"])
+    rows = free.topk_ids.sel(layer=layers).transpose("token", "layer", "k").values.copy()
+    rng = np.random.default_rng(1)
+    changed = np.sort(rng.choice(40, 10, replace=False))
+    for t in changed:  # another expert set at the last layer
+        rows[t, -1] = np.setdiff1d(np.arange(E), rows[t, -1])[:rows.shape[-1]]
+    dump = read_vllm(rows, ids, n_experts=E, layers=layers)
+    with model.hooks(replay(dump)):
+        replayed = wb.open_store(wb.trace(model, ids, tmp_path / "replayed.zarr", chunk_tokens=16, progress=False))
+    assert np.array_equal(replayed.topk_ids.sel(layer=layers).transpose("token", "layer", "k").values, rows)
+    diff = analysis.compare(free, replayed)
+    assert diff.agreement.values.tolist() == [1.0] * (len(layers) - 1) + [0.75]
+    assert np.flatnonzero(diff.first_divergence.values >= 0).tolist() == changed.tolist()
