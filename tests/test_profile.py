@@ -3,7 +3,6 @@ dask-chunked one read in small blocks, and without weights."""
 
 import numpy as np
 import pytest
-import xarray as xr
 
 from test_analysis import dataset, routing
 from workbench import analysis as A
