@@ -11,6 +11,7 @@ import tracemalloc
 from collections import Counter
 from pathlib import Path
 
+import ipywidgets
 import numpy as np
 import plotly
 import plotly.graph_objects as go
@@ -37,7 +38,7 @@ def payload(widget) -> int:
     if isinstance(widget, go.FigureWidget):
         json.dumps(widget.to_plotly_json(), allow_nan=False)
         return len(json.dumps(widget.to_plotly_json(), cls=plotly.utils.PlotlyJSONEncoder))
-    if isinstance(widget, W.ipywidgets.HTML):
+    if isinstance(widget, ipywidgets.HTML):
         return len(widget.value)
     return sum(payload(child) for child in getattr(widget, "children", ()))
 
@@ -226,7 +227,7 @@ def test_navigator_aggregates_as_brute_force(trace, monkeypatch):
     ids = ids.copy()
     ids[1, 50:60, 1] = -1  # slots without routing are not counted
     ds = ds.assign(topk_ids=(("layer", "token", "k"), ids)).chunk({"token": 7})
-    monkeypatch.setattr(W, "BLOCK_ENTRIES", 22)  # blocks of 11 tokens, not aligned with the bins or chunks
+    monkeypatch.setattr(W.navigator, "BLOCK_ENTRIES", 22)  # blocks of 11 tokens, not aligned with the bins or chunks
     nav = W.LongContextNavigator(ds, layer=11, bins=10, experts=3)
     got = nav.aggregate(0, 203)
     share, first = brute_bins(ids[1], 8, 0, 203, 10)

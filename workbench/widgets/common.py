@@ -1,0 +1,112 @@
+"""What the widgets share: opening a source, checking arguments, token text, compact payloads and the
+static snapshot every widget adds to its display bundle."""
+
+from __future__ import annotations
+
+import colorsys
+import html
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .. import analysis as A
+from ..store import open_store
+
+
+# 32 categorical colours (16 hues at two lightnesses, all readable under black text); expert e gets
+# PALETTE[e % 32], in the token view and in the navigator's lines alike
+PALETTE = tuple("#%02x%02x%02x" % tuple(round(255 * c) for c in colorsys.hls_to_rgb(
+    (i * 5 % 16) / 16, 0.80 if i < 16 else 0.64, 0.70)) for i in range(32))
+MAX_CELLS = 150_000  # the navigator's bins x experts bound: about 1.3 MB of heatmap as JSON
+MAX_WINDOW = 4096  # tokens one TokenView window may show
+Source = xr.Dataset | str | os.PathLike
+
+
+def open_source(source: Source) -> tuple[xr.Dataset, str]:
+    """The routing Dataset of `source` (routed layers only, topk_ids as layer, token, k) and a name for it."""
+    if isinstance(source, (str, os.PathLike)):
+        ds, name = open_store(source), str(source)
+    elif isinstance(source, xr.Dataset):
+        ds, name = source, str(source.encoding.get("source", "in-memory Dataset"))
+    else:
+        raise ValueError(f"source must be a store path or an xarray Dataset, got {type(source).__name__}")
+    try:
+        ds = A.routed_view(ds)
+        A.expert_count(ds)
+    except ValueError as e:
+        raise ValueError(f"source {name}: {e}") from None
+    if ds.sizes["token"] == 0:
+        raise ValueError(f"source {name} holds no tokens")
+    return ds, name
+
+
+def routed_layers(ds: xr.Dataset) -> list[int]:
+    return [int(x) for x in ds.layer.values]
+
+
+def check_layer(layer: Any, layers: list[int]) -> int:
+    """`layer` as an int, if it is one of `layers`; else a ValueError naming them."""
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or int(layer) not in layers:
+        raise ValueError(f"layer must be one of the routed layers {layers}, got {layer!r}")
+    return int(layer)
+
+
+def pick_layer(layer: int | None, layers: list[int], hashed: Sequence[bool]) -> int:
+    """`layer` checked against `layers`; by default the first layer not hash-routed (else the first)."""
+    if layer is None:
+        return next((x for x, h in zip(layers, hashed) if not h), layers[0])
+    return check_layer(layer, layers)
+
+
+def check_int(value: Any, name: str, lo: int, hi: int) -> int:
+    """`value` as an int in [lo, hi], else a ValueError naming `name` and the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer between {lo} and {hi}, got {value!r}")
+    return int(value)
+
+
+def byte_text(i: int) -> str:
+    """A byte-level token as text: printable ASCII as itself, anything else escaped (\\n, \\x00)."""
+    if 32 <= i < 127:
+        return chr(i)
+    return {9: "\\t", 10: "\\n", 13: "\\r"}.get(i, f"\\x{i:02x}")
+
+
+def visible(text: str) -> str:
+    """`text` with control characters escaped, so whitespace tokens show."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def expert_colour(expert: int) -> str:
+    return PALETTE[expert % len(PALETTE)]
+
+
+def compact_matrix(matrix: np.ndarray) -> list[list[float | None]]:
+    """A matrix for a heatmap as nested lists rounded to 1/1000 of its largest value or finer, NaN as None:
+    a FigureWidget sends 2-D arrays to the browser as JSON text, so this keeps a 384 x 384 matrix near 1.3 MB
+    and valid JSON."""
+    finite = matrix[np.isfinite(matrix)]
+    top = float(np.abs(finite).max()) if finite.size else 0.0
+    rounded = np.round(matrix, 3 - math.floor(math.log10(top)) if top > 0 else 0)
+    return [[None if x != x else x for x in row] for row in rounded.tolist()]
+
+
+def position_label(p: int) -> str:
+    """A token position in a few characters: 987, 12K, 1.05M."""
+    return f"{p / 1e6:.2f}M" if p >= 1_000_000 else f"{p / 1e3:.0f}K" if p >= 10_000 else str(p)
+
+
+class Snapshot:
+    """Adds `text/html` to a widget's display bundle: a static snapshot (`static_html`) of what it shows, for
+    wherever no kernel runs the widget. JupyterLab still draws the live widget (its MIME type ranks first)."""
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        bundle = super()._repr_mimebundle_(**kwargs)
+        bundle["text/html"] = (f"<div class='mwb-snapshot'>{self.static_html()}<p><small>static snapshot of "
+                               f"{html.escape(type(self).__name__)}: run the notebook for the interactive "
+                               "widget</small></p></div>")
+        return bundle

@@ -1,0 +1,117 @@
+"""The token view: a window of the traced text coloured by routing."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+
+import ipywidgets
+import numpy as np
+import xarray as xr
+
+from .. import analysis as A
+from ..schema import ROUTING_VARIABLES
+from .common import (
+    byte_text, check_int, expert_colour, MAX_WINDOW, open_source, pick_layer, routed_layers, Snapshot, Source
+)
+
+
+class TokenView(Snapshot, ipywidgets.VBox):
+    """A window of the traced text, each token coloured by its first-choice expert at one layer; hovering a
+    token shows its position, text, top-k experts, weights and (where recorded) routing margin. Reads only the
+    window from the store."""
+
+    def __init__(self, source: Source, *, layer: int | None = None, start: int = 0, length: int = 200,
+                 decode: Callable[[int], str] | None = None):
+        super().__init__()
+        self.dataset, self.source = open_source(source)
+        ds = self.dataset
+        if "input_ids" not in ds:
+            raise ValueError(f"source {self.source} has no input_ids to show")
+        self.n_tokens = ds.sizes["token"]
+        layers = routed_layers(ds)
+        layer = pick_layer(layer, layers, A.hash_routed(ds).values.tolist())
+        start = check_int(start, "start", 0, self.n_tokens - 1)
+        length = check_int(length, "length", 1, MAX_WINDOW)
+        if decode is None:
+            byte_level = int(ds.input_ids.max()) < 256
+            decode = byte_text if byte_level else str
+        self.decode = decode
+        self.layer_picker = ipywidgets.Dropdown(options=layers, value=layer, description="layer")
+        self.start_box = ipywidgets.BoundedIntText(value=start, min=0, max=self.n_tokens - 1, description="start")
+        self.length_box = ipywidgets.BoundedIntText(value=length, min=1, max=MAX_WINDOW, description="length")
+        self.prev_button = ipywidgets.Button(description="< prev")
+        self.next_button = ipywidgets.Button(description="next >")
+        self.prev_button.on_click(lambda _: self._step(-1))
+        self.next_button.on_click(lambda _: self._step(1))
+        for control in (self.layer_picker, self.start_box, self.length_box):
+            control.observe(lambda _: self._render(), "value")
+        self.text = ipywidgets.HTML()
+        self.legend = ipywidgets.HTML()
+        self._render()
+        self.children = [ipywidgets.HBox([self.layer_picker, self.start_box, self.length_box, self.prev_button,
+                                          self.next_button]),
+                         self.legend, self.text]
+
+    @property
+    def layer(self) -> int:
+        return self.layer_picker.value
+
+    @property
+    def start(self) -> int:
+        return self.start_box.value
+
+    @property
+    def length(self) -> int:
+        return self.length_box.value
+
+    def _step(self, direction: int) -> None:
+        self.start_box.value = min(max(self.start + direction * self.length, 0), self.n_tokens - 1)
+
+    def window(self) -> xr.Dataset:
+        """The shown tokens' ids, top-k experts and (where stored) weights at the chosen layer, read from the
+        store for the window only (it ends at the last token)."""
+        part = self.dataset.isel(token=slice(self.start, min(self.start + self.length, self.n_tokens)))
+        names = [v for v in (*ROUTING_VARIABLES, "router_margin") if v in part]
+        return part[names].sel(layer=self.layer).compute()
+
+    def html(self) -> str:
+        """The HTML shown for the window: one span per token, background = first-choice expert, title = routing."""
+        return self.text.value
+
+    def static_html(self) -> str:
+        return self.legend.value + self.text.value
+
+    def _tokens_html(self, win: xr.Dataset) -> str:
+        ids, experts = win.input_ids.values, win.topk_ids.values
+        weights = win.topk_weights.values if "topk_weights" in win else None
+        spans = []
+        for j, pos in enumerate(win.token.values):
+            text = self.decode(int(ids[j]))
+            title = f"token {pos}: {text} | experts {', '.join(str(e) for e in experts[j])}"
+            if weights is not None:
+                title += " | weights " + ", ".join(f"{w:.2f}" for w in weights[j])
+            if "router_margin" in win and not np.isnan(win.router_margin.values[j]):
+                title += f" | margin {win.router_margin.values[j]:.2e}"
+            style = f"background:{expert_colour(int(experts[j, 0]))}" if experts[j, 0] >= 0 else ""
+            spans.append(f'<span style="{style}" title="{html.escape(title)}">{html.escape(text)}</span>')
+        return ('<div style="font-family:monospace;white-space:pre-wrap;line-height:1.9">'
+                + "".join(spans) + "</div>")
+
+    def _legend_html(self, win: xr.Dataset) -> str:
+        """The experts that are first choice somewhere in the window, most frequent first, with their colours."""
+        first = win.topk_ids.values[:, 0]
+        experts, counts = np.unique(first[first >= 0], return_counts=True)
+        chips = [f'<span style="background:{expert_colour(int(e))};padding:0 4px;margin-right:4px">'
+                 f"expert {e}: {c}</span>" for e, c in sorted(zip(experts, counts), key=lambda x: -x[1])]
+        return f"<div>first choice at layer {self.layer}: {''.join(chips)}</div>"
+
+    def _render(self) -> None:
+        win = self.window()
+        self.text.value = self._tokens_html(win)
+        self.legend.value = self._legend_html(win)
+
+    def __repr__(self) -> str:
+        stop = min(self.start + self.length, self.n_tokens)
+        return (f"TokenView(source={self.source!r}, layer={self.layer}, tokens {self.start:,}..{stop:,} "
+                f"of {self.n_tokens:,})")
