@@ -150,8 +150,8 @@ def test_dashboard_sorts_experts_by_load_and_compacts_layers(trace):
     click(dash.heatmap, 7, 10)
     assert dash.selected == (10, int(order[0, 7]))
     assert dash.heatmap.layout.height < W.RoutingDashboard(ds).heatmap.layout.height
-    with pytest.raises(ValueError, match="sort must be 'id' or 'load'"):
-        W.RoutingDashboard(ds, sort="similarity")
+    with pytest.raises(ValueError, match="sort must be one of"):
+        W.RoutingDashboard(ds, sort="size")
 
 
 @pytest.mark.parametrize("layer, expert, message", [(13, 0, r"layer .*\[10, 11, 12\]"), (10, 8, "expert .* 0 and 7"),
@@ -324,7 +324,7 @@ def recorded(model, store):
 def test_dashboard_shows_the_share_of_tokens_near_a_flip(recorded, trace):
     ds = recorded
     dash = W.RoutingDashboard(ds, margins=True, threshold=2e-3)
-    assert dash.children[1].children == (dash.heatmap, dash.margin_figure)
+    assert dash.children[1].children[1].children == (dash.heatmap, dash.margin_figure)  # below the sort and search
     m = ds.router_margin.values  # (layer, token); NaN at the hash-routed layers
     counted = (~np.isnan(m)).sum(1)
     want = np.where(counted > 0, (m < 2e-3).sum(1) / np.maximum(counted, 1), np.nan)
