@@ -1,6 +1,6 @@
-"""Notebook widgets over routing data: a routing dashboard, a token view, a long-context navigator and an
-intervention panel. Each is an `ipywidgets.VBox` (it displays itself) whose data path lives in plain methods
-that run without a browser.
+"""Notebook widgets over routing data: a routing dashboard, an expert profile, a token view, a long-context
+navigator and an intervention panel. Each is an `ipywidgets.VBox` (it displays itself) whose data path lives in
+plain methods that run without a browser. `ExpertProfile` shows one expert at one layer, alone or in the dashboard.
 
 `source` is a routing Dataset (`wb.open_store(path)`, `analysis.from_cache(...)`) or a store path. Counting
 happens here in Python, streaming the store in blocks (the analyses in `workbench.analysis`, or bounded
@@ -20,7 +20,9 @@ from .comparison import RoutingComparison
 from .dashboard import RoutingDashboard
 from .navigator import LongContextNavigator, bin_entropy
 from .panel import InterventionPanel
+from .profile import ExpertProfile
 from .token_view import TokenView
 
-__all__ = ["MAX_CELLS", "MAX_WINDOW", "PALETTE", "InterventionPanel", "LongContextNavigator", "RoutingComparison",
+__all__ = ["MAX_CELLS", "MAX_WINDOW", "PALETTE", "ExpertProfile", "InterventionPanel", "LongContextNavigator",
+           "RoutingComparison",
            "RoutingDashboard", "TokenView", "bin_entropy"]
