@@ -24,5 +24,4 @@ from .profile import ExpertProfile
 from .token_view import TokenView
 
 __all__ = ["MAX_CELLS", "MAX_WINDOW", "PALETTE", "ExpertProfile", "InterventionPanel", "LongContextNavigator",
-           "RoutingComparison",
-           "RoutingDashboard", "TokenView", "bin_entropy"]
+           "RoutingComparison", "RoutingDashboard", "TokenView", "bin_entropy"]
