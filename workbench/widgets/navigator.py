@@ -98,6 +98,8 @@ class LongContextNavigator(Snapshot, ipywidgets.VBox):
     def open_profile(self, expert: int) -> ExpertProfile:
         """Show, below the figures, the profile of `expert` at the shown layer (what clicking a heatmap row does)."""
         expert = check_int(expert, "expert", 0, self.n_experts - 1)
+        if "input_ids" not in self.dataset:
+            raise ValueError(f"source {self.source} has no input_ids: an expert profile shows the tokens it takes")
         if self.profile is None:
             self.profile = ExpertProfile(self.dataset, self.layer, expert)
             self.children = [*self.children, self.profile]
@@ -166,7 +168,7 @@ class LongContextNavigator(Snapshot, ipywidgets.VBox):
                 + display.img_tag(display.to_png({"heatmap": heatmap}), heatmap["title"]))
 
     def _on_heatmap_click(self, trace: Any, points: Any, state: Any) -> None:
-        if points.ys:
+        if points.ys and "input_ids" in self.dataset:
             self.open_profile(int(points.ys[0]))
 
     def _on_range(self, layout: Any, xrange: Any) -> None:
