@@ -39,7 +39,7 @@ import plotly.graph_objects as go
 import torch
 
 import workbench as wb
-from workbench import analysis
+from workbench import analysis, colours
 from workbench.demo import EMBEDDED_MODEL, heldout_texts
 from workbench.widgets import RoutingDashboard, TokenView
 
@@ -127,8 +127,8 @@ stats = pd.DataFrame({
 stats
 
 # %%
-fig = go.Figure(go.Heatmap(z=load.relative_load.values, x=load.expert.values, y=load.layer.values, zmid=1,
-                           colorscale="RdBu_r", colorbar=dict(title="x uniform"),
+fig = go.Figure(go.Heatmap(z=load.relative_load.values, x=load.expert.values, y=load.layer.values,
+                           **colours.diverging(1.0), colorbar=dict(title="x uniform"),
                            hovertemplate="layer %{y}, expert %{x}: %{z:.2f} x uniform<extra></extra>"))
 fig.update_layout(title="Relative load (DeepSeek): slots received / uniform share, per layer and expert",
                   xaxis_title="expert", yaxis=dict(title="layer", autorange="reversed", dtick=1), height=360)

@@ -42,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import torch
 from huggingface_hub import constants, model_info, snapshot_download
 from huggingface_hub import errors as hub_errors
@@ -161,7 +160,8 @@ else:
 # %% [markdown]
 # ## Routing of the prompt
 #
-# Each token's first-choice expert at every MoE layer (dense layers, such as DeepSeek's first ones, have no router
+# Each token's first-choice expert at every MoE layer, as a table (an expert id means something only within its
+# layer, so no colour scale is shared by the layers; dense layers, such as DeepSeek's first ones, have no router
 # and are left out), then how decided the routers are: the mean entropy of their score distributions and the mean
 # gap between the first and second expert (`analysis.router_confidence`).
 
@@ -170,12 +170,8 @@ if model is not None:
     layers = [int(x) for x in routing.layer.values]
     first = routing.topk_ids.isel(k=0).values  # [layer, token]
     tokens = [f"{t}:{model.tokenizer.decode([int(i)])!r}" for t, i in enumerate(ids[0].tolist())]
-    fig = go.Figure(go.Heatmap(z=first, x=tokens, y=layers, colorscale="Turbo", colorbar=dict(title="expert"),
-                               hovertemplate="%{x}<br>layer %{y}: expert %{z}<extra></extra>"))
-    fig.update_layout(title=f"{REPO}: first-choice expert of every token at every MoE layer",
-                      xaxis=dict(title="token", tickangle=-60), yaxis=dict(title="layer", autorange="reversed"),
-                      height=260 + 18 * len(layers))
-    display(fig)
+    # expert ids are local to a layer, so they are shown as labels, not on a colour scale shared by the layers
+    display(pd.DataFrame(first, index=pd.Index(layers, name="layer"), columns=tokens))
     confidence = analysis.router_confidence(routing)
     display(pd.DataFrame({"entropy (bits)": confidence.entropy.values, "top-1 minus top-2": confidence.margin.values},
                          index=pd.Index(layers, name="layer")).round(3))

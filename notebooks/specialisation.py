@@ -32,7 +32,7 @@ import xarray as xr
 from plotly.subplots import make_subplots
 
 import workbench as wb
-from workbench import analysis
+from workbench import analysis, colours
 from workbench.demo import EMBEDDED_MODEL, heldout_texts
 
 MAX_BYTES = 4096  # held-out bytes (= tokens: the model reads bytes) per domain
@@ -77,7 +77,7 @@ fig = make_subplots(rows=2, cols=3, subplot_titles=[
     vertical_spacing=0.14, horizontal_spacing=0.04)
 for i, layer in enumerate(layers):
     fig.add_trace(go.Heatmap(z=spec.relative.sel(layer=layer).values, x=spec.expert.values,
-                             y=spec.domain.values, zmin=0, zmax=4, colorscale="Viridis", showscale=i == 0,
+                             y=spec.domain.values, **colours.diverging(1.0), showscale=i == 0,
                              colorbar=dict(title="x k/E"),
                              hovertemplate="expert %{x}<br>%{y}: %{z:.2f} x uniform<extra></extra>"),
                   row=i // 3 + 1, col=i % 3 + 1)

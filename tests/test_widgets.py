@@ -23,6 +23,7 @@ from plotly.callbacks import InputDeviceState, Points
 import workbench as wb
 from test_analysis import dataset, routing
 from workbench import analysis as A
+from workbench import colours
 from workbench import widgets as W
 from workbench.demo import EMBEDDED_MODEL
 from workbench.interventions import ablate, force, steer
@@ -38,7 +39,7 @@ def payload(widget) -> int:
     if isinstance(widget, go.FigureWidget):
         json.dumps(widget.to_plotly_json(), allow_nan=False)
         return len(json.dumps(widget.to_plotly_json(), cls=plotly.utils.PlotlyJSONEncoder))
-    if isinstance(widget, ipywidgets.HTML):
+    if isinstance(widget, (ipywidgets.HTML, W.common.ClickableHTML)):
         return len(widget.value)
     return sum(payload(child) for child in getattr(widget, "children", ()))
 
@@ -55,7 +56,8 @@ def shown_byte(b: int) -> str:
 
 def spans(view: W.TokenView) -> list[tuple[str, str, str]]:
     """(style, title, text) of every token span the view shows."""
-    return re.findall(r'<span style="([^"]*)" title="([^"]*)">([^<]*)</span>', view.html())
+    return re.findall(r'<span class="mwb-token" data-pos="\d+" style="([^"]*)" title="([^"]*)">([^<]*)</span>',
+                      view.html())
 
 
 # ---------------------------------------------------------------- random traces
@@ -196,6 +198,23 @@ def test_token_view_colours_tokens_by_first_choice(trace):
     assert repr(view).startswith("TokenView(") and "layer=12" in repr(view)
 
 
+def test_token_view_click_opens_the_first_choice_experts_profile(trace):
+    ds, ids, _ = trace
+    view = W.TokenView(ds, layer=11, start=20, length=30)
+    assert view.profile is None and re.findall(r'data-pos="(\d+)"', view.html()) == [str(t) for t in range(20, 50)]
+    view.text.clicked = 25  # what a click on the token at position 25 sends
+    assert view.text.clicked == -1  # handled and reset, so the same token can be clicked again
+    profile = view.profile
+    assert profile in view.children and profile.selected == (11, int(ids[1, 25, 0]))
+    taken = np.bincount(ds.input_ids.values[(ids[1] == ids[1, 25, 0]).any(-1)], minlength=256)
+    assert profile.profile.frequent_count.values[0] == taken.max()
+    view.layer_picker.value = 12
+    view.text.clicked = 31
+    assert view.profile is profile and profile.selected == (12, int(ids[2, 31, 0]))
+    with pytest.raises(ValueError, match="position"):
+        view.open_profile(10_000)
+
+
 def test_token_view_clamps_the_window_and_checks_arguments(trace):
     ds = trace[0]
     view = W.TokenView(ds, start=190, length=200)
@@ -240,6 +259,21 @@ def test_navigator_aggregates_as_brute_force(trace, monkeypatch):
     small = nav.aggregate(17, 23)  # fewer tokens than bins: one bin per token
     assert small.bin_start.values.tolist() == list(range(17, 23))
     np.testing.assert_allclose(small.values, brute_bins(ids[1], 8, 17, 23, 6)[0])
+
+
+def test_navigator_colours_load_around_uniform_and_opens_profiles(trace):
+    ds, ids, _ = trace
+    nav = W.LongContextNavigator(ds, layer=12, bins=10, experts=2)
+    heat = nav.figure.data[0]
+    assert (heat.zmin, heat.zmid, heat.zmax) == (0.0, 1 / 8, 2 / 8)  # white at the uniform share 1/E
+    assert [c[1] for c in heat.colorscale] == [c for _, c in colours.DIVERGING]
+    click(nav.figure, 30, 5)  # the heatmap's row of expert 5
+    assert nav.profile in nav.children and nav.profile.selected == (12, 5)
+    count = (ids[2] == 5).any(-1).sum()
+    assert nav.profile.profile.attrs["count"] == count
+    nav.layer_picker.value = 11
+    click(nav.figure, 30, 3)
+    assert nav.profile.selected == (11, 3)
 
 
 def test_navigator_zoom_reaggregates_the_visible_range(trace):

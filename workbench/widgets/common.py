@@ -7,10 +7,12 @@ import colorsys
 import html
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import anywidget
 import numpy as np
+import traitlets
 import xarray as xr
 
 from .. import analysis as A
@@ -110,3 +112,35 @@ class Snapshot:
                                f"{html.escape(type(self).__name__)}: run the notebook for the interactive "
                                "widget</small></p></div>")
         return bundle
+
+
+class ClickableHTML(anywidget.AnyWidget):
+    """HTML whose elements with a `data-pos` attribute report clicks: `clicked` becomes that position (an int)
+    and is reset to -1 once handled, so clicking the same element twice reports twice."""
+
+    _esm = """
+    function render({ model, el }) {
+      const draw = () => { el.innerHTML = model.get("value"); };
+      draw();
+      model.on("change:value", draw);
+      el.addEventListener("click", (event) => {
+        const target = event.target.closest("[data-pos]");
+        if (!target || !el.contains(target)) return;
+        model.set("clicked", Number(target.dataset.pos));
+        model.save_changes();
+      });
+    }
+    export default { render };
+    """
+    value = traitlets.Unicode("").tag(sync=True)
+    clicked = traitlets.Int(-1).tag(sync=True)
+
+    def on_position(self, callback: Callable[[int], None]) -> None:
+        """Call `callback(position)` on every click of an element with `data-pos`."""
+        def changed(change: dict[str, Any]) -> None:
+            if change["new"] >= 0:
+                try:
+                    callback(change["new"])
+                finally:
+                    self.clicked = -1
+        self.observe(changed, "clicked")

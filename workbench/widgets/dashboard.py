@@ -13,7 +13,6 @@ import ipywidgets
 import numpy as np
 import plotly.graph_objects as go
 import xarray as xr
-from plotly.subplots import make_subplots
 
 from .. import analysis as A
 from .. import colours, display
@@ -22,9 +21,9 @@ from ..analysis.fragility import MARGIN
 from ..analysis.scan import scan_blocks
 from ..errors import InputError
 from .common import (
-    byte_text, check_int, check_layer, compact_matrix, open_source, pick_layer, routed_layers, Snapshot, Source,
-    visible
+    byte_text, check_int, check_layer, compact_matrix, open_source, pick_layer, routed_layers, Snapshot, Source
 )
+from .profile import ExpertProfile
 
 SORTS = ("id", "load", "similarity")
 MAX_COLUMNS = 128  # columns the load heatmap sends at most; beyond, each column is a bin of adjacent experts
@@ -103,29 +102,10 @@ class RoutingDashboard(Snapshot, ipywidgets.VBox):
         self.coactivation.update_layout(xaxis_title="expert j", yaxis=dict(title="expert i", autorange="reversed"),
                                         width=440, height=440, margin=dict(t=50))
         self.coactivation.data[0].on_click(self._on_coactivation_click)
-        second = "share of each domain's tokens" if labels is not None else "highest routing weights"
-        fig = make_subplots(rows=2, cols=2, vertical_spacing=0.2, horizontal_spacing=0.22,
-                            subplot_titles=["tokens it takes most often", second, "load along position",
-                                            "co-activation partners"])
-        for row, col in ((1, 1), (1, 2), (2, 1), (2, 2)):
-            fig.add_trace(go.Bar(orientation="h" if (row, col) == (1, 1) else "v", showlegend=False), row=row, col=col)
-        fig.update_yaxes(autorange="reversed", type="category", row=1, col=1)
-        fig.update_xaxes(title_text="tokens", row=1, col=1)
-        fig.update_xaxes(type="category", row=1, col=2)
-        fig.update_xaxes(title_text="position", row=2, col=1)
-        fig.update_yaxes(title_text="share of slots", row=2, col=1)
-        fig.update_xaxes(title_text="expert (same layer)", type="category", row=2, col=2)
-        fig.update_yaxes(title_text="N(e, j) / N(e)", row=2, col=2)
-        if labels is not None:
-            fig.add_hline(y=self.k / self.n_experts, line_dash="dash", line_color="gray", row=1, col=2,
-                          annotation_text="uniform k/E")
-        fig.add_hline(y=1 / self.n_experts, line_dash="dash", line_color="gray", row=2, col=1,
-                      annotation_text="uniform 1/E")
-        fig.update_layout(width=680, height=560, margin=dict(t=70))
-        self.profile_figure = go.FigureWidget(fig)
-        self.profile_figure.data[3].on_click(self._on_partner_click)
+        self.profile_view = ExpertProfile(ds, layer, expert, labels=labels, decode=self.decode)
+        self.profile_view.picked = self.select  # a partner's bar selects it here too
         self.select(layer, expert)
-        linked = ipywidgets.HBox([self.coactivation, self.profile_figure],
+        linked = ipywidgets.HBox([self.coactivation, self.profile_view],
                                  layout=ipywidgets.Layout(flex_flow="row wrap"))
         top = ipywidgets.VBox([ipywidgets.HBox([self.sort_picker, self.search_box, self.search_result]),
                                ipywidgets.HBox([self.heatmap, self.margin_figure]) if margins else self.heatmap])
@@ -170,15 +150,6 @@ class RoutingDashboard(Snapshot, ipywidgets.VBox):
             facts.append(("hash-routed", runs_text(hash_layers)))
         return " &middot; ".join(f"<b>{name}</b> {html.escape(value)}" for name, value in facts)
 
-    def _in_context(self, ids: Sequence[int]) -> str:
-        """Context ids as text with the middle token bracketed (-1: outside the sequence, dropped)."""
-        mid = len(ids) // 2
-        text = [("[" + self._token(i) + "]" if j == mid else self._token(i)) for j, i in enumerate(ids) if i >= 0]
-        return html.escape("".join(text) if self.decode is byte_text else " ".join(text))
-
-    def _token(self, i: int) -> str:
-        return visible(self.decode(int(i)))
-
     def select(self, layer: int, expert: int) -> None:
         """Show `expert` at `layer`: the layer's co-activation (the expert's row and column boxed) and the
         expert's profile at that layer."""
@@ -193,30 +164,17 @@ class RoutingDashboard(Snapshot, ipywidgets.VBox):
             self.coactivation.layout.shapes = [
                 dict(box, x0=-0.5, x1=E - 0.5, y0=expert - 0.5, y1=expert + 0.5),
                 dict(box, x0=expert - 0.5, x1=expert + 0.5, y0=-0.5, y1=E - 0.5)]
-        p = self.profile = A.expert_profile(self.dataset, layer, expert, labels=self.labels)
-        with self.profile_figure.batch_update():
-            tokens, second, position, partners = self.profile_figure.data
-            tokens.y = [f"{self._token(t)} ({t})" for t in p.frequent_ids.values]
-            tokens.x = p.frequent_count.values.tolist()
-            tokens.hovertext = [f"{n} of {m} occurrences; at position {q}: {self._in_context(c)}" for n, m, q, c in
-                                zip(p.frequent_count.values, p.frequent_occurrences.values,
-                                    p.frequent_position.values, p.frequent_context.values)]
-            if self.labels is not None:
-                second.x, second.y = [str(d) for d in p.domain.values], p.domain_share.values.tolist()
-                second.hovertext = [f"{c:,} of {n:,} tokens" for c, n in zip(p.domain_count.values,
-                                                                             p.domain_tokens.values)]
-            else:
-                second.x = [str(q) for q in p.strongest_position.values]
-                second.y = p.strongest_weight.values.tolist()
-                second.hovertext = [f"position {q}, weight {w:.3f}: {self._in_context(c)}" for q, w, c in
-                                    zip(p.strongest_position.values, p.strongest_weight.values,
-                                        p.strongest_context.values)]
-            position.x, position.y = p.bin_start.values.tolist(), p.position_share.values.tolist()
-            position.hovertext = [f"positions {a:,}..{b:,}" for a, b in zip(p.bin_start.values, p.bin_stop.values)]
-            partners.x = [str(j) for j in p.partner_expert.values]
-            partners.y = p.partner_coactivation.values.tolist()
-            self.profile_figure.layout.title = (f"expert {expert}, layer {layer}: takes {p.attrs['count']:,} of "
-                                                f"{p.attrs['tokens']:,} tokens ({p.attrs['share'] * E:.2f} x uniform)")
+        if self.profile_view.selected != (layer, expert):
+            self.profile_view.select(layer, expert)
+
+    @property
+    def profile(self) -> xr.Dataset:
+        """The selected expert's profile (`profile_view.profile`)."""
+        return self.profile_view.profile
+
+    @property
+    def profile_figure(self) -> go.FigureWidget:
+        return self.profile_view.profile_figure
 
     def static_html(self) -> str:
         """The header, the load heatmap (white at the uniform share), the selected layer's co-activation and
@@ -230,16 +188,10 @@ class RoutingDashboard(Snapshot, ipywidgets.VBox):
         figures = "".join(f"<p><strong>{html.escape(hm['title'])}</strong><br>"
                           f"{display.img_tag(display.to_png({'heatmap': hm}), hm['title'])}</p>"
                           for hm in (load, coact))
-        p = self.profile
-        rows = "".join(f"<tr><td><code>{html.escape(self._token(t))}</code></td><td>{n:,}</td><td>{m:,}</td>"
-                       f"<td><code>{self._in_context(c)}</code></td></tr>" for t, n, m, c in
-                       zip(p.frequent_ids.values, p.frequent_count.values, p.frequent_occurrences.values,
-                           p.frequent_context.values))
         return (f"<p>{self.header.value}</p>{figures}"
                 f"<p>selected: layer {layer}, expert {expert}</p>"
                 f"<p><strong>{html.escape(self.profile_figure.layout.title.text)}</strong></p>"
-                "<table><tr><th>token</th><th>taken</th><th>occurrences</th><th>in context</th></tr>"
-                f"{rows}</table>")
+                f"{self.profile_view.tokens_html()}")
 
     def _on_click(self, trace: Any, points: Any, state: Any) -> None:
         if points.xs:

@@ -13,11 +13,12 @@ import xarray as xr
 from plotly.subplots import make_subplots
 
 from .. import analysis as A
-from .. import display
+from .. import colours, display
 from .common import (
     check_int, compact_matrix, expert_colour, MAX_CELLS, open_source, pick_layer, position_label, routed_layers,
     Snapshot, Source
 )
+from .profile import ExpertProfile
 
 BLOCK_ENTRIES = 1 << 20  # routing entries (tokens x k) read per block
 
@@ -49,8 +50,8 @@ class LongContextNavigator(Snapshot, ipywidgets.VBox):
         self.reset_button.on_click(lambda _: self.view(0, self.n_tokens))
         fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.04,
                             specs=[[{}], [{"secondary_y": entropy}]])
-        fig.add_trace(go.Heatmap(colorscale="Viridis", zmin=0,
-                                 colorbar=dict(title="share", len=0.6, y=1, yanchor="top"),
+        fig.add_trace(go.Heatmap(**colours.diverging(1 / self.n_experts),
+                                 colorbar=dict(title="share<br>(white: 1/E)", len=0.6, y=1, yanchor="top"),
                                  hovertemplate="position %{x:.0f}, expert %{y}: share %{z:.4f}<extra></extra>"),
                       row=1, col=1)
         for _ in range(self.experts):
@@ -65,6 +66,8 @@ class LongContextNavigator(Snapshot, ipywidgets.VBox):
         fig.update_yaxes(title_text="share of slots", row=2, col=1)
         fig.update_xaxes(title_text="token position", row=2, col=1)
         self.figure = go.FigureWidget(fig)
+        self.figure.data[0].on_click(self._on_heatmap_click)
+        self.profile: ExpertProfile | None = None
         self.range = (0, self.n_tokens)
         self.view(0, self.n_tokens)
         for axis in ("xaxis", "xaxis2"):
@@ -91,6 +94,18 @@ class LongContextNavigator(Snapshot, ipywidgets.VBox):
                           xaxis=dict(title="distance in tokens (log2 bins)", type="category"),
                           yaxis_title="picks")
         return fig
+
+    def open_profile(self, expert: int) -> ExpertProfile:
+        """Show, below the figures, the profile of `expert` at the shown layer (what clicking a heatmap row does)."""
+        expert = check_int(expert, "expert", 0, self.n_experts - 1)
+        if "input_ids" not in self.dataset:
+            raise ValueError(f"source {self.source} has no input_ids: an expert profile shows the tokens it takes")
+        if self.profile is None:
+            self.profile = ExpertProfile(self.dataset, self.layer, expert)
+            self.children = [*self.children, self.profile]
+        else:
+            self.profile.select(self.layer, expert)
+        return self.profile
 
     @property
     def layer(self) -> int:
@@ -151,6 +166,10 @@ class LongContextNavigator(Snapshot, ipywidgets.VBox):
                    "values": share.values.T.tolist(), "baseline": 1 / self.n_experts}
         return (f"<strong>{html.escape(heatmap['title'])}</strong><br>"
                 + display.img_tag(display.to_png({"heatmap": heatmap}), heatmap["title"]))
+
+    def _on_heatmap_click(self, trace: Any, points: Any, state: Any) -> None:
+        if points.ys and "input_ids" in self.dataset:
+            self.open_profile(int(points.ys[0]))
 
     def _on_range(self, layout: Any, xrange: Any) -> None:
         if xrange is None:

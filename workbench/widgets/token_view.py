@@ -12,14 +12,17 @@ import xarray as xr
 from .. import analysis as A
 from ..schema import ROUTING_VARIABLES
 from .common import (
-    byte_text, check_int, expert_colour, MAX_WINDOW, open_source, pick_layer, routed_layers, Snapshot, Source
+    byte_text, check_int, ClickableHTML, expert_colour, MAX_WINDOW, open_source, pick_layer, routed_layers, Snapshot,
+    Source
 )
+from .profile import ExpertProfile
 
 
 class TokenView(Snapshot, ipywidgets.VBox):
     """A window of the traced text, each token coloured by its first-choice expert at one layer; hovering a
-    token shows its position, text, top-k experts, weights and (where recorded) routing margin. Reads only the
-    window from the store."""
+    token shows its position, text, top-k experts, weights and (where recorded) routing margin; clicking it
+    opens its first-choice expert's profile at that layer below (`open_profile`). Reads only the window from
+    the store."""
 
     def __init__(self, source: Source, *, layer: int | None = None, start: int = 0, length: int = 200,
                  decode: Callable[[int], str] | None = None):
@@ -46,8 +49,10 @@ class TokenView(Snapshot, ipywidgets.VBox):
         self.next_button.on_click(lambda _: self._step(1))
         for control in (self.layer_picker, self.start_box, self.length_box):
             control.observe(lambda _: self._render(), "value")
-        self.text = ipywidgets.HTML()
+        self.text = ClickableHTML()
+        self.text.on_position(self.open_profile)
         self.legend = ipywidgets.HTML()
+        self.profile: ExpertProfile | None = None
         self._render()
         self.children = [ipywidgets.HBox([self.layer_picker, self.start_box, self.length_box, self.prev_button,
                                           self.next_button]),
@@ -75,6 +80,19 @@ class TokenView(Snapshot, ipywidgets.VBox):
         names = [v for v in (*ROUTING_VARIABLES, "router_margin") if v in part]
         return part[names].sel(layer=self.layer).compute()
 
+    def open_profile(self, position: int) -> ExpertProfile:
+        """Show, below the text, the profile of the expert that `position` chose first at the shown layer."""
+        position = check_int(position, "position", 0, self.n_tokens - 1)
+        expert = int(self.dataset.topk_ids.sel(layer=self.layer).isel(token=position, k=0))
+        if expert < 0:
+            raise ValueError(f"token {position} has no routing at layer {self.layer}")
+        if self.profile is None:
+            self.profile = ExpertProfile(self.dataset, self.layer, expert, decode=self.decode)
+            self.children = [*self.children, self.profile]
+        else:
+            self.profile.select(self.layer, expert)
+        return self.profile
+
     def html(self) -> str:
         """The HTML shown for the window: one span per token, background = first-choice expert, title = routing."""
         return self.text.value
@@ -94,8 +112,10 @@ class TokenView(Snapshot, ipywidgets.VBox):
             if "router_margin" in win and not np.isnan(win.router_margin.values[j]):
                 title += f" | margin {win.router_margin.values[j]:.2e}"
             style = f"background:{expert_colour(int(experts[j, 0]))}" if experts[j, 0] >= 0 else ""
-            spans.append(f'<span style="{style}" title="{html.escape(title)}">{html.escape(text)}</span>')
-        return ('<div style="font-family:monospace;white-space:pre-wrap;line-height:1.9">'
+            spans.append(f'<span class="mwb-token" data-pos="{pos}" style="{style}" '
+                         f'title="{html.escape(title)}">{html.escape(text)}</span>')
+        return ('<div class="mwb-tokens" style="font-family:monospace;white-space:pre-wrap;line-height:1.9;'
+                'cursor:pointer">'
                 + "".join(spans) + "</div>")
 
     def _legend_html(self, win: xr.Dataset) -> str:
