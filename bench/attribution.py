@@ -1,6 +1,7 @@
-"""How well `expert_attribution` (one forward and one backward) predicts the exact ablation sweep (one forward per
-expert) on the embedded model: the Spearman correlation over every (layer, expert) pair, and how many of the
-sweep's 10 largest effects (by magnitude) are among the estimate's 20 largest, per prompt of three domains.
+"""How well `expert_attribution` predicts the exact ablation sweep (one forward per expert) on the embedded model,
+for each method ("gradient": one forward and one backward; "local": 2 * k more passes per MoE layer): the Spearman
+correlation over every (layer, expert) pair, and how many of the sweep's 10 largest effects (by magnitude) are
+among the estimate's 20 largest, per prompt of three domains.
 
     .venv/bin/python bench/attribution.py [--tokens 96] [--domains code french numbers]
 
@@ -36,8 +37,8 @@ def main() -> None:
     model = wb.load(EMBEDDED_MODEL, dtype=torch.float32)
     texts = heldout_texts(8 * args.tokens)
     print(f"model {EMBEDDED_MODEL.name}, float32, backend {model.backend}, {args.tokens} tokens per prompt")
-    print(f"{'domain':>10} {'spearman':>9} {'|spearman|':>10} {'top-10 in top-20':>17} {'estimate s':>10} "
-          f"{'sweep s':>8}")
+    print(f"{'domain':>10} {'method':>9} {'spearman':>9} {'|spearman|':>10} {'top-10 in top-20':>17} "
+          f"{'estimate s':>10} {'sweep s':>8}")
     for domain in args.domains:
         ids = torch.tensor(model.tokenizer.encode(texts[domain].decode())[: args.tokens])[None]
 
@@ -45,14 +46,16 @@ def main() -> None:
             return logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).mean()
 
         t0 = time.perf_counter()
-        est = expert_attribution(model, ids, metric).values.ravel()
-        t1 = time.perf_counter()
         exact = ablation_sweep(model, ids, metric, progress=False).values.ravel()
-        t2 = time.perf_counter()
+        swept = time.perf_counter() - t0
         top_exact = set(np.argsort(-np.abs(exact))[:10].tolist())
-        top_est = set(np.argsort(-np.abs(est))[:20].tolist())
-        print(f"{domain:>10} {spearman(est, exact):9.3f} {spearman(np.abs(est), np.abs(exact)):10.3f} "
-              f"{len(top_exact & top_est):>14}/10 {t1 - t0:10.1f} {t2 - t1:8.1f}", flush=True)
+        for method in ("gradient", "local"):
+            t0 = time.perf_counter()
+            est = expert_attribution(model, ids, metric, method=method).values.ravel()
+            took = time.perf_counter() - t0
+            top_est = set(np.argsort(-np.abs(est))[:20].tolist())
+            print(f"{domain:>10} {method:>9} {spearman(est, exact):9.3f} {spearman(np.abs(est), np.abs(exact)):10.3f} "
+                  f"{len(top_exact & top_est):>14}/10 {took:10.1f} {swept:8.1f}", flush=True)
 
 
 if __name__ == "__main__":

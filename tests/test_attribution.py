@@ -180,3 +180,21 @@ def test_embedded_model_attribution():
     ids = torch.tensor(model.tokenizer.encode("def add(a, b):\n    return a + b\n"))[None]
     est = expert_attribution(model, ids, lambda logits: logits[0, -1].log_softmax(-1)[ids[0, -1]])
     assert est.sizes == {"layer": 6, "expert": 32} and est.notnull().all() and (est != 0).sum() > 6
+
+
+def test_local_attribution_is_exact_at_the_last_layer(model64):
+    """After the last MoE layer nothing passes between positions, so under a metric summed over positions (nonlinear
+    in the logits) method="local" is the sweep there, where the gradient estimate is not."""
+    ids = input_ids(VOCAB)
+    last = max(moe_layers(model64))
+    exact = ablation_sweep(model64, ids, metric, progress=False).sel(layer=last).values
+    local = expert_attribution(model64, ids, metric, method="local")
+    per_token = expert_attribution(model64, ids, metric, method="local", per_token=True)
+    gradient = expert_attribution(model64, ids, metric).sel(layer=last).values
+    assert local.attrs["estimate"].startswith("exact at each token's own position")
+    torch.testing.assert_close(torch.tensor(per_token.sum("token").values), torch.tensor(local.values))
+    error = abs(local.sel(layer=last).values - exact).max()
+    assert error <= 1e-6 * abs(exact).max(), error  # the top-k weights are fp32
+    assert abs(gradient - exact).max() > 100 * error and (exact != 0).sum() > 2  # not vacuous
+    with pytest.raises(ValueError, match="'gradient' or 'local'"):
+        expert_attribution(model64, ids, metric, method="hessian")
