@@ -166,7 +166,9 @@ def info(args: argparse.Namespace) -> int:
     status = "complete" if a["complete"] else "incomplete: rerun `workbench trace` with the same arguments to resume"
     print(f"store      {path} ({_bytes(disk_bytes(path))} on disk)")
     print(f"tokens     {a['committed_tokens']:,} of {a['tokens_total']:,} committed ({status})")
-    print("dims       " + ", ".join(f"{d} {n:,}" for d, n in ds.sizes.items()))
+    first = ("layer", "token", "k")  # a fixed order: xarray's follows the variables' order, which may vary
+    dims = sorted(ds.sizes, key=lambda d: (first.index(d) if d in first else len(first), d))
+    print("dims       " + ", ".join(f"{d} {ds.sizes[d]:,}" for d in dims))
     if "layer" in ds.coords:
         print("layer      " + " ".join(str(int(i)) for i in ds.layer.values))
     print("variables")
