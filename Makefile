@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # lab: JupyterLab and the workbench extension built from extensions/jupyterlab (Node.js, npm registry)
-$(VENV)/.installed-lab: $(VENV)/.installed $(wildcard extensions/jupyterlab/*.json extensions/jupyterlab/*.toml extensions/jupyterlab/src/*)
+$(VENV)/.installed-lab: $(VENV)/.installed $(wildcard extensions/jupyterlab/*.json extensions/jupyterlab/*.toml \
+		extensions/jupyterlab/src/* extensions/jupyterlab/moe_workbench_jupyterlab/*.py extensions/jupyterlab/jupyter-config/*/*)
 	$(PIP) -e ".[lab]"
 	$(PIP) ./extensions/jupyterlab
 	touch $@

@@ -183,15 +183,12 @@ def synthetic_v4(tmp_path_factory):
 
 
 class Recorder(BaseComm):
-    """A comm that records the size of every message a widget sends (JSON text plus binary buffers), less the
-    `_esm` of a figure's opening message: plotly's 5 MB JavaScript bundle, the same for every FigureWidget
-    whatever it shows (anywidget sends it as widget state)."""
+    """A comm that records the size of every message a widget sends: JSON text plus binary buffers, the opening
+    message's state (a figure's `_esm` included) too."""
 
     sizes: list[int] = []
 
     def publish_msg(self, msg_type, data=None, metadata=None, buffers=None, **keys):
-        state = data.get("state", {}) if msg_type == "comm_open" else {}
-        data = {**data, "state": {k: v for k, v in state.items() if k != "_esm"}} if "_esm" in state else data
         Recorder.sizes.append(len(json.dumps(data, allow_nan=False)) + sum(memoryview(b).nbytes for b in
                                                                            buffers or ()))
 

@@ -16,6 +16,7 @@ from .. import analysis as A
 from .. import colours
 from ..analysis.compare import NEVER
 from .common import byte_text, check_int, check_layer, MAX_WINDOW, open_source, routed_layers, Snapshot, Source
+from .figure import FigureWidget
 
 SAME = "#ffffff"  # background of a token routed alike (at every layer, or at the selected one)
 MAX_DIVERGING = 1_000_000  # the most positions `diverging_tokens` returns
@@ -82,7 +83,7 @@ class RoutingComparison(Snapshot, ipywidgets.VBox):
     def stop(self) -> int:
         return min(self.start + self.length, self.n_tokens)
 
-    def _bar_figure(self) -> go.FigureWidget:
+    def _bar_figure(self) -> FigureWidget:
         """Agreement and Jaccard per layer (categorical x), y in [0, 1]; hash-routed layers hatched."""
         r = self.result
         x = [str(layer) for layer in self.layers]
@@ -90,7 +91,7 @@ class RoutingComparison(Snapshot, ipywidgets.VBox):
         agree = np.round(r.agreement.values * self.n_tokens).astype(np.int64)
         note = [" (hash-routed: routes by token id)" if h else "" for h in hashed]
         pattern = dict(shape=["/" if h else "" for h in hashed])
-        fig = go.FigureWidget([
+        fig = FigureWidget([
             go.Bar(x=x, y=r.agreement.values.tolist(), name="agreement (same expert set)", marker_pattern=pattern,
                    customdata=[[int(c), s] for c, s in zip(agree, note)],
                    hovertemplate=f"layer %{{x}}%{{customdata[1]}}<br>agreement %{{y:.4f}}: %{{customdata[0]:,}} of "

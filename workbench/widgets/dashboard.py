@@ -23,6 +23,7 @@ from ..errors import InputError
 from .common import (
     byte_text, check_int, check_layer, compact_matrix, open_source, pick_layer, routed_layers, Snapshot, Source
 )
+from .figure import FigureWidget
 from .profile import ExpertProfile
 
 SORTS = ("id", "load", "similarity")
@@ -74,7 +75,7 @@ class RoutingDashboard(Snapshot, ipywidgets.VBox):
         if expert is None:
             expert = int(self.load.share.sel(layer=layer).argmax("expert"))
         self.header = ipywidgets.HTML(self._header(hashed))
-        self.heatmap = go.FigureWidget(go.Heatmap(
+        self.heatmap = FigureWidget(go.Heatmap(
             y=self.layers, **colours.diverging(1 / self.n_experts), colorbar=dict(title="share<br>(white: 1/E)")))
         row_height = 8 if compact else 28
         every = math.ceil(len(self.layers) / 16) if compact else 1  # at most 16 layer labels on thin rows
@@ -96,7 +97,7 @@ class RoutingDashboard(Snapshot, ipywidgets.VBox):
         self.heatmap.layout.on_change(self._on_range, "xaxis.range")
         self.heatmap.layout.on_change(self._on_autorange, "xaxis.autorange")
         self.margin_figure = self._margin_figure(threshold, self.heatmap.layout.height) if margins else None
-        self.coactivation = go.FigureWidget(go.Heatmap(
+        self.coactivation = FigureWidget(go.Heatmap(
             x=list(range(self.n_experts)), y=list(range(self.n_experts)), **colours.sequential(),
             hovertemplate="of the tokens that chose expert %{y}, %{z:.3f} also chose %{x}<extra></extra>"))
         self.coactivation.update_layout(xaxis_title="expert j", yaxis=dict(title="expert i", autorange="reversed"),
@@ -111,7 +112,7 @@ class RoutingDashboard(Snapshot, ipywidgets.VBox):
                                ipywidgets.HBox([self.heatmap, self.margin_figure]) if margins else self.heatmap])
         self.children = [self.header, top, linked]
 
-    def _margin_figure(self, threshold: float, height: int) -> go.FigureWidget:
+    def _margin_figure(self, threshold: float, height: int) -> FigureWidget:
         """One column per layer: the share of tokens with margin below `threshold` (sequential scale), the
         median margin in the hover; grey for layers without margins (hash-routed)."""
         ds = self.dataset
@@ -131,7 +132,7 @@ class RoutingDashboard(Snapshot, ipywidgets.VBox):
                                          attrs={"threshold": threshold, "definition": "tokens with margin < "
                                                 "threshold / tokens with a margin"})
         self.median_margin = xr.DataArray(median, dims="layer", coords={"layer": self.layers}, name="median_margin")
-        fig = go.FigureWidget(go.Heatmap(
+        fig = FigureWidget(go.Heatmap(
             z=[[None if np.isnan(v) else float(v)] for v in share], x=[f"< {threshold:g}"], y=self.layers,
             customdata=[[f"{m:.2e}"] for m in median], **colours.sequential(),
             colorbar=dict(title="share"),
@@ -173,7 +174,7 @@ class RoutingDashboard(Snapshot, ipywidgets.VBox):
         return self.profile_view.profile
 
     @property
-    def profile_figure(self) -> go.FigureWidget:
+    def profile_figure(self) -> FigureWidget:
         return self.profile_view.profile_figure
 
     def static_html(self) -> str:

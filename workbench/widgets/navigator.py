@@ -18,6 +18,7 @@ from .common import (
     check_int, compact_matrix, expert_colour, MAX_CELLS, open_source, pick_layer, position_label, routed_layers,
     Snapshot, Source
 )
+from .figure import FigureWidget
 from .profile import ExpertProfile
 
 BLOCK_ENTRIES = 1 << 20  # routing entries (tokens x k) read per block
@@ -65,7 +66,7 @@ class LongContextNavigator(Snapshot, ipywidgets.VBox):
         fig.update_yaxes(title_text="expert", row=1, col=1)
         fig.update_yaxes(title_text="share of slots", row=2, col=1)
         fig.update_xaxes(title_text="token position", row=2, col=1)
-        self.figure = go.FigureWidget(fig)
+        self.figure = FigureWidget(fig)
         self.figure.data[0].on_click(self._on_heatmap_click)
         self.profile: ExpertProfile | None = None
         self.range = (0, self.n_tokens)
@@ -79,9 +80,9 @@ class LongContextNavigator(Snapshot, ipywidgets.VBox):
                          *([self.pick_figure] if picks else [])]
 
     @staticmethod
-    def _pick_figure(dist: xr.Dataset) -> go.FigureWidget:
+    def _pick_figure(dist: xr.Dataset) -> FigureWidget:
         """Grouped bars, one series per CSA layer: picked entries per log2 bin of distance from the query."""
-        fig = go.FigureWidget()
+        fig = FigureWidget()
         labels = [f"{a:,}..{b - 1:,}" for a, b in zip(dist.bin_start.values, dist.bin_stop.values)]
         for layer in dist.layer.values:
             d = dist.sel(layer=layer)

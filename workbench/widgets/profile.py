@@ -19,6 +19,7 @@ from .. import analysis as A
 from ..causal import open_sweep
 from ..errors import InputError
 from .common import byte_text, check_int, check_layer, open_source, pick_layer, routed_layers, Snapshot, Source, visible
+from .figure import FigureWidget
 
 
 def percent(share: float) -> str:
@@ -70,7 +71,7 @@ class ExpertProfile(Snapshot, ipywidgets.VBox):
         self.children = [self.profile_figure, self.tokens_table, self.causal,
                          *([ipywidgets.HBox([self.ablate_button, self.message])] if panel is not None else [])]
 
-    def _figure(self) -> go.FigureWidget:
+    def _figure(self) -> FigureWidget:
         second = "share of each domain's tokens" if self.labels is not None else "highest routing weights"
         fig = make_subplots(rows=2, cols=2, vertical_spacing=0.2, horizontal_spacing=0.22,
                             subplot_titles=["tokens it takes most often", second, "load along position",
@@ -90,7 +91,7 @@ class ExpertProfile(Snapshot, ipywidgets.VBox):
         fig.add_hline(y=1 / self.n_experts, line_dash="dash", line_color="gray", row=2, col=1,
                       annotation_text="uniform 1/E")
         fig.update_layout(width=680, height=560, margin=dict(t=70))
-        return go.FigureWidget(fig)
+        return FigureWidget(fig)
 
     def _in_context(self, ids: Sequence[int]) -> str:
         """Context ids as text with the middle token bracketed (-1: outside the sequence, dropped)."""
