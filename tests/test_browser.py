@@ -12,7 +12,6 @@ from pathlib import Path
 
 import nbformat
 import numpy as np
-import plotly
 import pytest
 import torch
 from nbclient import NotebookClient
@@ -21,6 +20,7 @@ import workbench as wb
 from workbench import analysis
 from test_install import make_lab
 from workbench.demo import EMBEDDED_MODEL
+from workbench.widgets.figure import BUNDLE
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("WORKBENCH_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "browser"
@@ -237,6 +237,15 @@ def bin_means(values: np.ndarray, start: int, stop: int, bins: int = 128) -> np.
     return np.stack([part[:, a:b].mean(1) for a, b in zip(edges[:-1], edges[1:])], 1)
 
 
+def record_traffic(page) -> tuple[list, list[int]]:
+    """Every websocket frame `page` receives from now on, and the status of every HTTP response for plotly's
+    bundle (workbench.widgets.figure)."""
+    frames, bundle = [], []
+    page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: frames.append(payload)))
+    page.on("response", lambda r: bundle.append(r.status) if "/moe-workbench/plotly/" in r.url else None)
+    return frames, bundle
+
+
 def test_v4_scale_dashboard_renders_sorts_and_zooms_in_small_messages(lab, page):
     """A dashboard over a synthetic 1M-token, 61-layer, 384-expert store: the heatmap the browser holds, sorted
     by load and zoomed (a drag, re-binned in the kernel), equals numpy over the store, and no websocket message
@@ -247,10 +256,7 @@ def test_v4_scale_dashboard_renders_sorts_and_zooms_in_small_messages(lab, page)
     store = synthetic_store(folder / "v4.zarr")
     nbformat.write(notebook(["from workbench.widgets import RoutingDashboard\n"
                              "RoutingDashboard('v4.zarr', compact=True)"]), folder / "scale.ipynb")
-    frames: list[bytes | str] = []
-    responses = []
-    page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: frames.append(payload)))
-    page.on("response", lambda r: responses.append(r))
+    frames, served = record_traffic(page)
     page.goto(f"{url}/lab/workspaces/scale/tree/scale.ipynb?token={TOKEN}")  # a workspace of its own
     run_all(page)
     panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
@@ -292,7 +298,6 @@ def test_v4_scale_dashboard_renders_sorts_and_zooms_in_small_messages(lab, page)
     panel.locator(".jp-OutputArea-output").first.screenshot(path=str(ARTIFACTS / "10-v4-zoomed.png"))
 
     sizes = [len(f) for f in frames]
-    served = [r.status for r in responses if "/moe-workbench/plotly/" in r.url]
     print(f"websocket frames: {len(sizes)}, largest {max(sizes):,} B; plotly's bundle served over HTTP: {served}")
     assert max(sizes) <= 2 * 1024 * 1024 and served and set(served) == {200}
 
@@ -310,18 +315,15 @@ def test_figures_fall_back_to_the_kernel_for_plotlys_bundle(lab, page):
                    folder / "fallback.ipynb")
     fresh = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})  # plotly not loaded yet
     fresh.set_default_timeout(120_000)
-    frames, responses = [], []
-    fresh.on("websocket", lambda ws: ws.on("framereceived", lambda payload: frames.append(payload)))
-    fresh.on("response", lambda r: responses.append(r))
+    frames, served = record_traffic(fresh)
     fresh.goto(f"{url}/lab/workspaces/fallback/tree/fallback.ipynb?token={TOKEN}")
     run_all(fresh)
     plot = fresh.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .js-plotly-plot")
     wait(fresh, plot.first, "fallback")
     assert plot.first.evaluate("gd => gd.data.map(t => [t.name, Array.from(t.y)])") == [["fallback", [3, 1, 2]]]
-    bundle = (Path(plotly.__file__).parent / "package_data" / "widgetbundle.js").stat().st_size
     chunks = [len(f) for f in frames if isinstance(f, bytes) and len(f) > 512 * 1024]
-    assert [r.status for r in responses if "/moe-workbench/plotly/" in r.url] == [404]
-    assert sum(chunks) >= bundle and max(len(f) for f in frames) <= 2 * 1024 * 1024
+    assert served == [404]
+    assert sum(chunks) >= BUNDLE.stat().st_size and max(len(f) for f in frames) <= 2 * 1024 * 1024
     fresh.close()
 
 

@@ -87,8 +87,8 @@ def test_wheel_carries_what_the_demo_reads(tmp_path):
     assert len(heldout) == 7 and model | heldout <= names
     # every package of the source, and the widgets' JavaScript (a package left out of pyproject.toml's list
     # works in an editable install and is missing from the wheel)
-    packages = {f"workbench/{p.parent.relative_to(src / 'workbench')}/__init__.py".replace("/./", "/")
-                for p in (src / "workbench").rglob("__init__.py")} | {"workbench/kernels/__init__.py"}
+    packages = {p.relative_to(src).as_posix() for p in (src / "workbench").rglob("__init__.py")}
+    packages.add("workbench/kernels/__init__.py")
     assert len(packages) >= 7 and packages | {"workbench/widgets/figure.js"} <= names, packages - names
     assert not [n for n in names if n.endswith(".train.txt")]
 

@@ -1,5 +1,5 @@
 """Plotly figures whose opening message stays small: a stock `FigureWidget` carries plotly's 5 MB JavaScript
-bundle in every opening message; ours carry a 2 KB loader that fetches the bundle once per page instead."""
+bundle in every opening message; ours carry a 3 KB loader that fetches the bundle once per page instead."""
 
 from __future__ import annotations
 
