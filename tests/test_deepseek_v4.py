@@ -137,12 +137,13 @@ def test_topk_entries_breaks_ties_by_index(seed):
             assert picks == best + [-1] * (k - len(best))
 
 
-@pytest.mark.parametrize("shape", [(7, 2, 50, 8), (33, 3, 400, 16), (5, 2, 3, 8), (70, 1, 2000, 32)])
+@pytest.mark.parametrize("shape", [(7, 2, 50, 8), (33, 3, 400, 16), (5, 2, 3, 8), (70, 1, 2000, 32), (40, 2, 9000, 8)])
 @pytest.mark.parametrize("tiles", [(128, 4096), (4, 16)])
 def test_tiled_index_topk_equals_reference(shape, tiles, monkeypatch):
     """The tiled CPU path (matmul per tile + fused numba scan) picks exactly what `topk_entries` of the whole
     score map picks: on integer dot products (ties everywhere, zero and negative head weights), on random
-    ones, with per-query limits including 0, and with tiles smaller than the sequence."""
+    ones, with per-query limits including 0, with tiles smaller than the sequence, and over many 256-entry
+    strips (most skipped once the kept scores are high)."""
     monkeypatch.setattr(indexer, "INDEX_ROWS", tiles[0])
     monkeypatch.setattr(indexer, "INDEX_TILE", tiles[1])
     t, heads, n, k = shape

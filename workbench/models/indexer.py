@@ -99,13 +99,21 @@ def _index_topk_kernel():
                     worst = j
             score = np.empty(256, dtype=np.float32)
             m = min(limit[i] - start, n)
-            for s0 in range(0, m, 256):  # score a strip (vectorised), then scan it for entries beating the worst
+            for s0 in range(0, m, 256):  # score a strip (vectorised), then scan it only if it beats the worst kept
                 size = min(256, m - s0)
-                for s in range(size):
-                    score[s] = max(dots[i, 0, s0 + s], np.float32(0)) * w[i, 0]
-                for h in range(1, heads):
-                    for s in range(size):
-                        score[s] += max(dots[i, h, s0 + s], np.float32(0)) * w[i, h]
+                for h in range(heads):
+                    dot, wh = dots[i, h, s0:s0 + size], w[i, h]
+                    if h == 0:
+                        for s in range(size):
+                            score[s] = max(dot[s], np.float32(0)) * wh
+                    else:
+                        for s in range(size):
+                            score[s] += max(dot[s], np.float32(0)) * wh
+                threshold, hit = val[worst], idx[worst] < 0
+                for s in range(size):  # an OR over the strip vectorises where a scan with replacements cannot
+                    hit |= score[s] > threshold
+                if not hit:
+                    continue
                 for s in range(size):
                     if score[s] > val[worst] or idx[worst] < 0:
                         val[worst], idx[worst] = score[s], start + s0 + s
