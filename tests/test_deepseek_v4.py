@@ -283,3 +283,27 @@ def test_bf16_close_to_fp32(case):
     assert out.dtype == torch.bfloat16
     # a bf16 rounding can flip a near-tied expert choice, so compare on average, not per logit
     assert ((out.float() - ref).abs().mean() / ref.abs().mean()) < 0.05
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_pooled_attention_equals_the_reference(dtype, tol):
+    """HCA's pooled part on CPU (torch's flash kernel) gives the reference's outputs and log-sum-exps, with -inf
+    and zeros for queries that see no entry yet (the kernel itself reports 0 there), and the reference under
+    autograd."""
+    from workbench.models.deepseek_v4 import attend_pooled
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 37, 16, generator=g).to(dtype)
+    pooled = torch.randn(2, 1, 300, 16, generator=g).to(dtype)
+    visible = torch.arange(300)[None] < torch.randint(0, 300, (37,), generator=g)[:, None]
+    visible[:3] = False
+    with torch.no_grad():
+        out, lse = attend_pooled(q, pooled, visible, 0.25)
+        ref_out, ref_lse = attend_pooled(q, pooled, visible, 0.25, fused=False)
+    assert torch.isneginf(lse[:, :, :3]).all() and torch.isneginf(ref_lse[:, :, :3]).all()
+    assert (out[:, :, :3] == 0).all() and (ref_out[:, :, :3] == 0).all()
+    torch.testing.assert_close(lse[:, :, 3:], ref_lse[:, :, 3:], atol=tol, rtol=tol)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
+    q.requires_grad_(True)
+    grad_out, _ = attend_pooled(q, pooled, visible, 0.25)
+    assert torch.equal(grad_out, attend_pooled(q, pooled, visible, 0.25, fused=False)[0])

@@ -355,27 +355,59 @@ class V4Attention(nn.Module):
         kv, k_pos = kv[:, :, lo:hi], k_pos[lo:hi]
         local = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - self.window)
         logits = [((q @ kv.transpose(-1, -2)).float() * scale).masked_fill(~local, float("-inf"))]
-        if pooled is not None and self.indexer is None:
-            mask = visible[first:first + t]
-            logits.append(((q @ pooled.transpose(-1, -2)).float() * scale).masked_fill(~mask, float("-inf")))
-        elif pooled is not None:
+        sink = self.attn_sink.float().view(1, -1, 1, 1)
+        if pooled is not None and self.indexer is None and pooled.shape[2]:
+            # HCA: every query scores all pooled entries, so they get their own (fused) softmax, merged with the
+            # window's and the sink's by log-sum-exp instead of one [t, window + N] row of logits
+            probs, lse = _softmax_part(logits[0])
+            out_p, lse_p = attend_pooled(q, pooled, visible[first:first + t], scale)
+            total = torch.stack((lse, lse_p, sink[..., 0].expand_as(lse))).logsumexp(0)
+            out = torch.exp(lse - total)[..., None] * (probs.to(kv.dtype) @ kv).float()
+            return (out + torch.exp(lse_p - total)[..., None] * out_p.float()).to(kv.dtype)
+        if pooled is not None and self.indexer is not None:
             pooled, mask = pooled[:, first:first + t], visible[:, first:first + t]
             chosen = torch.einsum("bhtd,btkd->bhtk", q, pooled).float() * scale
             logits.append(chosen.masked_fill(~mask[:, None], float("-inf")))
-        sink = self.attn_sink.float().view(1, -1, 1, 1).expand(B, -1, t, 1)
-        probs = torch.softmax(torch.cat((*logits, sink), dim=-1), dim=-1).to(kv.dtype)
+        probs = torch.softmax(torch.cat((*logits, sink.expand(B, -1, t, 1)), dim=-1), dim=-1).to(kv.dtype)
         out = probs[..., : kv.shape[2]] @ kv
-        if pooled is not None:
-            p = probs[..., kv.shape[2]: -1]
-            out = out + (p @ pooled if self.indexer is None else torch.einsum("bhtk,btkd->bhtd", p, pooled))
+        if pooled is not None and self.indexer is not None:
+            out = out + torch.einsum("bhtk,btkd->bhtd", probs[..., kv.shape[2]: -1], pooled)
         return out
+
+
+def _softmax_part(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last dim and its log-sum-exp; a row with no visible key gets zeros and -inf."""
+    lse = logits.logsumexp(-1)
+    return torch.exp(logits - lse.masked_fill(lse == float("-inf"), 0.0)[..., None]), lse  # no NaN, even in grads
+
+
+def attend_pooled(q: torch.Tensor, pooled: torch.Tensor, visible: torch.Tensor, scale: float,
+                  fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B,H,t,D] over pooled entries [B,1,N,D] (key = value) where `visible` [t,N]: output
+    [B,H,t,D] and log-sum-exp [B,H,t] (fp32; -inf where a row sees no entry). On CPU without autograd, torch's
+    fused flash kernel (no [t,N] logits written: 2x faster over 4K entries; its sums are not blocked alike for
+    every number of queries, so chunkings agree to rounding, not bit for bit); else plain PyTorch."""
+    B, H = q.shape[:2]
+    if fused and q.device.type == "cpu" and not (torch.is_grad_enabled() and (q.requires_grad or pooled.requires_grad)):
+        bias = torch.zeros(visible.shape, dtype=q.dtype).masked_fill_(~visible, float("-inf"))
+        entries = pooled.expand(B, H, -1, -1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, entries, entries, 0.0, False, attn_mask=bias[None, None], scale=scale)
+        return out, lse.masked_fill_(~visible.any(-1), float("-inf"))  # the kernel gives 0 where none is visible
+    probs, lse = _softmax_part(((q @ pooled.transpose(-1, -2)).float() * scale).masked_fill(~visible, float("-inf")))
+    return probs.to(pooled.dtype) @ pooled, lse
 
 
 # ---------------------------------------------------------------- hyper-connections and layers
 
 
-def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+def mix_and_collapse(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torch.Tensor, Callable]:
+    """The mixing logits fn @ RMS-normalised streams [B,T,n*H] (fp32; the norm is a per-token scale, applied
+    after the matmul instead of to a copy of the streams), and a function collapsing the streams with weights
+    [B,T,n] into [B,T,H] (fp32 sums)."""
+    x = streams.flatten(2).float()
+    mix = F.linear(x, fn.float()) * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return mix, lambda pre: torch.matmul(pre[..., None, :], x.unflatten(-1, (streams.shape[2], -1))).squeeze(-2)
 
 
 class HyperConnection(nn.Module):
@@ -397,7 +429,7 @@ class HyperConnection(nn.Module):
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(block input [B,T,H], post [B,T,n], comb [B,T,n,n]) for streams [B,T,n,H]."""
         n = self.n
-        mix = F.linear(_unit_rms(streams.flatten(2).float(), self.norm_eps), self.fn.float())
+        mix, collapse = mix_and_collapse(streams, self.fn, self.norm_eps)
         pre, post, comb = mix.split([n, n, n * n], dim=-1)
         b_pre, b_post, b_comb = self.base.float().split([n, n, n * n])
         s = self.scale.float()
@@ -409,7 +441,7 @@ class HyperConnection(nn.Module):
             comb = comb / (comb.sum(-1, keepdim=True) + self.eps)
             comb = comb / (comb.sum(-2, keepdim=True) + self.eps)
         comb = self.hp_comb(comb)
-        return (pre[..., None] * streams).sum(2).to(streams.dtype), post, comb
+        return collapse(pre).to(streams.dtype), post, comb
 
 
 def spread(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
@@ -430,9 +462,9 @@ class HyperHead(nn.Module):
         self.hp_pre = hooks.point("final.hc_pre")
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
-        mix = F.linear(_unit_rms(streams.flatten(2).float(), self.norm_eps), self.fn.float())
+        mix, collapse = mix_and_collapse(streams, self.fn, self.norm_eps)
         pre = self.hp_pre(torch.sigmoid(mix * self.scale.float() + self.base.float()) + self.eps)
-        return (pre[..., None] * streams).sum(2).to(streams.dtype)
+        return collapse(pre).to(streams.dtype)
 
 
 class HashRouter(Router):
