@@ -304,9 +304,14 @@ class MoE(nn.Module):
             hidden = tap(self.hp_hidden, _by_pair(hidden, order, k)).flatten(0, 1)[order]
             out = self.experts.grouped_down(hidden, ends)
         else:  # each block's activation stays in cache; its output overwrites its input rows unless autograd
+            keep = None
+            if rows.device.type == "cpu" and rows.dtype in (torch.bfloat16, torch.float16) and not recording(rows):
+                rows, ends, keep = pad_blocks(rows, pairs[order], ends, ROW_BUCKET)
             out = torch.empty_like(rows) if recording(rows) else rows  # needs them
             for e, block in expert_blocks(ends):
                 out[block] = self.experts.down(e, self.experts.hidden(e, rows[block]))
+            if keep is not None:
+                out = out[keep]
         outs = _by_pair(out, order, k)
         if self.hp_expert_out.active:
             outs = tap(self.hp_expert_out, outs)
@@ -386,6 +391,25 @@ def _token_major(ids: torch.Tensor, shape: tuple[int, ...]) -> Tap:
         return hp(t.view(*shape, k, -1), topk_ids=ids.view(*shape, k)).reshape(n, k, -1)
 
     return tap
+
+
+ROW_BUCKET = 64  # CPU bf16/fp16 expert blocks are padded to a multiple of this many rows: see `pad_blocks`
+
+
+def pad_blocks(rows: torch.Tensor, experts: torch.Tensor, ends: list[int], bucket: int
+               ) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """Rows sorted by expert (`experts[i]` owns row i; `ends` as in `expert_blocks`) copied into blocks padded
+    with zero rows to a multiple of `bucket`: (padded rows, their ends, where each row went). oneDNN, which runs
+    CPU bf16/fp16 matmuls, builds and caches a kernel for every distinct row count: about 1 ms and 0.7 MB each,
+    so unpadded expert blocks, whose sizes change with every batch, spend more time building kernels than
+    multiplying and grow the process by gigabytes over a long trace."""
+    counts = torch.tensor([ends[0], *(b - a for a, b in zip(ends, ends[1:]))])
+    padded = (counts + bucket - 1) // bucket * bucket
+    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # padded start - start, per expert
+    where = torch.arange(len(rows)) + shift[experts]
+    out = rows.new_zeros(int(padded.sum()), rows.shape[-1])
+    out[where] = rows
+    return out, padded.cumsum(0).tolist(), where
 
 
 def _by_pair(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
