@@ -21,10 +21,12 @@ Parameter names follow the official checkpoint (`attn.wq_a`, `attn.compressor.ap
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -406,7 +408,8 @@ def mix_and_collapse(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> tup
     after the matmul instead of to a copy of the streams), and a function collapsing the streams with weights
     [B,T,n] into [B,T,H] (fp32 sums)."""
     x = streams.flatten(2).float()
-    mix = F.linear(x, fn.float()) * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]  # no squared copy
+    mix = F.linear(x, fn.float()) * torch.rsqrt(mean_square + eps)
     return mix, lambda pre: torch.matmul(pre[..., None, :], x.unflatten(-1, (streams.shape[2], -1))).squeeze(-2)
 
 
@@ -436,12 +439,51 @@ class HyperConnection(nn.Module):
         pre = self.hp_pre(torch.sigmoid(pre * s[0] + b_pre) + self.eps)
         post = self.hp_post(2 * torch.sigmoid(post * s[1] + b_post))
         comb = torch.softmax((comb * s[2] + b_comb).unflatten(-1, (n, n)), dim=-1) + self.eps
-        comb = comb / (comb.sum(-2, keepdim=True) + self.eps)
-        for _ in range(self.iters - 1):
-            comb = comb / (comb.sum(-1, keepdim=True) + self.eps)
-            comb = comb / (comb.sum(-2, keepdim=True) + self.eps)
-        comb = self.hp_comb(comb)
+        comb = self.hp_comb(sinkhorn(comb, self.iters, self.eps))
         return collapse(pre).to(streams.dtype), post, comb
+
+
+def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """`iters` Sinkhorn normalisations of comb [..., n, n] (fp32): columns first, then rows and columns in turn,
+    each divided by its sum + eps. On CPU without autograd one numba pass per token (the same divisions in the
+    same order: 40 small tensor ops per call otherwise); else the PyTorch reference."""
+    if comb.device.type == "cpu" and not (torch.is_grad_enabled() and comb.requires_grad) and comb.numel():
+        from ..parallel import torch_threads
+
+        out = comb.contiguous().clone()
+        with torch_threads():
+            _sinkhorn_kernel()(out.view(-1, *out.shape[-2:]).numpy(), iters, eps)
+        return out
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return comb
+
+
+@functools.cache
+def _sinkhorn_kernel():
+    import numba  # imported on first use, as the indexer's kernel
+
+    @numba.njit(parallel=True, nogil=True, cache=True)
+    def run(comb, iters, eps):  # pragma: no cover - compiled
+        eps = np.float32(eps)
+        t, n, _ = comb.shape
+        for i in numba.prange(t):
+            c = comb[i]
+            for it in range(2 * iters - 1):  # columns, then rows and columns in turn
+                for a in range(n):
+                    total = np.float32(0)
+                    for b in range(n):
+                        total += c[b, a] if it % 2 == 0 else c[a, b]
+                    total += eps
+                    for b in range(n):
+                        if it % 2 == 0:
+                            c[b, a] /= total
+                        else:
+                            c[a, b] /= total
+
+    return run
 
 
 def spread(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
