@@ -334,8 +334,15 @@ class V4Attention(nn.Module):
                 visible = (chosen >= 0) & (chosen < complete[None, :, None])  # [B, T, k]
                 pooled = entries[torch.arange(B)[:, None, None], chosen.clamp(0, max(entries.shape[1] - 1, 0))] \
                     if entries.shape[1] else entries.new_zeros(B, T, chosen.shape[-1], self.head_dim)
+        hca = None  # HCA: every query attends all pooled entries, 1024 queries per call of the fused kernel
+        if pooled is not None and self.indexer is None:
+            parts = [attend_pooled(q[:, :, i:i + 1024], pooled, visible[i:i + 1024], self.head_dim**-0.5)
+                     for i in range(0, T, 1024)] if pooled.shape[2] else []
+            hca = (torch.cat([o for o, _ in parts], 2), torch.cat([lse for _, lse in parts], 2)) if parts else None
+            pooled = visible = None
         block = max(self.window, 128)  # queries per block: each sees at most block + window - 1 raw keys
-        out = torch.cat([self.attend(q[:, :, i:i + block], positions[i:i + block], kv, k_pos, pooled, visible, i)
+        out = torch.cat([self.attend(q[:, :, i:i + block], positions[i:i + block], kv, k_pos, pooled, visible, i,
+                                     None if hca is None else (hca[0][:, :, i:i + block], hca[1][:, :, i:i + block]))
                          for i in range(0, T, block)], dim=2)
         out = rope_tail(self.rotary, out, cos, -sin).transpose(1, 2).reshape(B, T, self.groups, -1)
         w = dense_weight(self.wo_a, out.dtype).view(self.groups, -1, out.shape[-1])
@@ -346,10 +353,12 @@ class V4Attention(nn.Module):
 
 
     def attend(self, q: torch.Tensor, q_pos: torch.Tensor, kv: torch.Tensor, k_pos: torch.Tensor,
-               pooled: torch.Tensor | None, visible: torch.Tensor | None, first: int) -> torch.Tensor:
+               pooled: torch.Tensor | None, visible: torch.Tensor | None, first: int,
+               hca: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Queries q [B,H,t,D] at q_pos (rows first.. of the chunk) over the raw keys in their window and the
-        pooled entries they may see (HCA: shared [B,1,N,D] with mask [T,N]; CSA: chosen [B,T,k,D], [B,T,k]),
-        one softmax with the sink. Only the keys of this block's window are scored: O(t x window)."""
+        CSA entries they chose (pooled [B,T,k,D], visible [B,T,k]), one softmax with the sink; or, for HCA,
+        merged by log-sum-exp with their attention over the pooled entries, `hca` (`attend_pooled`'s output
+        and log-sum-exp for these queries). Only the keys of this block's window are scored: O(t x window)."""
         B, t = q.shape[0], q.shape[2]
         scale = self.head_dim**-0.5
         lo = int(torch.searchsorted(k_pos, q_pos[0] - self.window + 1))
@@ -358,21 +367,19 @@ class V4Attention(nn.Module):
         local = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - self.window)
         logits = [((q @ kv.transpose(-1, -2)).float() * scale).masked_fill(~local, float("-inf"))]
         sink = self.attn_sink.float().view(1, -1, 1, 1)
-        if pooled is not None and self.indexer is None and pooled.shape[2]:
-            # HCA: every query scores all pooled entries, so they get their own (fused) softmax, merged with the
-            # window's and the sink's by log-sum-exp instead of one [t, window + N] row of logits
+        if hca is not None:
             probs, lse = _softmax_part(logits[0])
-            out_p, lse_p = attend_pooled(q, pooled, visible[first:first + t], scale)
+            out_p, lse_p = hca
             total = torch.stack((lse, lse_p, sink[..., 0].expand_as(lse))).logsumexp(0)
             out = torch.exp(lse - total)[..., None] * (probs.to(kv.dtype) @ kv).float()
             return (out + torch.exp(lse_p - total)[..., None] * out_p.float()).to(kv.dtype)
-        if pooled is not None and self.indexer is not None:
+        if pooled is not None:
             pooled, mask = pooled[:, first:first + t], visible[:, first:first + t]
             chosen = torch.einsum("bhtd,btkd->bhtk", q, pooled).float() * scale
             logits.append(chosen.masked_fill(~mask[:, None], float("-inf")))
         probs = torch.softmax(torch.cat((*logits, sink.expand(B, -1, t, 1)), dim=-1), dim=-1).to(kv.dtype)
         out = probs[..., : kv.shape[2]] @ kv
-        if pooled is not None and self.indexer is not None:
+        if pooled is not None:
             out = out + torch.einsum("bhtk,btkd->bhtd", probs[..., kv.shape[2]: -1], pooled)
         return out
 
