@@ -48,6 +48,19 @@ CONFIGS = {
 HF_EXPERTS = ("eager", "grouped_mm")  # batched_mm also exists: 40x slower than these on CPU at 256 tokens
 
 
+def random_checkpoint(cfg, folder: str):
+    """The transformers model of `cfg` with perturbed random weights (fp32, eval), saved to `folder`."""
+    hf = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # spread routing over the experts
+        for name, table in hf.named_buffers():
+            if name.endswith("tid2eid"):  # V4 hash layers: distinct random experts per token
+                table.copy_(torch.rand(len(table), hf.config.n_routed_experts).argsort(-1)[:, : table.shape[1]])
+    hf.save_pretrained(folder)
+    return hf
+
+
 def best_time(fn, repeat: int) -> float:
     return best_times({"": fn}, repeat)[""]
 
@@ -123,13 +136,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = CONFIGS[args.family]()
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        hf = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # spread routing over the experts
-        for name, table in hf.named_buffers():
-            if name.endswith("tid2eid"):  # V4 hash layers: distinct random experts per token
-                table.copy_(torch.rand(len(table), hf.config.n_routed_experts).argsort(-1)[:, : table.shape[1]])
-        hf.save_pretrained(tmp)
+        hf = random_checkpoint(cfg, tmp)
         ours = {b: wb.load(Path(tmp), dtype=torch.float32, backend=b) for b in ("torch", "grouped")}
         ids = torch.randint(0, 8192, (1, args.tokens))
         routing = ["layers.*.router.topk_ids", "layers.*.router.topk_weights"]

@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-import transformers as tf
-from forward import CONFIGS, HF_EXPERTS, best_times
+from forward import CONFIGS, HF_EXPERTS, best_times, random_checkpoint
 
 import workbench as wb
 
@@ -63,10 +62,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = CONFIGS[args.family]()
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        hf = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # spread routing over the experts
-        hf.save_pretrained(tmp)
+        hf = random_checkpoint(cfg, tmp)
         ours = {b: wb.load(Path(tmp), dtype=torch.float32, backend=b) for b in ("grouped", "torch")}
         bandwidth = copy_bandwidth()
         print(f"{args.family}: {sum(p.numel() for p in ours['grouped'].parameters()) / 1e6:.0f}M params, fp32, "
