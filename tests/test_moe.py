@@ -1,5 +1,5 @@
-"""The grouped backend's CPU fast paths: bf16 expert blocks padded to a fixed multiple of rows (`pad_blocks`) give
-the reference loop's results bit for bit; a few fp32 pairs run in numba kernels (`Experts.small_hidden`)."""
+"""The grouped backend's CPU bf16 path: expert blocks padded to a fixed multiple of rows (`pad_blocks`) give the
+reference loop's results bit for bit."""
 
 import torch
 
@@ -33,28 +33,3 @@ def test_grouped_bf16_equals_the_reference_loop_bit_for_bit():
     assert all(torch.equal(cache[n], want[n]) for n in want) and len(want) == 6
     hooked, _ = grouped.run_with_cache(ids, names=["layers.*.experts.out"])
     assert torch.equal(hooked, want_logits)
-
-
-def test_small_batch_kernel_equals_the_per_expert_matmuls():
-    """The numba pass for a few (token, slot) pairs (fp32, CPU) gives the per-expert matmuls' outputs (to float
-    rounding: it sums in another order), for experts with one pair, several, and none."""
-    from workbench.models.moe import Experts
-
-    g = torch.Generator().manual_seed(0)
-    ex = Experts(6, 40, 24)
-    for p in ex.parameters():
-        p.data = torch.randn(p.shape, generator=g) * 0.2
-    x = torch.randn(5, 40, generator=g)
-    pairs = torch.tensor([3, 0, 3, 5, 3, 0, 1, 5, 3, 3])  # 5 tokens x k=2, expert 2 and 4 unused
-    order = torch.sort(pairs, stable=True).indices
-    ends = torch.bincount(pairs, minlength=6).cumsum(0).tolist()
-    rows = order // 2
-    with torch.no_grad():
-        assert ex.small_batch_ready(x)
-        hidden = ex.small_hidden(x, rows, ends)
-        want = torch.cat([ex.hidden(e, x[rows[b]]) for e, b in expert_blocks(ends)])
-        torch.testing.assert_close(hidden, want, atol=1e-5, rtol=1e-5)
-        got = ex.small_down(hidden, ends)
-        want = torch.cat([ex.down(e, hidden[b]) for e, b in expert_blocks(ends)])
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert not ex.small_batch_ready(x.requires_grad_(True))  # autograd: the matmuls, which have a backward

@@ -31,18 +31,15 @@ check makes every rank run a forward with the same hooks and tokens).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed, quant
-from ..parallel import torch_threads
 from ..hooks import HookPoint, HookRegistry
 from ..kernels import reference_moe_sum
 from ..routing import RouterSpec, router_scores, select_experts, selection_margin, weigh_experts
@@ -211,39 +208,6 @@ class Experts(nn.Module):
             out[block] = self.down(e, hidden[block])
         return out
 
-    def small_batch_ready(self, x: torch.Tensor) -> bool:
-        """True where `small_hidden` and `small_down` compute what `hidden` and `down` do: CPU, fp32 weights and
-        inputs, a SiLU GLU with no biases or clamps, no autograd."""
-        return (x.device.type == "cpu" and x.dtype == self.gate_proj.dtype == torch.float32 and self.act is F.silu
-                and self.gate_bias is None and self.limit is None and self.alpha is None and not recording(x))
-
-    def small_hidden(self, x: torch.Tensor, rows: torch.Tensor, ends: list[int]) -> torch.Tensor:
-        """Activated hidden states [n, I] of the pairs sorted by expert (pair i is token row rows[i] of x [N, H];
-        `ends` as in `expert_blocks`) in one numba pass over both cores that reads each chosen expert's gate and
-        up weights once: at a few rows per expert, per-expert matmuls read weights at half the memory bandwidth."""
-        starts, experts = _blocks(ends)
-        hidden = np.empty((len(rows), self.gate_proj.shape[1]), np.float32)
-        with torch_threads():
-            _small_batch_kernels()[0](x.detach().contiguous().numpy(), rows.numpy(), starts, experts,
-                                      self.gate_proj.detach().numpy(), self.up_proj.detach().numpy(), hidden)
-        return torch.from_numpy(hidden)
-
-    def small_down(self, hidden: torch.Tensor, ends: list[int]) -> torch.Tensor:
-        """Outputs [n, H] of activated hidden rows sorted by expert, as `small_hidden` computes them."""
-        starts, experts = _blocks(ends)
-        out = np.empty((len(hidden), self.down_proj.shape[1]), np.float32)
-        with torch_threads():
-            _small_batch_kernels()[1](hidden.detach().contiguous().numpy(), starts, experts,
-                                      self.down_proj.detach().numpy(), out)
-        return torch.from_numpy(out)
-
-
-def _blocks(ends: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(first pair of each non-empty block and the end of the last, their experts) of `expert_blocks(ends)`."""
-    blocks = list(expert_blocks(ends))
-    return (np.array([0] + [b.stop for _, b in blocks], dtype=np.int64),
-            np.array([e for e, _ in blocks], dtype=np.int64))
-
 
 class MoE(nn.Module):
     """Router + routed experts + optional (gated) shared expert, with the per-expert hooks.
@@ -334,12 +298,6 @@ class MoE(nn.Module):
         pairs = ids.flatten()
         order = torch.sort(pairs, stable=True).indices  # row-major within each expert
         ends = torch.bincount(pairs, minlength=self.experts.gate_proj.shape[0]).cumsum(0).tolist()
-        if len(pairs) <= SMALL_BATCH_PAIRS and self.experts.small_batch_ready(x):  # hooked or not: same bits
-            hidden = self.experts.small_hidden(x, order // k, ends)
-            if self.hp_hidden.active:
-                hidden = tap(self.hp_hidden, _by_pair(hidden, order, k)).flatten(0, 1)[order]
-            outs = _by_pair(self.experts.small_down(hidden, ends), order, k)
-            return self.combine(tap(self.hp_expert_out, outs) if self.hp_expert_out.active else outs, weights)
         rows = x[order // k]
         if self.hp_hidden.active:
             hidden = self.experts.grouped_hidden(rows, ends)
@@ -433,49 +391,6 @@ def _token_major(ids: torch.Tensor, shape: tuple[int, ...]) -> Tap:
         return hp(t.view(*shape, k, -1), topk_ids=ids.view(*shape, k)).reshape(n, k, -1)
 
     return tap
-
-
-SMALL_BATCH_PAIRS = 128  # up to this many (token, slot) pairs, CPU fp32 experts run in `Experts.small_hidden`
-
-
-@functools.cache
-def _small_batch_kernels():
-    import numba  # imported on first use, as the indexer's kernel
-
-    @numba.njit(fastmath={"reassoc", "contract"}, inline="always")
-    def dot(a, b):  # pragma: no cover - compiled
-        total = np.float32(0)
-        for j in range(a.shape[0]):
-            total += a[j] * b[j]
-        return total
-
-    # block b holds pairs starts[b]..starts[b+1] of expert experts[b]; a task is (block, 16 weight rows), so
-    # each weight row is read once for all the pairs of its expert
-
-    @numba.njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract"})
-    def hidden(x, rows, starts, experts, gate, up, out):  # pragma: no cover - compiled
-        tile, inter = 16, gate.shape[1]
-        tiles = (inter + tile - 1) // tile
-        for task in numba.prange(len(experts) * tiles):
-            b, first = task // tiles, task % tiles * tile
-            e = experts[b]
-            for i in range(first, min(inter, first + tile)):
-                for p in range(starts[b], starts[b + 1]):
-                    g, u = dot(x[rows[p]], gate[e, i]), dot(x[rows[p]], up[e, i])
-                    out[p, i] = g / (np.float32(1) + np.exp(-g)) * u  # SiLU(gate) * up
-
-    @numba.njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract"})
-    def down(h, starts, experts, weight, out):  # pragma: no cover - compiled
-        tile, dim = 16, weight.shape[1]
-        tiles = (dim + tile - 1) // tile
-        for task in numba.prange(len(experts) * tiles):
-            b, first = task // tiles, task % tiles * tile
-            e = experts[b]
-            for o in range(first, min(dim, first + tile)):
-                for p in range(starts[b], starts[b + 1]):
-                    out[p, o] = dot(h[p], weight[e, o])
-
-    return hidden, down
 
 
 ROW_BUCKET = 64  # CPU bf16/fp16 expert blocks are padded to a multiple of this many rows: see `pad_blocks`
