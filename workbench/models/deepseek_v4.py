@@ -35,6 +35,7 @@ from torch import nn
 from ..config import Config
 from ..errors import CheckpointError
 from ..hooks import HookRegistry
+from ..parallel import torch_threads
 from ..routing import RouterSpec
 from .base import CausalLM, ModelArgs, Rule, State
 from .indexer import index_topk
@@ -336,9 +337,10 @@ class V4Attention(nn.Module):
                     if entries.shape[1] else entries.new_zeros(B, T, chosen.shape[-1], self.head_dim)
         hca = None  # HCA: every query attends all pooled entries, 1024 queries per call of the fused kernel
         if pooled is not None and self.indexer is None:
-            parts = [attend_pooled(q[:, :, i:i + 1024], pooled, visible[i:i + 1024], self.head_dim**-0.5)
-                     for i in range(0, T, 1024)] if pooled.shape[2] else []
-            hca = (torch.cat([o for o, _ in parts], 2), torch.cat([lse for _, lse in parts], 2)) if parts else None
+            if pooled.shape[2]:
+                parts = [attend_pooled(q[:, :, i:i + 1024], pooled, visible[i:i + 1024], self.head_dim**-0.5)
+                         for i in range(0, T, 1024)]
+                hca = torch.cat([o for o, _ in parts], 2), torch.cat([lse for _, lse in parts], 2)
             pooled = visible = None
         block = max(self.window, 128)  # queries per block: each sees at most block + window - 1 raw keys
         out = torch.cat([self.attend(q[:, :, i:i + block], positions[i:i + block], kv, k_pos, pooled, visible, i,
@@ -455,8 +457,6 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     each divided by its sum + eps. On CPU without autograd one numba pass per token (the same divisions in the
     same order: 40 small tensor ops per call otherwise); else the PyTorch reference."""
     if comb.device.type == "cpu" and not (torch.is_grad_enabled() and comb.requires_grad) and comb.numel():
-        from ..parallel import torch_threads
-
         out = comb.contiguous().clone()
         with torch_threads():
             _sinkhorn_kernel()(out.view(-1, *out.shape[-2:]).numpy(), iters, eps)
