@@ -140,10 +140,11 @@ def test_topk_entries_breaks_ties_by_index(seed):
 @pytest.mark.parametrize("shape", [(7, 2, 50, 8), (33, 3, 400, 16), (5, 2, 3, 8), (70, 1, 2000, 32), (40, 2, 9000, 8)])
 @pytest.mark.parametrize("tiles", [(128, 4096), (4, 16)])
 def test_tiled_index_topk_equals_reference(shape, tiles, monkeypatch):
-    """The tiled CPU path (matmul per tile + fused numba scan) picks exactly what `topk_entries` of the whole
-    score map picks: on integer dot products (ties everywhere, zero and negative head weights), on random
-    ones, with per-query limits including 0, with tiles smaller than the sequence, and over many 256-entry
-    strips (most skipped once the kept scores are high)."""
+    """The tiled CPU path (bf16 matmul per tile, fused numba bounds, exact rescoring of the kept) picks exactly
+    what `topk_entries` of the whole score map picks: on integer dot products (ties everywhere, zero and
+    negative head weights: queries with too many tied bounds are scored exactly), on random ones, with
+    per-query limits including 0, with tiles smaller than the sequence, and over many 256-entry strips (most
+    skipped once the kept bounds are high)."""
     monkeypatch.setattr(indexer, "INDEX_ROWS", tiles[0])
     monkeypatch.setattr(indexer, "INDEX_TILE", tiles[1])
     t, heads, n, k = shape
@@ -157,6 +158,50 @@ def test_tiled_index_topk_equals_reference(shape, tiles, monkeypatch):
         got = indexer.index_topk(q, w, keys_t, limit, k)
         assert torch.equal(got, topk_entries(indexer.index_scores(q, w, keys_t, limit), k))
         assert ((got >= 0).sum(-1) == limit.clamp(max=k)).all()
+
+
+@pytest.mark.parametrize("inputs", ["bf16", "fp32"])
+def test_bounded_index_topk_is_exact_on_near_ties(inputs, monkeypatch):
+    """The CPU path keeps every entry whose bf16-bounded score could be picked: on keys in groups of near-copies
+    (scores ulps apart, equal in bf16), queries whose head weights are all negative (many exact-zero scores)
+    and per-query limits, it picks what the exact reference picks, with no query scored exactly in full."""
+    exact_rows = []
+    full = indexer._index_topk_exact
+    monkeypatch.setattr(indexer, "_index_topk_exact", lambda q, *a: exact_rows.append(len(q)) or full(q, *a))
+    g = torch.Generator().manual_seed(1)
+    t, heads, dim, n, k = 64, 2, 32, 3000, 8
+    base = torch.randn(n // 4, dim, generator=g).repeat_interleave(4, 0)
+    if inputs == "bf16":  # near-copies one bf16 ulp apart in one coordinate
+        bits = base.bfloat16().view(torch.int16)
+        bump = torch.nn.functional.one_hot(torch.randint(0, dim, (n,), generator=g), dim).to(torch.int16)
+        keys = (bits + bump).view(torch.bfloat16).float()
+        q = torch.randn(t, heads, dim, generator=g).bfloat16().float()
+    else:
+        keys = base * (1 + 2**-20 * torch.randn(n, dim, generator=g))
+        q = torch.randn(t, heads, dim, generator=g)
+    w = torch.randn(t, heads, generator=g)
+    w[: t // 2] = -w[: t // 2].abs()
+    limit = torch.randint(n // 2, n + 1, (t,), generator=g)
+    got = indexer.index_topk(q, w, keys.T, limit, k)
+    scores = indexer.index_scores(q, w, keys.T, limit)
+    assert torch.equal(got, topk_entries(scores, k))
+    assert exact_rows == []
+    assert (scores.gather(1, got[: t // 2]) == 0).all()  # the all-negative queries' picks: exact-zero ties
+
+
+@pytest.mark.parametrize("dim", [32, 128])
+def test_bf16_matmul_error_is_within_the_indexer_bound(dim):
+    """The CPU indexer's bound on torch's bf16 matmul, without its margins: |exact - bf16 dot| <= 2^-8 |bf16 dot|
+    (rounding the fp32 sum once) + dim 2^-24 |q| |k| (fp32 accumulation). Fails if torch rounds or accumulates
+    otherwise (in bf16, or truncating)."""
+    g = torch.Generator().manual_seed(dim)
+    q = (torch.randn(512, dim, generator=g) * torch.rand(512, 1, generator=g) * 8).bfloat16()
+    keys_t = (torch.randn(dim, 2048, generator=g) * torch.rand(1, 2048, generator=g) * 8).bfloat16()
+    approx = (q @ keys_t).double()
+    exact = q.double() @ keys_t.double()
+    bound = 2**-8 * approx.abs() + dim * 2**-24 * q.double().norm(dim=1)[:, None] * keys_t.double().norm(dim=0)
+    assert ((exact - approx).abs() <= bound).all()
+    assert ((exact - approx).abs() > 0.5 * bound).any()  # the rounding term is what it says, not far looser
 
 
 def test_numba_kernels_keep_torch_thread_count():
