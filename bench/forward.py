@@ -10,7 +10,8 @@ it prints tokens/s of:
 - capturing every router output: nnsight on the transformers model against workbench's run_with_cache, on the
   whole sequence and on a --short-tokens prompt;
 and the fraction of a measured fp32 sgemm roofline each run reaches (FLOPs: 2 x active parameters per token plus
-causal attention scores and values).
+causal attention scores and values). A second limit: the `grouped` forward's matmuls alone, each replayed at its
+own shape (small expert blocks run below the square sgemm's rate), against which the forward's other work shows.
 
     .venv/bin/python bench/forward.py [--family deepseek_v3|mixtral|deepseek_v4] [--tokens 2048] [--repeat 3]
 
@@ -25,7 +26,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import transformers as tf
+from torch.overrides import TorchFunctionMode
 
 import workbench as wb
 
@@ -107,6 +110,45 @@ def attention_flops(cfg, tokens: int) -> float:
     return 2 * tokens * tokens * heads * (qk + v) * cfg.num_hidden_layers
 
 
+MATMULS = {F.linear, torch.matmul, torch.Tensor.__matmul__, torch.mm, torch.bmm, torch.addmm, torch.baddbmm,
+           torch.einsum, F.scaled_dot_product_attention}
+
+
+class _RecordMatmuls(TorchFunctionMode):
+    """Records every matmul-like call (and its tensors, copied) that a forward makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in MATMULS:
+            copy = lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a  # noqa: E731
+            self.calls.append((func, [copy(a) for a in args], {k: copy(v) for k, v in kwargs.items()}))
+        return func(*args, **kwargs)
+
+
+def matmul_bound(run, repeat: int = 5, cold: bool = False) -> tuple[float, int]:
+    """(seconds, calls): the time of `run`'s matmuls alone, each replayed on its own inputs at its own shape (best
+    of `repeat`): what a forward with no other work would take, at the rate torch reaches for those shapes. `cold`
+    evicts the caches before each replay (64 MiB written), as a forward's next weight is: for memory-bound runs."""
+    with _RecordMatmuls() as rec:
+        run()
+    evict = torch.empty(1 << 24)
+    total = 0.0
+    for func, args, kwargs in rec.calls:
+        best = float("inf")
+        for _ in range(repeat + 1):
+            if cold:
+                evict.fill_(1.0)
+            t0 = time.perf_counter()
+            func(*args, **kwargs)
+            best = min(best, time.perf_counter() - t0)
+        total += best
+    return total, len(rec.calls)
+
+
 def nnsight_router_capture(hf, ids: torch.Tensor):
     """Every router's output through nnsight's tracing of the transformers model."""
     from nnsight import NNsight
@@ -167,10 +209,14 @@ def main() -> None:
         capture = best_times({"nnsight": nnsight_router_capture(hf, short),
                               "workbench": lambda: g.run_with_cache(short, names=routers)}, args.repeat)
         peak = matmul_flops()
+        bound, calls = matmul_bound(lambda: g(ids))
     flops = 2 * active_params(g) * args.tokens + attention_flops(cfg, args.tokens)
     print(f"{args.family}: {sum(p.numel() for p in g.parameters()) / 1e6:.1f}M params, "
           f"{active_params(g) / 1e6:.1f}M active, {args.tokens} tokens, fp32, {torch.get_num_threads()} threads")
     print(f"roofline: measured fp32 sgemm {peak / 1e9:.1f} GFLOP/s; {flops / 1e9:.1f} GFLOP per forward")
+    print(f"the grouped forward's {calls} matmuls alone, each replayed at its own shape (best of 5): "
+          f"{bound * 1e3:.1f} ms, {flops / bound / peak:.1%} of sgemm; the forward took "
+          f"{times['workbench grouped'] / bound:.2f}x that ({bound / times['workbench grouped']:.1%} of the bound)")
     print(f"{'run':44s} {'tokens/s':>9s} {'vs peer':>8s} {'of sgemm':>9s}")
     for k, t in times.items():
         print(f"{k:44s} {args.tokens / t:9.0f} {times[peer] / t:7.2f}x {flops / t / peak:8.1%}")

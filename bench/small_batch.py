@@ -6,7 +6,10 @@ best of --repeat in rounds that run each contender in turn: transformers (its ex
 faster is the peer) and workbench's `grouped` and `torch` backends. Each time is turned into the bandwidth at
 which the forward reads the weights it needs: every parameter but the embedding and the routed experts, the T
 embedding rows, and each routed expert that at least one token chose (its three matrices once), against this
-machine's measured copy bandwidth (bytes read + written, as bench/analysis.py).
+machine's measured copy bandwidth (bytes read + written, as bench/analysis.py). For the `grouped` forward it
+also times its matmuls alone, each replayed at its own shape after evicting the caches: the rest of the
+forward's time is work that no faster matmul removes, which bounds the fraction of the copy bandwidth the
+forward can reach.
 
     .venv/bin/python bench/small_batch.py [--tokens 1 8 32] [--repeat 20] [--family deepseek_v3]
 """
@@ -19,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from forward import CONFIGS, HF_EXPERTS, best_times, random_checkpoint
+from forward import CONFIGS, HF_EXPERTS, best_times, matmul_bound, random_checkpoint
 
 import workbench as wb
 
@@ -81,6 +84,12 @@ def main() -> None:
                 label = k + (": peer" if k == peer else "")
                 print(f"{T:3d} {label:28s} {t * 1e3:7.2f} {times[peer] / t:7.2f}x {need / t / 1e9:6.1f} "
                       f"{need / t / bandwidth:7.1%}  {need / 1e6:.1f} MB ({experts / 1e6:.1f} MB routed experts)")
+            matmuls, calls = matmul_bound(lambda: ours["grouped"](ids), 5, cold=True)
+            rest = max(0.0, times["workbench grouped"] - matmuls)
+            print(f"{'':3s} grouped: its {calls} matmuls alone {matmuls * 1e3:.2f} ms (each replayed at its shape, "
+                  f"caches evicted first: {need / matmuls / 1e9:.1f} GB/s), "
+                  f"everything else {rest * 1e3:.2f} ms; with every matmul at the copy bandwidth and the rest as it "
+                  f"is, the forward would reach {need / (need / bandwidth + rest) / bandwidth:.1%} of it")
 
 
 if __name__ == "__main__":
