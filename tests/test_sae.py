@@ -123,6 +123,11 @@ def test_hub_cache_layout(tmp_path, monkeypatch):
         load_sae("org/saes/layer_0/width_6", revision="no-such")
     with pytest.raises(CheckpointError, match="no sae_weights"):
         load_sae("org/saes/layer_1")
+    monkeypatch.setenv("WORKBENCH_TRUSTED_REPOS", "trusted/*")  # the checkpoints' allow-list holds for SAEs too
+    with pytest.raises(CheckpointError, match=r"allow-list \$WORKBENCH_TRUSTED_REPOS"):
+        load_sae("org/saes/layer_0/width_6")
+    got = load_sae("org/saes/layer_0/width_6", trusted_repos=["org/*"])
+    assert torch.equal(got.W_dec, sae.W_dec)
 
 
 @pytest.mark.parametrize("which", ["mixtral", "v4", "embedded"])

@@ -98,7 +98,7 @@ def resolve(source: str | Path, revision: str | None = None,
     text = str(source)
     if path.exists() or text.startswith(("/", ".", "~")) or not _REPO_ID.match(text):
         raise CheckpointError("no such checkpoint folder (and not a hub repo id)", file=text)
-    _check_trusted(text, trusted_repos)
+    check_trusted(text, trusted_repos)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -110,7 +110,7 @@ def resolve(source: str | Path, revision: str | None = None,
     return folder, folder.name
 
 
-def _check_trusted(repo: str, trusted_repos: Iterable[str] | None) -> None:
+def check_trusted(repo: str, trusted_repos: Iterable[str] | None) -> None:
     """Refuse a hub repo outside the allow-list, where one is set (argument first, then the environment)."""
     if trusted_repos is None:
         env = os.environ.get(TRUSTED_REPOS_ENV, "")

@@ -384,7 +384,7 @@ def read_config(source: str | Path, revision: str | None = None) -> Config:
     text = str(source)
     if path.exists() or text.startswith(("/", ".", "~")) or not checkpoint._REPO_ID.match(text):
         raise CheckpointError("no such checkpoint folder or config file (and not a hub repo id)", file=text)
-    checkpoint._check_trusted(text, None)
+    checkpoint.check_trusted(text, None)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

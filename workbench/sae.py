@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checkpoint import check_trusted
 from .errors import CheckpointError, HookError
 from .hooks import HookContext
 from .interventions import Hooks, Tokens, _token_mask, _tokens
@@ -137,10 +138,12 @@ def _check_cfg(cfg: dict[str, Any], file: str | None = None) -> dict[str, Any]:
 # ---------------------------------------------------------------- loading
 
 
-def load_sae(source: str | Path, *, revision: str | None = None, device: str | torch.device | None = None) -> SAE:
+def load_sae(source: str | Path, *, revision: str | None = None, device: str | torch.device | None = None,
+             trusted_repos: Iterable[str] | None = None) -> SAE:
     """An SAE from a local folder (cfg.json + sae_weights.safetensors), a shipped one by name
     ("wb-v4-mini-layers.3.resid_post") or a hub repo, `org/name` or `org/name/sub/folder` (resolved through
-    huggingface_hub: its cache, HF_HUB_OFFLINE, `revision`)."""
+    huggingface_hub: its cache, HF_HUB_OFFLINE, `revision`). A hub repo off the allow-list (`trusted_repos`, else
+    $WORKBENCH_TRUSTED_REPOS, as for checkpoints) is refused before any download."""
     path = Path(source).expanduser()
     if not path.exists() and SHIPPED is not None and str(source) in {p.name for p in SHIPPED.iterdir()}:
         path = SHIPPED / str(source)
@@ -156,6 +159,7 @@ def load_sae(source: str | Path, *, revision: str | None = None, device: str | t
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
+    check_trusted(repo, trusted_repos)
     prefix = f"{sub}/" if sub else ""
     try:
         root = Path(snapshot_download(repo_id=repo, revision=revision,
