@@ -78,7 +78,8 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, limit: to
     else:
         q_mm, keys_mm, dtype = q, keys_t, torch.float32
     q_norm = torch.linalg.vector_norm(q, dim=-1).numpy()
-    key_norm = torch.linalg.vector_norm(keys_t, dim=0)
+    key_norm = torch.linalg.vector_norm(keys_t, dim=0)  # each tile's largest, once for every query block:
+    tile_max = F.pad(key_norm, (0, -n % INDEX_TILE)).view(-1, INDEX_TILE).amax(1).tolist()
     rounding = ROUNDING[dtype] + (heads + 2) * SUMS
     keys = keys_t.T.contiguous().numpy()
     limit_np, w_np, q_np = limit.numpy(), w.contiguous().numpy(), q.contiguous().numpy()
@@ -102,8 +103,7 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, limit: to
                 out = dots[: rows.shape[0], : tile.shape[1]]
                 torch.mm(rows, tile, out=out)
                 bits = out.view(torch.int16).numpy().view(np.uint16) if dtype == torch.bfloat16 else out.numpy()
-                key_max = float(key_norm[start:start + INDEX_TILE].max())
-                shift = 4 * dim * (ACCUMULATION * q_norm[i:j] * key_max + DENORMAL)
+                shift = 4 * dim * (ACCUMULATION * q_norm[i:j] * tile_max[start // INDEX_TILE] + DENORMAL)
                 scan(bits.reshape(j - i, heads, -1), w_np[i:j], shift.astype(np.float32), rounding, limit_np[i:j],
                      start, lower, kept, kept_upper, count, overflow[i:j])
             pick(q_np[i:j], w_np[i:j], keys, kept, kept_upper, count, lower, value[i:j], index[i:j])
