@@ -68,14 +68,23 @@ def best_time(fn, repeat: int) -> float:
     return best_times({"": fn}, repeat)[""]
 
 
-def best_times(fns: dict, repeat: int) -> dict[str, float]:
+def best_times(fns: dict, repeat: int, before=None, rotate: bool = False, steady: bool = False) -> dict[str, float]:
     """Best of `repeat` for each function, timed in rounds that run each once in turn: a slow spell of this
-    shared machine then lands on every run alike instead of on whichever happened to be timing."""
+    shared machine then lands on every run alike instead of on whichever happened to be timing. `before`, if
+    given, runs untimed before each timed call (as `evict`); `rotate` starts each round one function later, so
+    that each follows every other in some round; `steady` runs each function once untimed right before its timed
+    call (then `before`), as in a loop of decode steps: what ran just before can slow a call (its heap, threads)."""
     for fn in fns.values():
         fn()  # warm-up
     times = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
+    names = list(fns)
+    for r in range(repeat):
+        for k in names[r % len(names):] + names[:r % len(names)] if rotate else names:
+            fn = fns[k]
+            if steady:
+                fn()
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
@@ -129,19 +138,27 @@ class _RecordMatmuls(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_EVICT = torch.empty(1 << 24)
+
+
+def evict() -> None:
+    """Write 64 MiB (twice the largest last-level cache of the machines measured here), so that what a timed call
+    reads next comes from memory, as a forward's weights do when each is used once per step."""
+    _EVICT.fill_(1.0)
+
+
 def matmul_bound(run, repeat: int = 5, cold: bool = False) -> tuple[float, int]:
     """(seconds, calls): the time of `run`'s matmuls alone, each replayed on its own inputs at its own shape (best
     of `repeat`): what a forward with no other work would take, at the rate torch reaches for those shapes. `cold`
-    evicts the caches before each replay (64 MiB written), as a forward's next weight is: for memory-bound runs."""
+    evicts the caches before each replay (`evict`), as a forward's next weight is: for memory-bound runs."""
     with _RecordMatmuls() as rec:
         run()
-    evict = torch.empty(1 << 24)
     total = 0.0
     for func, args, kwargs in rec.calls:
         best = float("inf")
         for _ in range(repeat + 1):
             if cold:
-                evict.fill_(1.0)
+                evict()
             t0 = time.perf_counter()
             func(*args, **kwargs)
             best = min(best, time.perf_counter() - t0)

@@ -118,8 +118,10 @@ def assert_parity(folder: Path, hf_model, vocab: int, *, backend: str = "torch",
     assert ours_layers == moe_layers, f"MoE layers differ: ours {ours_layers}, oracle {moe_layers}"
     for i in moe_layers:
         k = cache[f"layers.{i}.router.topk_ids"].shape[-1]
+        # the logits' tolerance: a layer in, transformers' own fp32 router logits are up to 2.3e-5 from float64
+        # (GPT-OSS MXFP4, layer 1), ours 1.3e-5, so the two fp32 results may differ by more than 1e-5
         torch.testing.assert_close(cache[f"layers.{i}.router.logits"].reshape(N, -1), ref[i]["logits"].float(),
-                                   atol=1e-5, rtol=1e-5, msg=lambda m: f"layer {i} router logits: {m}")
+                                   atol=1e-4, rtol=1e-4, msg=lambda m: f"layer {i} router logits: {m}")
         our_ids = cache[f"layers.{i}.router.topk_ids"].reshape(N, k)
         our_w = cache[f"layers.{i}.router.topk_weights"].reshape(N, k)
         ref_ids, ref_w = ref[i]["ids"].reshape(N, k), ref[i]["weights"].reshape(N, k)

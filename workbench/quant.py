@@ -189,8 +189,10 @@ def _table(dtype: torch.dtype) -> np.ndarray:
     return torch.arange(256, dtype=torch.uint8).view(dtype).float().numpy()
 
 
-_FP8_TABLE, _E8M0_TABLE = _table(FP8), _table(torch.float8_e8m0fnu)
-_FP4_TABLE = np.array(FP4_VALUES, dtype=np.float32)
+# fp32 value of each FP8 e4m3 byte, each FP4 e2m1 nibble and each e8m0 exponent byte: what every CPU decoder of
+# held codes multiplies (this module's `dequantize_into` and the streaming kernels of workbench.models.stream)
+DECODE_TABLES = (_table(FP8), np.array(FP4_VALUES, dtype=np.float32), _table(torch.float8_e8m0fnu))
+_FP8_TABLE, _FP4_TABLE, _E8M0_TABLE = DECODE_TABLES
 
 
 @functools.cache

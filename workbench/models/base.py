@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..errors import CheckpointError, InputError, NonFiniteError
 from ..hooks import HookContext, HookFn, HookRegistry
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -111,7 +111,7 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(args.hidden, args.eps)
         self.hp_norm_out = hooks.point("final.norm_out")
         self.tied = args.tied
-        self.lm_head = nn.Linear(args.hidden, args.vocab, bias=False)
+        self.lm_head = Linear(args.hidden, args.vocab, bias=False)
         self.hp_logits = hooks.point("logits")
         hooks.sort()
         self.source: str | None = None

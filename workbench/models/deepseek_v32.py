@@ -22,7 +22,7 @@ from ..hooks import HookRegistry
 from . import deepseek
 from .base import CausalLM, Rule
 from .indexer import topk_entries
-from .layers import Rotary, dense_weight
+from .layers import Linear, Rotary, dense_weight
 from .mla import MLA
 
 INDEX_KEY_EPS = 1e-6  # the indexer key LayerNorm's eps (fixed, not the config's rms_norm_eps)
@@ -54,10 +54,10 @@ class Indexer(nn.Module):
     def __init__(self, args: Args, rotary: Rotary):
         super().__init__()
         self.heads, self.dim, self.rotary = args.index_heads, args.index_dim, rotary
-        self.wq_b = nn.Linear(args.mla.q_rank, self.heads * self.dim, bias=False)
-        self.wk = nn.Linear(args.hidden, self.dim, bias=False)
+        self.wq_b = Linear(args.mla.q_rank, self.heads * self.dim, bias=False)
+        self.wk = Linear(args.hidden, self.dim, bias=False)
         self.k_norm = nn.LayerNorm(self.dim, eps=INDEX_KEY_EPS)
-        self.weights_proj = nn.Linear(args.hidden, self.heads, bias=False)
+        self.weights_proj = Linear(args.hidden, self.heads, bias=False)
 
     def key(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The shared indexer key [B, 1, T, D] (rotated), as the layer state keeps it."""

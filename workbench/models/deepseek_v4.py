@@ -39,7 +39,7 @@ from ..parallel import torch_threads
 from ..routing import RouterSpec
 from .base import CausalLM, ModelArgs, Rule, State
 from .indexer import index_topk
-from .layers import RMSNorm, Rotary, activation, dense_weight, remember
+from .layers import Linear, RMSNorm, Rotary, activation, dense_weight, remember
 from .moe import MoE, Router
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
@@ -211,8 +211,8 @@ class Compressor(nn.Module):
         super().__init__()
         self.dim, self.rate, self.overlap, self.rotary = dim, rate, overlap, rotary
         width = 2 * dim if overlap else dim
-        self.wkv = nn.Linear(hidden, width, bias=False)
-        self.wgate = nn.Linear(hidden, width, bias=False)
+        self.wkv = Linear(hidden, width, bias=False)
+        self.wgate = Linear(hidden, width, bias=False)
         self.ape = nn.Parameter(torch.empty(rate, width))
         self.norm = RMSNorm(dim, eps)
 
@@ -254,8 +254,8 @@ class Indexer(nn.Module):
     def __init__(self, args: Args, rotary: Rotary, rate: int):
         super().__init__()
         self.heads, self.dim, self.topk, self.rotary = args.index_heads, args.index_dim, args.index_topk, rotary
-        self.wq_b = nn.Linear(args.q_rank, self.heads * self.dim, bias=False)
-        self.weights_proj = nn.Linear(args.hidden, self.heads, bias=False)
+        self.wq_b = Linear(args.q_rank, self.heads * self.dim, bias=False)
+        self.weights_proj = Linear(args.hidden, self.heads, bias=False)
         self.compressor = Compressor(args.hidden, self.dim, rate, True, rotary, args.eps)
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -283,13 +283,13 @@ class V4Attention(nn.Module):
         hidden, q_rank, o_rank = args.hidden, args.q_rank, args.o_rank
         self.heads, self.head_dim, self.groups, self.eps = args.heads, args.head_dim, args.o_groups, args.eps
         self.window, self.rate, self.rotary = args.window, rate, rotary
-        self.wq_a = nn.Linear(hidden, q_rank, bias=False)
+        self.wq_a = Linear(hidden, q_rank, bias=False)
         self.q_norm = RMSNorm(q_rank, self.eps)
-        self.wq_b = nn.Linear(q_rank, self.heads * self.head_dim, bias=False)
-        self.wkv = nn.Linear(hidden, self.head_dim, bias=False)
+        self.wq_b = Linear(q_rank, self.heads * self.head_dim, bias=False)
+        self.wkv = Linear(hidden, self.head_dim, bias=False)
         self.norm = RMSNorm(self.head_dim, self.eps)
-        self.wo_a = nn.Linear(self.heads * self.head_dim // self.groups, self.groups * o_rank, bias=False)
-        self.wo_b = nn.Linear(self.groups * o_rank, hidden, bias=False)
+        self.wo_a = Linear(self.heads * self.head_dim // self.groups, self.groups * o_rank, bias=False)
+        self.wo_b = Linear(self.groups * o_rank, hidden, bias=False)
         self.attn_sink = nn.Parameter(torch.empty(self.heads))
         self.compressor = None if kind == SLIDING else Compressor(hidden, self.head_dim, rate, kind == CSA,
                                                                    rotary, self.eps)

@@ -1,5 +1,6 @@
 """Layers shared by the model families: RMSNorm, activations, rotary embeddings, causal attention over a
-chunk's state, grouped-query attention, the gated MLP, and the linear layer held as FP8 codes."""
+chunk's state, grouped-query attention, the gated MLP, and the linear layers (streamed at a few rows, or held as
+FP8 codes)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .. import quant
 from ..config import Config
 from ..errors import CheckpointError
 from ..hooks import HookRegistry
+from . import stream
 
 
 class RMSNorm(nn.Module):
@@ -44,6 +46,16 @@ def recording(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+class Linear(nn.Linear):
+    """nn.Linear that runs a few fp32 rows on the CPU through `stream.linear` (each weight row read once at memory
+    speed; a BLAS matmul of so few rows reads small weights at a fraction of it), and everything else as usual."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= stream.ROWS * x.shape[-1] and stream.streams(x, self.weight) and not recording(x):
+            return stream.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class BlockFP8Linear(nn.Module):
     """A linear layer held as published: FP8 e4m3 codes `weight` [out, in] with one fp32 multiplier per `block`
     in `weight_scale` (docs/references.md, "Quantised formats"). `workbench.load` puts it where a checkpoint
@@ -66,6 +78,8 @@ class BlockFP8Linear(nn.Module):
         return quant.dequantize_into(out, self.weight, self.weight_scale, self.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= stream.ROWS * x.shape[-1] and stream.streams(x, self.weight) and not recording(x):
+            return stream.linear(x, self.weight, self.bias, self.weight_scale, self.block)  # as `Linear` streams
         if x.is_cuda and not recording(x):
             from ..kernels import block_fp8_linear
 
@@ -251,10 +265,10 @@ class GroupedQueryAttention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.rotary, self.window, self.qk_norm, self.clip = rotary, window, qk_norm, clip
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=o_bias)
+        self.q_proj = Linear(hidden, heads * head_dim, bias=qkv_bias)
+        self.k_proj = Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = Linear(heads * head_dim, hidden, bias=o_bias)
         if qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
         elif qk_norm == "full":
@@ -297,9 +311,9 @@ class MLP(nn.Module):
     def __init__(self, hidden: int, inter: int, act: Any = F.silu, limit: float | None = None):
         super().__init__()
         self.act, self.limit = act, limit
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter, bias=False)
+        self.up_proj = Linear(hidden, inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from .layers import RMSNorm, Rotary, attend, remember, yarn_mscale
+from .layers import Linear, RMSNorm, Rotary, attend, remember, yarn_mscale
 
 LATENT_EPS = 1e-6  # the q/kv latent norms use their default eps, not the config's rms_norm_eps
 
@@ -63,15 +63,15 @@ class MLA(nn.Module):
         self.rotary, self.scale = rotary, scale
         q_out = self.heads * (self.nope + self.rope)
         if args.q_rank is not None:
-            self.q_a_proj = nn.Linear(hidden, args.q_rank, bias=args.bias)
+            self.q_a_proj = Linear(hidden, args.q_rank, bias=args.bias)
             self.q_a_layernorm = RMSNorm(args.q_rank, LATENT_EPS)
-            self.q_b_proj = nn.Linear(args.q_rank, q_out, bias=False)
+            self.q_b_proj = Linear(args.q_rank, q_out, bias=False)
         else:
-            self.q_proj = nn.Linear(hidden, q_out, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_rank + self.rope, bias=args.bias)
+            self.q_proj = Linear(hidden, q_out, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, self.kv_rank + self.rope, bias=args.bias)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, LATENT_EPS)
-        self.kv_b_proj = nn.Linear(self.kv_rank, self.heads * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.heads * self.v_dim, hidden, bias=args.bias)
+        self.kv_b_proj = Linear(self.kv_rank, self.heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(self.heads * self.v_dim, hidden, bias=args.bias)
 
     def q_latent(self, x: torch.Tensor) -> torch.Tensor:
         """The normed q latent (q-LoRA), or x itself when queries are projected directly."""

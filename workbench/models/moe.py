@@ -43,7 +43,8 @@ from .. import distributed, quant
 from ..hooks import HookPoint, HookRegistry
 from ..kernels import reference_moe_sum
 from ..routing import RouterSpec, router_scores, select_experts, selection_margin, weigh_experts
-from .layers import MLP, recording
+from . import stream
+from .layers import MLP, Linear, recording
 
 # passes a backend's per-pair tensor [N, k, D] (pair = (row, slot)) through a per-expert hook point
 Tap = Callable[[HookPoint, torch.Tensor], torch.Tensor]
@@ -197,6 +198,31 @@ class Experts(nn.Module):
             hidden[block] = self.hidden(e, rows[block])
         return hidden
 
+    def streamed_hidden(self, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor,
+                        split: stream.Split) -> torch.Tensor:
+        """Activated hidden states [P, I] of pairs sorted by expert (pair p reads row x[rows[p]], experts[p] its
+        expert): the split's few-row experts through the streaming kernel, gate and up in one pass over their
+        codes or weights, then `stream.glu`; the other experts as `hidden`."""
+        return self._streamed(x, rows, experts, split, ("gate_proj", "up_proj"), self.hidden)
+
+    def streamed_down(self, hidden: torch.Tensor, experts: torch.Tensor, split: stream.Split) -> torch.Tensor:
+        """Outputs [P, H] of activated hidden rows sorted by expert, split between the kernel and `down` as in
+        `streamed_hidden`."""
+        return self._streamed(hidden, torch.arange(len(hidden)), experts, split, ("down_proj",), self.down)
+
+    def _streamed(self, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, split: stream.Split,
+                  names: tuple[str, ...], matmul: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        outs = stream.grouped_linear(
+            x, rows, split.few, split.begin, split.end, tuple(getattr(self, n) for n in names),
+            None if self.block is None else tuple(getattr(self, f"{n}_scale") for n in names), self.block)
+        biases = [getattr(self, n.removesuffix("_proj") + "_bias") for n in names]
+        if biases[0] is not None:
+            outs = tuple(o + b[experts] for o, b in zip(outs, biases))
+        out = stream.glu(*outs, self.act, self.limit, self.alpha) if len(outs) == 2 else outs[0]
+        for e, block in split.blocks:
+            out[block] = matmul(e, x[rows[block]])
+        return out
+
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
         """Expert e's output for activated hidden rows h [n, I]."""
         return F.linear(h, self.weight("down_proj", e, h), None if self.down_bias is None else self.down_bias[e])
@@ -225,7 +251,7 @@ class MoE(nn.Module):
         self.router = (router or Router)(hidden, spec, hooks, prefix)
         self.experts = Experts(spec.experts, hidden, inter, act, bias=expert_bias, limit=limit, alpha=alpha)
         self.shared = MLP(hidden, shared_inter, act, limit) if shared_inter else None
-        self.shared_gate = nn.Linear(hidden, 1, bias=False) if shared_gate else None
+        self.shared_gate = Linear(hidden, 1, bias=False) if shared_gate else None
         self.hp_hidden = hooks.point(f"{prefix}.experts.hidden")
         self.hp_expert_out = hooks.point(f"{prefix}.experts.out")
         self.hp_shared = hooks.point(f"{prefix}.shared.out") if self.shared is not None else None
@@ -297,7 +323,13 @@ class MoE(nn.Module):
         N, k = ids.shape
         pairs = ids.flatten()
         order = torch.sort(pairs, stable=True).indices  # row-major within each expert
-        ends = torch.bincount(pairs, minlength=self.experts.gate_proj.shape[0]).cumsum(0).tolist()
+        counts = torch.bincount(pairs, minlength=self.experts.gate_proj.shape[0])
+        if (stream.streams(x, self.experts.gate_proj) and not recording(x)
+                and (self.experts.alpha is not None or self.experts.act in stream.GLU_ACTIVATIONS)):
+            split = stream.split(counts)
+            if len(split.few):
+                return self.streamed(x, order, pairs[order], split, weights, tap)
+        ends = counts.cumsum(0).tolist()
         rows = x[order // k]
         if self.hp_hidden.active:
             hidden = self.experts.grouped_hidden(rows, ends)
@@ -313,6 +345,19 @@ class MoE(nn.Module):
             if keep is not None:
                 out = out[keep]
         outs = _by_pair(out, order, k)
+        if self.hp_expert_out.active:
+            outs = tap(self.hp_expert_out, outs)
+        return self.combine(outs, weights)
+
+    def streamed(self, x: torch.Tensor, order: torch.Tensor, experts: torch.Tensor, split: stream.Split,
+                 weights: torch.Tensor, tap: Tap) -> torch.Tensor:
+        """The "grouped" backend at a few rows per expert (fp32 on the CPU): each projection of all the few-row
+        experts streamed in one kernel pass (`workbench.models.stream`), experts with more rows as matmuls."""
+        k = weights.shape[1]
+        hidden = self.experts.streamed_hidden(x.contiguous(), order // k, experts, split)
+        if self.hp_hidden.active:
+            hidden = tap(self.hp_hidden, _by_pair(hidden, order, k)).flatten(0, 1)[order]
+        outs = _by_pair(self.experts.streamed_down(hidden, experts, split), order, k)
         if self.hp_expert_out.active:
             outs = tap(self.hp_expert_out, outs)
         return self.combine(outs, weights)

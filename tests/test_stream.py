@@ -1,0 +1,147 @@
+"""The few-row streaming kernels (workbench.models.stream) against torch: grouped linears over fp32, FP8 and FP4
+weights, the row-wise GLU, and the paths that use them (`Linear`, the grouped backend's streamed experts)."""
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import workbench as wb
+from workbench import quant
+from workbench.models import stream
+from workbench.models.layers import Linear
+from workbench.models.moe import Experts
+
+torch.manual_seed(0)
+E, OUT, IN = 5, 70, 96  # 70 output rows: two full chunks, then 4-row groups and a 2-row tail
+
+
+def pairs(counts: list[int], n_rows: int = 40) -> tuple[torch.Tensor, ...]:
+    """(rows, experts, begin, end) of pairs sorted by expert, counts[j] pairs for expert j (zero: not listed)."""
+    g = torch.Generator().manual_seed(1)
+    listed = [e for e, c in enumerate(counts) if c]
+    ends = torch.tensor(counts).cumsum(0)
+    begin, end = (ends - torch.tensor(counts))[listed], ends[listed]
+    return torch.randint(0, n_rows, (sum(counts),), generator=g), torch.tensor(listed), begin, end
+
+
+def fp8_weights() -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """FP8 codes [E, OUT, IN] with fp32 scales per (32, 64) block (ragged at both edges)."""
+    codes = (torch.randn(E, OUT, IN) * 40).clamp(-440, 440).to(quant.FP8)
+    return codes, torch.rand(E, 3, 2) + 0.25, (32, 64)
+
+
+def fp4_weights() -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed FP4 codes [E, OUT, IN / 2] and e8m0 exponents per 32 values."""
+    return (torch.randint(0, 256, (E, OUT, IN // 2), dtype=torch.uint8),
+            torch.randint(120, 132, (E, OUT, IN // 32), dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("counts", [[1, 0, 3, 2, 5], [7, 4, 0, 0, 9], [0, 0, 1, 0, 0]])
+def test_grouped_linear_equals_matmuls(counts):
+    x = torch.randn(40, IN)
+    rows, experts, begin, end = pairs(counts)
+    weights = (torch.randn(E, OUT, IN), torch.randn(E, OUT, IN))
+    got = stream.grouped_linear(x, rows, experts, begin, end, weights)
+    want = stream.reference_grouped_linear(x, rows, experts, begin, end, weights)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="one output size"):
+        stream.grouped_linear(x, rows, experts, begin, end, (weights[0], weights[1][:, :8]))
+
+
+def test_quantised_codes_decode_as_dequantize_bit_for_bit():
+    """Kept codes give exactly what their dequantised floats give (the contract of kept checkpoints)."""
+    x = torch.randn(40, IN)
+    rows, experts, begin, end = pairs([2, 1, 0, 6, 3])
+    codes, scale, block = fp8_weights()
+    packed, exponents = fp4_weights()
+    for held, scales, blk, floats in ((codes, scale, block, quant.dequant_fp8(codes, scale, block)),
+                                      (packed, exponents, None, quant.dequant_fp4(packed, exponents))):
+        kept, = stream.grouped_linear(x, rows, experts, begin, end, (held,), (scales,), blk)
+        deq, = stream.grouped_linear(x, rows, experts, begin, end, (floats.contiguous(),))
+        assert torch.equal(kept, deq)
+        want, = stream.reference_grouped_linear(x, rows, experts, begin, end, (held,), (scales,), blk)
+        torch.testing.assert_close(kept, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_an_experts_results_do_not_depend_on_the_others_in_the_call():
+    """An expert's outputs are the same bits alone or beside other experts and rows (expert parallelism sends each
+    rank only its own experts), and a single row's the same whatever rows precede it."""
+    x, weights = torch.randn(40, IN), (torch.randn(E, OUT, IN),)
+    rows, experts, begin, end = pairs([3, 5, 2, 1, 4])
+    together, = stream.grouped_linear(x, rows, experts, begin, end, weights)
+    for j in range(E):
+        block = slice(int(begin[j]), int(end[j]))
+        alone, = stream.grouped_linear(x, rows[block], experts[j:j + 1], torch.tensor([0]),
+                                       torch.tensor([block.stop - block.start]), weights)
+        assert torch.equal(alone, together[block])
+
+
+def test_unlisted_rows_are_left_unwritten():
+    x, weights = torch.randn(40, IN), (torch.randn(E, OUT, IN),)
+    rows, experts, begin, end = pairs([2, 3, 0, 0, 0])
+    out, = stream.grouped_linear(x, rows, experts[1:], begin[1:], end[1:], weights)  # expert 0's pairs left out
+    want, = stream.reference_grouped_linear(x, rows, experts[1:], begin[1:], end[1:], weights)
+    torch.testing.assert_close(out[2:], want[2:], rtol=1e-5, atol=1e-4)
+    assert not want[:2].any()
+
+
+@pytest.mark.parametrize("act,limit,alpha", [(F.silu, None, None), (F.gelu, None, None), (F.silu, 7.0, 1.702)])
+def test_glu_equals_the_experts_activation_row_by_row(act, limit, alpha):
+    gate, up = torch.randn(37, 45) * 4, torch.randn(37, 45) * 4
+    experts = Experts(1, 8, 45, act, limit=limit, alpha=alpha)
+    got, want = stream.glu(gate, up, act, limit, alpha), experts.glu(gate, up)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    assert torch.equal(stream.glu(gate[5:9].clone(), up[5:9].clone(), act, limit, alpha), got[5:9])
+
+
+def test_linear_streams_a_few_rows_and_matmuls_the_rest(monkeypatch):
+    layer = Linear(IN, OUT)
+    calls = []
+    jit = stream._jit()
+    monkeypatch.setattr(stream, "_jit", lambda: types.SimpleNamespace(
+        kernel=lambda *a: (calls.append(a[0].shape[0]), jit.kernel(*a)), glu=jit.glu))
+    with torch.no_grad():
+        for rows in (1, stream.ROWS, stream.ROWS + 1):
+            x = torch.randn(1, rows, IN)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert calls == [1, stream.ROWS]
+    x = torch.randn(2, IN, requires_grad=True)  # autograd records: torch's op, which has a backward
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(2, -1))
+    assert calls == [1, stream.ROWS]
+
+
+def test_split_sends_each_expert_by_its_own_count():
+    counts = torch.tensor([0, stream.ROWS, stream.ROWS + 1, 1, 0, 40])
+    s = stream.split(counts)
+    assert s.few.tolist() == [1, 3] and s.begin.tolist() == [0, 2 * stream.ROWS + 1]
+    assert s.end.tolist() == [stream.ROWS, 2 * stream.ROWS + 2]
+    r = stream.ROWS
+    assert s.blocks == [(2, slice(r, 2 * r + 1)), (5, slice(2 * r + 2, 2 * r + 42))]
+
+
+def test_streamed_experts_match_the_reference_loop(mixtral_ckpt, monkeypatch):
+    """A few tokens through the grouped backend stream every expert (and dense linear); the logits match the
+    torch loop's, recording experts.hidden and experts.out changes nothing, and an edit of the hidden states
+    reaches the outputs as on the loop."""
+    folder, _ = mixtral_ckpt
+    grouped = wb.load(folder, dtype=torch.float32, backend="grouped")
+    loop = wb.load(folder, dtype=torch.float32, backend="torch")
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(2))
+    calls = []
+    jit = stream._jit()
+    monkeypatch.setattr(stream, "_jit", lambda: types.SimpleNamespace(
+        kernel=lambda *a: (calls.append(len(a[-1])), jit.kernel(*a)), glu=jit.glu))
+    plain = grouped(ids)
+    assert calls.count(2) == 3  # gate + up of every MoE layer in one pass each
+    torch.testing.assert_close(plain, loop(ids), rtol=1e-5, atol=1e-5)
+    hooked, cache = grouped.run_with_cache(ids, names=["layers.*.experts.hidden", "layers.*.experts.out"])
+    assert torch.equal(hooked, plain) and len(cache) == 6
+    edit = {"layers.1.experts.hidden": lambda h, ctx: h * 0.5}
+    with grouped.hooks(edit), loop.hooks(edit):
+        edited, want = grouped(ids), loop(ids)
+    torch.testing.assert_close(edited, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(edited, plain)

@@ -1,0 +1,178 @@
+"""CPU kernels for a few rows per weight: each weight row is read from memory once, into a small scratch row in
+cache, and dotted with every input row that needs it.
+
+At 1-32 tokens (prompts, decode steps) a forward is a stream of weights. A BLAS matmul of a few rows spends much
+of each call starting up (packing, threading) and reads small weights well below memory speed, and the grouped
+backend makes one such call per expert and projection. `grouped_linear` instead streams all the chosen experts of
+a projection in one parallel pass.
+
+Every output is `dot(weight row, input row)` summed in one fixed order that depends on neither the number of rows
+nor which other rows or experts share the call, so an expert's results are the same whichever path its
+neighbours take (expert parallelism relies on it). Quantised weights (FP8 e4m3 with fp32 block scales, FP4 e2m1
+with e8m0 exponents, `workbench.quant`'s layouts) are decoded row by row into the scratch row as the same fp32
+products `quant.dequantize_into` writes, so a kept checkpoint gives the dequantised one's results bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from types import ModuleType
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import quant
+from ..parallel import torch_threads
+
+# a weight (an expert's, or a dense layer's) with at most this many input rows streams; above, a BLAS matmul's
+# blocking reuses each weight value better (measured, bench/small_batch.py: at 32 rows this kernel is still ahead)
+ROWS = 32
+AHEAD = 16  # weight rows prefetched ahead of the four being dotted, so memory and arithmetic overlap
+
+
+def streams(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel takes inputs like x against weights like `weight`: fp32 rows on the CPU, weights held
+    as fp32 or as quantised codes. (It has no backward: callers check that autograd is not recording.)"""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.device.type == "cpu"
+            and weight.dtype in (torch.float32, quant.FP8, torch.uint8))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+           block: tuple[int, int] | None = None) -> torch.Tensor:
+    """x [..., in] @ weight [out, in].T + bias through the kernel, fp32 (FP8 codes with their `scale` and `block`)."""
+    rows = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    n = len(rows)
+    out = torch.empty(n, weight.shape[0], dtype=torch.float32)
+    if n:
+        _run(rows.numpy(), _indices(n), _ZERO, _ZERO, _indices(n + 1)[n:], (weight[None],),
+             None if scale is None else (scale[None],), block, (out.numpy(),))
+    out = out.view(*x.shape[:-1], -1)
+    return out if bias is None else out + bias
+
+
+class Split(NamedTuple):
+    """Experts of pairs sorted by expert, by how they run: `few` (at most ROWS pairs each) stream, expert
+    few[j] owning pairs begin[j]..end[j]; each of `blocks`, (expert, its pairs), runs as a matmul."""
+
+    few: torch.Tensor
+    begin: torch.Tensor
+    end: torch.Tensor
+    blocks: list[tuple[int, slice]]
+
+
+def split(counts: torch.Tensor) -> Split:
+    """The `Split` of pairs sorted by expert, counts[e] pairs of expert e. Each expert's path depends on its own
+    count only, so under expert parallelism it runs as on one process."""
+    ends = counts.cumsum(0)
+    starts = ends - counts
+    few = ((counts > 0) & (counts <= ROWS)).nonzero().flatten()
+    many = (counts > ROWS).nonzero().flatten()
+    blocks = [(e, slice(a, b)) for e, a, b in zip(many.tolist(), starts[many].tolist(), ends[many].tolist())]
+    return Split(few, starts[few], ends[few], blocks)
+
+
+GLU_ACTIVATIONS = {F.silu: 0, F.gelu: 1}  # the activations `glu` computes, by code
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, act: Callable, limit: float | None = None,
+        alpha: float | None = None) -> torch.Tensor:
+    """`Experts.glu` of fp32 [P, I] gate and up projections (act one of GLU_ACTIVATIONS), computed row by row: a
+    row's values do not depend on which rows share the buffer, as a torch elementwise op's may (its vectorised
+    body and scalar tail round transcendental functions differently), so expert parallelism stays exact."""
+    out = torch.empty_like(gate)
+    if len(gate):
+        _at_torch_threads(_jit().glu, gate.detach().numpy(), up.detach().numpy(), GLU_ACTIVATIONS[act],
+                          np.float32(limit or 0), np.float32(alpha or 0), out.numpy())
+    return out
+
+
+def grouped_linear(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, begin: torch.Tensor,
+                   end: torch.Tensor, weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...] | None = None,
+                   block: tuple[int, int] | None = None) -> tuple[torch.Tensor, ...]:
+    """For each stacked weight W [E, out, in] of `weights` (projections of one input, such as gate and up, run in
+    one pass), out[p] = W[experts[j]] @ x[rows[p]] for p in begin[j]..end[j]: fp32 [P, out] with P = len(rows)
+    (rows outside every range are left unwritten), each listed expert's weight read once. `scales` and `block`
+    as `Experts` holds them for quantised codes (FP8 codes with fp32 scales per `block`, or packed FP4 with e8m0
+    exponents per 32 inputs)."""
+    if len({w.shape[1] for w in weights}) != 1:
+        raise ValueError(f"grouped_linear runs projections of one output size, got {[w.shape for w in weights]}")
+    outs = tuple(torch.empty(len(rows), w.shape[1], dtype=torch.float32) for w in weights)
+    if len(rows) and len(experts):
+        _run(x.detach().contiguous().numpy(), rows.numpy(), experts.numpy(), begin.numpy(), end.numpy(), weights,
+             scales, block, tuple(o.numpy() for o in outs))
+    return outs
+
+
+def reference_grouped_linear(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, begin: torch.Tensor,
+                             end: torch.Tensor, weights: tuple[torch.Tensor, ...],
+                             scales: tuple[torch.Tensor, ...] | None = None,
+                             block: tuple[int, int] | None = None) -> tuple[torch.Tensor, ...]:
+    """`grouped_linear` in torch ops (one matmul per expert on dequantised weights; unwritten rows zero): the same
+    values within fp32 summation-order rounding."""
+    outs = []
+    for n, weight in enumerate(weights):
+        out = torch.zeros(len(rows), weight.shape[1], dtype=torch.float32)
+        for j, e in enumerate(experts.tolist()):
+            w = weight[e] if scales is None else quant.dequantize(weight[e], scales[n][e], block or (1, 1))
+            pairs = slice(int(begin[j]), int(end[j]))
+            out[pairs] = x[rows[pairs]].float() @ w.float().T
+        outs.append(out)
+    return tuple(outs)
+
+
+_FP8, _FP4, _E8M0 = quant.DECODE_TABLES
+_NONE_F, _NONE_U = np.zeros((1, 1, 1), np.float32), np.zeros((1, 1, 1), np.uint8)
+_ZERO = np.zeros(1, np.int64)
+
+
+@functools.cache
+def _indices(n: int) -> np.ndarray:
+    """0..n-1 (cached: a dense linear's rows, and its one range's end as the last element)."""
+    return np.arange(n, dtype=np.int64)
+
+
+def _run(x: np.ndarray, rows: np.ndarray, experts: np.ndarray, begin: np.ndarray, end: np.ndarray,
+         weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...] | None, block: tuple[int, int] | None,
+         outs: tuple[np.ndarray, ...]) -> None:
+    """The kernel on numpy operands, weights given as held: fp32, or codes with `scales` (FP8 with its `block`,
+    else packed FP4), the unused operands 1-element placeholders (one compiled kernel serves every format)."""
+    n = len(weights)
+    none_f, none_u = (_NONE_F,) * n, (_NONE_U,) * n
+    if scales is None:
+        fmt, wf, wq, sf, sq, bo, bi = 0, tuple(w.detach().numpy() for w in weights), none_u, none_f, none_u, 1, 1
+    else:
+        wq, wf = tuple(w.detach().view(torch.uint8).numpy() for w in weights), none_f
+        if weights[0].dtype == quant.FP8:
+            fmt, sf, sq, (bo, bi) = 1, tuple(s.detach().float().numpy() for s in scales), none_u, block
+        else:
+            fmt, sf, sq, bo, bi = 2, none_f, tuple(s.detach().view(torch.uint8).numpy() for s in scales), 1, 1
+    _at_torch_threads(_jit().kernel, x, rows, experts, begin, end, fmt, wf, wq, sf, sq, bo, bi, _FP8, _FP4, _E8M0,
+                      outs)
+
+
+def _at_torch_threads(kernel: Callable, *args: object) -> None:
+    """kernel(*args) on torch's thread count. The first call goes through `parallel.torch_threads`, which also
+    undoes what launching numba's threads does to torch's count; later ones skip its context manager (a cost
+    on every small call) while numba's count already equals torch's."""
+    import numba
+
+    if _launched and numba.get_num_threads() == torch.get_num_threads():
+        kernel(*args)
+        return
+    with torch_threads():
+        kernel(*args)
+    _launched.append(True)
+
+
+_launched: list[bool] = []  # non-empty once a kernel ran inside `torch_threads` (numba's threads are up)
+
+
+@functools.cache
+def _jit() -> ModuleType:
+    """workbench.models.stream_jit: numba imported and the kernels loaded on first use."""
+    from . import stream_jit
+
+    return stream_jit

@@ -1,0 +1,144 @@
+"""The numba kernel behind `workbench.models.stream` (a module of its own so that numba is imported, and the
+compiled kernel loaded from its on-disk cache, only when a few-row linear first runs)."""
+
+import math
+
+import numba
+import numpy as np
+
+CHUNK = 32  # weight rows per parallel work item (a multiple of 4: rows are dotted four at a time)
+
+
+@numba.njit(inline="always", fastmath=True)
+def dot(a, b):  # pragma: no cover - compiled
+    """sum a[c] * b[c] in fp32, vectorised in the one order LLVM gives this loop."""
+    s = np.float32(0.0)
+    for c in range(a.shape[0]):
+        s += a[c] * b[c]
+    return s
+
+
+@numba.njit(inline="always", fastmath=True)
+def dot4(a0, a1, a2, a3, b):  # pragma: no cover - compiled
+    """`dot` of four rows with b, each value of b loaded once for the four."""
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    for c in range(b.shape[0]):
+        s0 += a0[c] * b[c]
+        s1 += a1[c] * b[c]
+        s2 += a2[c] * b[c]
+        s3 += a3[c] * b[c]
+    return s0, s1, s2, s3
+
+
+@numba.njit(inline="always", fastmath=True)
+def dot44(a0, a1, a2, a3, b0, b1, b2, b3):  # pragma: no cover - compiled
+    """The 16 `dot`s of four weight rows with four input rows, s[4q + j] = a_j . b_q: each loaded value serves
+    four products, so a few-row matmul runs at the FMA units' rate rather than the loads'."""
+    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
+    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0.0)
+    for c in range(b0.shape[0]):
+        w0, w1, w2, w3 = a0[c], a1[c], a2[c], a3[c]
+        x0, x1, x2, x3 = b0[c], b1[c], b2[c], b3[c]
+        s00 += w0 * x0
+        s01 += w1 * x0
+        s02 += w2 * x0
+        s03 += w3 * x0
+        s10 += w0 * x1
+        s11 += w1 * x1
+        s12 += w2 * x1
+        s13 += w3 * x1
+        s20 += w0 * x2
+        s21 += w1 * x2
+        s22 += w2 * x2
+        s23 += w3 * x2
+        s30 += w0 * x3
+        s31 += w1 * x3
+        s32 += w2 * x3
+        s33 += w3 * x3
+    return s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33
+
+
+@numba.njit(inline="always")
+def decode(fmt, wq, sf, sq, bo, bi, fp8, fp4, e8m0, e, i, row):  # pragma: no cover - compiled
+    """Weight row i of expert e decoded from its codes into `row` as fp32: FP8 (fmt 1) or FP4 (fmt 2)."""
+    if fmt == 1:  # FP8 codes, one fp32 scale per block
+        s, codes = sf[e, i // bo], wq[e, i]
+        for c in range(row.shape[0]):
+            row[c] = np.float32(fp8[codes[c]] * s[c // bi])
+    else:  # FP4 codes two per byte, low nibble first, one e8m0 exponent per 32 values
+        s, codes = sq[e, i], wq[e, i]
+        for c in range(row.shape[0] // 2):
+            m = e8m0[s[c // 16]]
+            row[2 * c] = np.float32(fp4[codes[c] & 15] * m)
+            row[2 * c + 1] = np.float32(fp4[codes[c] >> 4] * m)
+
+
+@numba.njit(inline="always", fastmath=True)
+def four(out, x, rows, first, last, i, w0, w1, w2, w3):  # pragma: no cover - compiled
+    """out[p, i:i+4] for pairs p in first..last: weight rows i..i+3 (fp32) against input row x[rows[p]], four
+    pairs at a time, then one at a time."""
+    p = first
+    while p + 4 <= last:
+        s = dot44(w0, w1, w2, w3, x[rows[p]], x[rows[p + 1]], x[rows[p + 2]], x[rows[p + 3]])
+        for q in range(4):
+            for j in range(4):
+                out[p + q, i + j] = s[4 * q + j]
+        p += 4
+    for p in range(p, last):
+        out[p, i], out[p, i + 1], out[p, i + 2], out[p, i + 3] = dot4(w0, w1, w2, w3, x[rows[p]])
+
+
+@numba.njit(inline="always", fastmath=True)
+def one(out, x, rows, first, last, i, w):  # pragma: no cover - compiled
+    """out[p, i] for pairs p in first..last: weight row i (fp32) against input row x[rows[p]]."""
+    for p in range(first, last):
+        out[p, i] = dot(w, x[rows[p]])
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, fastmath=True)
+def kernel(x, rows, experts, begin, end, fmt, wf, wq, sf, sq, bo, bi, fp8, fp4, e8m0, outs):  # pragma: no cover
+    """outs[proj][p] = W_proj[experts[j]] @ x[rows[p]] for p in begin[j]..end[j] (`stream.grouped_linear`); work items
+    are (projection, expert, CHUNK weight rows), spread over the threads. fp32 weights (fmt 0) are dotted where
+    they lie, codes decoded into a scratch row first; both go through the same `four` and `one`."""
+    n_out, n_in = outs[0].shape[1], x.shape[1]
+    chunks = (n_out + CHUNK - 1) // CHUNK
+    per_proj = len(experts) * chunks
+    for item in numba.prange(len(outs) * per_proj):
+        proj, j, chunk = item // per_proj, item % per_proj // chunks, item % chunks
+        e, first, last, out = experts[j], begin[j], end[j], outs[proj]
+        w, codes, scales, exponents = wf[proj], wq[proj], sf[proj], sq[proj]
+        scratch = np.empty((4, n_in), np.float32)
+        i, stop = chunk * CHUNK, min((chunk + 1) * CHUNK, n_out)
+        while i + 4 <= stop:  # four weight rows against each input row: each input value loaded once for four
+            if fmt == 0:
+                four(out, x, rows, first, last, i, w[e, i], w[e, i + 1], w[e, i + 2], w[e, i + 3])
+            else:
+                for r in range(4):
+                    decode(fmt, codes, scales, exponents, bo, bi, fp8, fp4, e8m0, e, i + r, scratch[r])
+                four(out, x, rows, first, last, i, scratch[0], scratch[1], scratch[2], scratch[3])
+            i += 4
+        for r in range(i, stop):  # the last rows of a weight whose row count is not a multiple of 4
+            if fmt == 0:
+                one(out, x, rows, first, last, r, w[e, r])
+            else:
+                decode(fmt, codes, scales, exponents, bo, bi, fp8, fp4, e8m0, e, r, scratch[0])
+                one(out, x, rows, first, last, r, scratch[0])
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+def glu(gate, up, act, limit, alpha, out):  # pragma: no cover - compiled
+    """out = act(gate) * up row by row (act 0: SiLU, 1: GELU), or GPT-OSS's (up + 1) * gate * sigmoid(alpha * gate)
+    where alpha > 0; gate clamped above and up both sides at `limit` where limit > 0. Each row runs the same
+    scalar code, so a value's result does not depend on where in the buffer its row lies."""
+    for p in numba.prange(gate.shape[0]):
+        for c in range(gate.shape[1]):
+            g, u = gate[p, c], up[p, c]
+            if limit > 0:
+                g = limit if g > limit else g
+                u = limit if u > limit else (-limit if u < -limit else u)
+            if alpha > 0:
+                out[p, c] = (u + np.float32(1)) * g / (np.float32(1) + np.exp(-g * alpha))
+            elif act == 0:
+                out[p, c] = g / (np.float32(1) + np.exp(-g)) * u
+            else:
+                out[p, c] = np.float32(0.5) * g * (np.float32(1) + math.erf(g * np.float32(0.7071067811865476))) * u
