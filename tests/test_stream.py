@@ -17,6 +17,15 @@ torch.manual_seed(0)
 E, OUT, IN = 5, 70, 96  # 70 output rows: two full chunks, then 4-row groups and a 2-row tail
 
 
+def count_kernel_calls(monkeypatch, record) -> list:
+    """Calls of the weight-streaming kernel from now on, each as record(its args); the other kernels run as is."""
+    jit, calls = stream._jit(), []
+    counted = types.SimpleNamespace(**{k: getattr(jit, k) for k in dir(jit) if not k.startswith("_")})
+    counted.kernel = lambda *a: (calls.append(record(a)), jit.kernel(*a))
+    monkeypatch.setattr(stream, "_jit", lambda: counted)
+    return calls
+
+
 def pairs(counts: list[int], n_rows: int = 40) -> tuple[torch.Tensor, ...]:
     """(rows, experts, begin, end) of pairs sorted by expert, counts[j] pairs for expert j (zero: not listed)."""
     g = torch.Generator().manual_seed(1)
@@ -99,10 +108,7 @@ def test_glu_equals_the_experts_activation_row_by_row(act, limit, alpha):
 
 def test_linear_streams_a_few_rows_and_matmuls_the_rest(monkeypatch):
     layer = Linear(IN, OUT)
-    calls = []
-    jit = stream._jit()
-    monkeypatch.setattr(stream, "_jit", lambda: types.SimpleNamespace(
-        kernel=lambda *a: (calls.append(a[0].shape[0]), jit.kernel(*a)), glu=jit.glu))
+    calls = count_kernel_calls(monkeypatch, lambda args: args[0].shape[0])  # rows of x
     with torch.no_grad():
         for rows in (1, stream.ROWS, stream.ROWS + 1):
             x = torch.randn(1, rows, IN)
@@ -131,10 +137,7 @@ def test_streamed_experts_match_the_reference_loop(mixtral_ckpt, monkeypatch):
     grouped = wb.load(folder, dtype=torch.float32, backend="grouped")
     loop = wb.load(folder, dtype=torch.float32, backend="torch")
     ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(2))
-    calls = []
-    jit = stream._jit()
-    monkeypatch.setattr(stream, "_jit", lambda: types.SimpleNamespace(
-        kernel=lambda *a: (calls.append(len(a[-1])), jit.kernel(*a)), glu=jit.glu))
+    calls = count_kernel_calls(monkeypatch, lambda args: len(args[-1]))  # projections in one pass
     plain = grouped(ids)
     assert calls.count(2) == 3  # gate + up of every MoE layer in one pass each
     torch.testing.assert_close(plain, loop(ids), rtol=1e-5, atol=1e-5)
@@ -145,3 +148,23 @@ def test_streamed_experts_match_the_reference_loop(mixtral_ckpt, monkeypatch):
         edited, want = grouped(ids), loop(ids)
     torch.testing.assert_close(edited, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(edited, plain)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 512), (37, 3, 45), (128, 8, 7)])
+def test_moe_sum_equals_the_reference_bit_for_bit(shape):
+    """Every backend combines through `MoE.combine`: on CPU fp32 this one pass, elsewhere the reference."""
+    from workbench.kernels import reference_moe_sum
+
+    outs, weights = torch.randn(*shape) * 3, torch.rand(*shape[:2])
+    assert torch.equal(stream.moe_sum(outs, weights), reference_moe_sum(outs, weights))
+
+
+def test_rms_norm_fp32_path_equals_the_composite():
+    from workbench.models.layers import RMSNorm
+
+    norm = RMSNorm(192, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(192))
+    x = torch.randn(3, 17, 192) * 4
+    composite = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert torch.equal(norm(x), composite)

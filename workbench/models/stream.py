@@ -30,7 +30,6 @@ from ..parallel import torch_threads
 # a weight (an expert's, or a dense layer's) with at most this many input rows streams; above, a BLAS matmul's
 # blocking reuses each weight value better (measured, bench/small_batch.py: at 32 rows this kernel is still ahead)
 ROWS = 32
-AHEAD = 16  # weight rows prefetched ahead of the four being dotted, so memory and arithmetic overlap
 
 
 def streams(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -43,11 +42,13 @@ def streams(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
            block: tuple[int, int] | None = None) -> torch.Tensor:
     """x [..., in] @ weight [out, in].T + bias through the kernel, fp32 (FP8 codes with their `scale` and `block`)."""
-    rows = x.detach().reshape(-1, x.shape[-1]).contiguous()
-    n = len(rows)
+    rows = x.reshape(-1, x.shape[-1])
+    rows = rows if rows.is_contiguous() else rows.contiguous()
+    n = rows.shape[0]
     out = torch.empty(n, weight.shape[0], dtype=torch.float32)
     if n:
-        _run(rows.numpy(), _indices(n), _ZERO, _ZERO, _indices(n + 1)[n:], (weight[None],),
+        index = _indices(n + 1)
+        _run(_array(rows), index[:n], _ZERO, _ZERO, index[n:], (weight[None],),
              None if scale is None else (scale[None],), block, (out.numpy(),))
     out = out.view(*x.shape[:-1], -1)
     return out if bias is None else out + bias
@@ -64,14 +65,23 @@ class Split(NamedTuple):
 
 
 def split(counts: torch.Tensor) -> Split:
-    """The `Split` of pairs sorted by expert, counts[e] pairs of expert e. Each expert's path depends on its own
-    count only, so under expert parallelism it runs as on one process."""
-    ends = counts.cumsum(0)
-    starts = ends - counts
-    few = ((counts > 0) & (counts <= ROWS)).nonzero().flatten()
-    many = (counts > ROWS).nonzero().flatten()
-    blocks = [(e, slice(a, b)) for e, a, b in zip(many.tolist(), starts[many].tolist(), ends[many].tolist())]
-    return Split(few, starts[few], ends[few], blocks)
+    """The `Split` of pairs sorted by expert, counts[e] pairs of expert e (CPU). Each expert's path depends on its
+    own count only, so under expert parallelism it runs as on one process."""
+    c = counts.numpy()
+    ends = np.cumsum(c)
+    starts = ends - c
+    few = np.flatnonzero((c > 0) & (c <= ROWS))
+    blocks = [(int(e), slice(int(starts[e]), int(ends[e]))) for e in np.flatnonzero(c > ROWS)]
+    return Split(torch.from_numpy(few), torch.from_numpy(starts[few]), torch.from_numpy(ends[few]), blocks)
+
+
+def moe_sum(outs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`kernels.reference_moe_sum(outs, weights)` of fp32 outs [N, k, H] and weights [N, k] in one pass: the same
+    products and sums in the same order (no fused multiply-adds), so the same bits."""
+    y = torch.empty(outs.shape[0], outs.shape[2], dtype=torch.float32)
+    if len(y):
+        _at_torch_threads(_jit().moe_sum, _array(outs.contiguous()), _array(weights.float().contiguous()), y.numpy())
+    return y
 
 
 GLU_ACTIVATIONS = {F.silu: 0, F.gelu: 1}  # the activations `glu` computes, by code
@@ -84,7 +94,7 @@ def glu(gate: torch.Tensor, up: torch.Tensor, act: Callable, limit: float | None
     body and scalar tail round transcendental functions differently), so expert parallelism stays exact."""
     out = torch.empty_like(gate)
     if len(gate):
-        _at_torch_threads(_jit().glu, gate.detach().numpy(), up.detach().numpy(), GLU_ACTIVATIONS[act],
+        _at_torch_threads(_jit().glu, _array(gate), _array(up), GLU_ACTIVATIONS[act],
                           np.float32(limit or 0), np.float32(alpha or 0), out.numpy())
     return out
 
@@ -101,7 +111,7 @@ def grouped_linear(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, b
         raise ValueError(f"grouped_linear runs projections of one output size, got {[w.shape for w in weights]}")
     outs = tuple(torch.empty(len(rows), w.shape[1], dtype=torch.float32) for w in weights)
     if len(rows) and len(experts):
-        _run(x.detach().contiguous().numpy(), rows.numpy(), experts.numpy(), begin.numpy(), end.numpy(), weights,
+        _run(_array(x.contiguous()), rows.numpy(), experts.numpy(), begin.numpy(), end.numpy(), weights,
              scales, block, tuple(o.numpy() for o in outs))
     return outs
 
@@ -128,6 +138,11 @@ _NONE_F, _NONE_U = np.zeros((1, 1, 1), np.float32), np.zeros((1, 1, 1), np.uint8
 _ZERO = np.zeros(1, np.int64)
 
 
+def _array(t: torch.Tensor) -> np.ndarray:
+    """The numpy view of a CPU tensor (detached first only where it requires grad: the common case skips it)."""
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
 @functools.cache
 def _indices(n: int) -> np.ndarray:
     """0..n-1 (cached: a dense linear's rows, and its one range's end as the last element)."""
@@ -142,13 +157,13 @@ def _run(x: np.ndarray, rows: np.ndarray, experts: np.ndarray, begin: np.ndarray
     n = len(weights)
     none_f, none_u = (_NONE_F,) * n, (_NONE_U,) * n
     if scales is None:
-        fmt, wf, wq, sf, sq, bo, bi = 0, tuple(w.detach().numpy() for w in weights), none_u, none_f, none_u, 1, 1
+        fmt, wf, wq, sf, sq, bo, bi = 0, tuple(_array(w) for w in weights), none_u, none_f, none_u, 1, 1
     else:
-        wq, wf = tuple(w.detach().view(torch.uint8).numpy() for w in weights), none_f
+        wq, wf = tuple(_array(w.view(torch.uint8)) for w in weights), none_f
         if weights[0].dtype == quant.FP8:
-            fmt, sf, sq, (bo, bi) = 1, tuple(s.detach().float().numpy() for s in scales), none_u, block
+            fmt, sf, sq, (bo, bi) = 1, tuple(_array(s.float()) for s in scales), none_u, block
         else:
-            fmt, sf, sq, bo, bi = 2, none_f, tuple(s.detach().view(torch.uint8).numpy() for s in scales), 1, 1
+            fmt, sf, sq, bo, bi = 2, none_f, tuple(_array(s.view(torch.uint8)) for s in scales), 1, 1
     _at_torch_threads(_jit().kernel, x, rows, experts, begin, end, fmt, wf, wq, sf, sq, bo, bi, _FP8, _FP4, _E8M0,
                       outs)
 

@@ -142,3 +142,16 @@ def glu(gate, up, act, limit, alpha, out):  # pragma: no cover - compiled
                 out[p, c] = g / (np.float32(1) + np.exp(-g)) * u
             else:
                 out[p, c] = np.float32(0.5) * g * (np.float32(1) + math.erf(g * np.float32(0.7071067811865476))) * u
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+def moe_sum(outs, weights, y):  # pragma: no cover - compiled
+    """y[n] = sum_j outs[n, j] * weights[n, j], slot by slot from zero: each product and each sum rounded to fp32
+    as torch's separate multiply and add round them (no fastmath here: no fused multiply-adds, no reordering)."""
+    for n in numba.prange(outs.shape[0]):
+        for h in range(outs.shape[2]):
+            y[n, h] = np.float32(0.0)
+        for j in range(outs.shape[1]):
+            w = weights[n, j]
+            for h in range(outs.shape[2]):
+                y[n, h] += outs[n, j, h] * w
