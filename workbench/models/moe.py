@@ -296,8 +296,8 @@ class MoE(nn.Module):
             from ..kernels import moe_sum
 
             return moe_sum(outs, weights)
-        if stream.streams(outs, weights) and weights.dtype == torch.float32 and not recording(outs, weights):
-            return stream.moe_sum(outs, weights)  # the reference's sums in one pass (CPU fp32)
+        if outs.device.type == "cpu" and outs.dtype == weights.dtype == torch.float32 and not recording(outs, weights):
+            return stream.moe_sum(outs, weights)  # the reference's sums in one pass
         return reference_moe_sum(outs, weights)
 
     def loop(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, tap: Tap) -> torch.Tensor:

@@ -1,16 +1,17 @@
-"""CPU kernels for a few rows per weight: each weight row is read from memory once, into a small scratch row in
-cache, and dotted with every input row that needs it.
+"""CPU kernels for a few rows per weight: each weight row is read from memory once and dotted with every input
+row that needs it.
 
 At 1-32 tokens (prompts, decode steps) a forward is a stream of weights. A BLAS matmul of a few rows spends much
 of each call starting up (packing, threading) and reads small weights well below memory speed, and the grouped
 backend makes one such call per expert and projection. `grouped_linear` instead streams all the chosen experts of
-a projection in one parallel pass.
+a projection in one parallel pass, and `linear` a dense layer's weight.
 
-Every output is `dot(weight row, input row)` summed in one fixed order that depends on neither the number of rows
-nor which other rows or experts share the call, so an expert's results are the same whichever path its
-neighbours take (expert parallelism relies on it). Quantised weights (FP8 e4m3 with fp32 block scales, FP4 e2m1
-with e8m0 exponents, `workbench.quant`'s layouts) are decoded row by row into the scratch row as the same fp32
-products `quant.dequantize_into` writes, so a kept checkpoint gives the dequantised one's results bit for bit.
+An output depends only on its weight row, its input row and the input row's place among its expert's rows
+(taken four at a time): never on the other experts in the call, nor on how the work is split over threads, so
+an expert's results are the same whichever path its neighbours take (expert parallelism relies on it).
+Quantised weights (FP8 e4m3 with fp32 block scales, FP4 e2m1 with e8m0 exponents, `workbench.quant`'s layouts)
+are decoded row by row into a scratch row as the same fp32 products `quant.dequantize_into` writes, and the same
+code dots them, so a kept checkpoint gives the dequantised one's results bit for bit.
 """
 
 from __future__ import annotations
