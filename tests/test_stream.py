@@ -13,8 +13,13 @@ from workbench.models import stream
 from workbench.models.layers import Linear
 from workbench.models.moe import Experts
 
-torch.manual_seed(0)
 E, OUT, IN = 5, 70, 96  # 70 output rows: two full chunks, then 4-row groups and a 2-row tail
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Each test draws the same random inputs."""
+    torch.manual_seed(0)
 
 
 def count_kernel_calls(monkeypatch, record) -> list:
