@@ -177,10 +177,11 @@ def dequantize_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     bf16 = out.dtype == torch.bfloat16
     dst = out.view(torch.int16).numpy().view(np.uint16) if bf16 else out.numpy()
     fp8, fp4 = _dequant_kernels()
+    fp8_values, fp4_values, e8m0_values = DECODE_TABLES
     if codes.dtype == FP8:
-        fp8(codes.view(torch.uint8).numpy(), scale.float().numpy(), _FP8_TABLE, block[0], block[1], dst, bf16)
+        fp8(codes.view(torch.uint8).numpy(), scale.float().numpy(), fp8_values, block[0], block[1], dst, bf16)
     else:
-        fp4(codes.view(torch.uint8).numpy(), scale.view(torch.uint8).numpy(), _FP4_TABLE, _E8M0_TABLE, dst, bf16)
+        fp4(codes.view(torch.uint8).numpy(), scale.view(torch.uint8).numpy(), fp4_values, e8m0_values, dst, bf16)
     return out
 
 
@@ -192,7 +193,6 @@ def _table(dtype: torch.dtype) -> np.ndarray:
 # fp32 value of each FP8 e4m3 byte, each FP4 e2m1 nibble and each e8m0 exponent byte: what every CPU decoder of
 # held codes multiplies (this module's `dequantize_into` and the streaming kernels of workbench.models.stream)
 DECODE_TABLES = (_table(FP8), np.array(FP4_VALUES, dtype=np.float32), _table(torch.float8_e8m0fnu))
-_FP8_TABLE, _FP4_TABLE, _E8M0_TABLE = DECODE_TABLES
 
 
 @functools.cache

@@ -48,12 +48,18 @@ def recording(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def few_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a linear layer's input x streams (`stream.linear`): at most `stream.ROWS` rows of a kind the kernel
+    takes, and autograd not recording (the kernel has no backward)."""
+    return x.numel() <= stream.ROWS * x.shape[-1] and stream.streams(x, weight) and not recording(x)
+
+
 class Linear(nn.Linear):
     """nn.Linear that runs a few fp32 rows on the CPU through `stream.linear` (each weight row read once at memory
     speed; a BLAS matmul of so few rows reads small weights at a fraction of it), and everything else as usual."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= stream.ROWS * x.shape[-1] and stream.streams(x, self.weight) and not recording(x):
+        if few_rows(x, self.weight):
             return stream.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -80,7 +86,7 @@ class BlockFP8Linear(nn.Module):
         return quant.dequantize_into(out, self.weight, self.weight_scale, self.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= stream.ROWS * x.shape[-1] and stream.streams(x, self.weight) and not recording(x):
+        if few_rows(x, self.weight):
             return stream.linear(x, self.weight, self.bias, self.weight_scale, self.block)  # as `Linear` streams
         if x.is_cuda and not recording(x):
             from ..kernels import block_fp8_linear
