@@ -43,15 +43,13 @@ def streams(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
            block: tuple[int, int] | None = None) -> torch.Tensor:
     """x [..., in] @ weight [out, in].T + bias through the kernel, fp32 (FP8 codes with their `scale` and `block`)."""
-    rows = x.reshape(-1, x.shape[-1])
-    rows = rows if rows.is_contiguous() else rows.contiguous()
-    n = rows.shape[0]
-    out = torch.empty(n, weight.shape[0], dtype=torch.float32)
+    n = x.numel() // x.shape[-1]
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
     if n:
         index = _indices(n + 1)
-        _run(_array(rows), index[:n], _ZERO, _ZERO, index[n:], (weight[None],),
-             None if scale is None else (scale[None],), block, (out.numpy(),))
-    out = out.view(*x.shape[:-1], -1)
+        x = _array(x if x.is_contiguous() else x.contiguous()).reshape(n, -1)
+        _call(x, index[:n], _ZERO, _ZERO, index[n:], *_held((weight,), None if scale is None else (scale,), block),
+              (out.numpy().reshape(n, -1),))
     return out if bias is None else out + bias
 
 
@@ -112,8 +110,8 @@ def grouped_linear(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, b
         raise ValueError(f"grouped_linear runs projections of one output size, got {[w.shape for w in weights]}")
     outs = tuple(torch.empty(len(rows), w.shape[1], dtype=torch.float32) for w in weights)
     if len(rows) and len(experts):
-        _run(_array(x.contiguous()), rows.numpy(), experts.numpy(), begin.numpy(), end.numpy(), weights,
-             scales, block, tuple(o.numpy() for o in outs))
+        _call(_array(x.contiguous()), rows.numpy(), experts.numpy(), begin.numpy(), end.numpy(),
+              *_held(weights, scales, block), tuple(o.numpy() for o in outs))
     return outs
 
 
@@ -150,21 +148,30 @@ def _indices(n: int) -> np.ndarray:
     return np.arange(n, dtype=np.int64)
 
 
-def _run(x: np.ndarray, rows: np.ndarray, experts: np.ndarray, begin: np.ndarray, end: np.ndarray,
-         weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...] | None, block: tuple[int, int] | None,
-         outs: tuple[np.ndarray, ...]) -> None:
-    """The kernel on numpy operands, weights given as held: fp32, or codes with `scales` (FP8 with its `block`,
-    else packed FP4), the unused operands 1-element placeholders (one compiled kernel serves every format)."""
+def _held(weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...] | None,
+          block: tuple[int, int] | None) -> tuple:
+    """The kernel's weight operands (fmt, wf, wq, sf, sq, bo, bi) for weights held as fp32 (fmt 0), or as codes
+    with `scales` (FP8 with its `block`: fmt 1, else packed FP4: fmt 2), 2-D weights taken as one expert; the
+    unused operands are 1-element placeholders (one compiled kernel serves every format)."""
     n = len(weights)
     none_f, none_u = (_NONE_F,) * n, (_NONE_U,) * n
     if scales is None:
-        fmt, wf, wq, sf, sq, bo, bi = 0, tuple(_array(w) for w in weights), none_u, none_f, none_u, 1, 1
-    else:
-        wq, wf = tuple(_array(w.view(torch.uint8)) for w in weights), none_f
-        if weights[0].dtype == quant.FP8:
-            fmt, sf, sq, (bo, bi) = 1, tuple(_array(s.float()) for s in scales), none_u, block
-        else:
-            fmt, sf, sq, bo, bi = 2, none_f, tuple(_array(s.view(torch.uint8)) for s in scales), 1, 1
+        return 0, tuple(_stacked(w) for w in weights), none_u, none_f, none_u, 1, 1
+    wq = tuple(_stacked(w.view(torch.uint8)) for w in weights)
+    if weights[0].dtype == quant.FP8:
+        return (1, none_f, wq, tuple(_stacked(s.float()) for s in scales), none_u, *block)
+    return 2, none_f, wq, none_f, tuple(_stacked(s.view(torch.uint8)) for s in scales), 1, 1
+
+
+def _stacked(t: torch.Tensor) -> np.ndarray:
+    """`_array(t)` with a leading expert axis of one added to a 2-D (dense) weight."""
+    a = _array(t)
+    return a[None] if a.ndim == 2 else a
+
+
+def _call(x: np.ndarray, rows: np.ndarray, experts: np.ndarray, begin: np.ndarray, end: np.ndarray, fmt: int,
+          wf: tuple, wq: tuple, sf: tuple, sq: tuple, bo: int, bi: int, outs: tuple[np.ndarray, ...]) -> None:
+    """The kernel on its numpy operands."""
     _at_torch_threads(_jit().kernel, x, rows, experts, begin, end, fmt, wf, wq, sf, sq, bo, bi, _FP8, _FP4, _E8M0,
                       outs)
 
@@ -173,9 +180,7 @@ def _at_torch_threads(kernel: Callable, *args: object) -> None:
     """kernel(*args) on torch's thread count. The first call goes through `parallel.torch_threads`, which also
     undoes what launching numba's threads does to torch's count; later ones skip its context manager (a cost
     on every small call) while numba's count already equals torch's."""
-    import numba
-
-    if _launched and numba.get_num_threads() == torch.get_num_threads():
+    if _launched and _jit().numba.get_num_threads() == torch.get_num_threads():
         kernel(*args)
         return
     with torch_threads():

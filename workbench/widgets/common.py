@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import anywidget
+import ipywidgets
 import numpy as np
 import traitlets
 import xarray as xr
@@ -112,6 +113,40 @@ class Snapshot:
                                f"{html.escape(type(self).__name__)}: run the notebook for the interactive "
                                "widget</small></p></div>")
         return bundle
+
+
+class TokenWindow:
+    """Paging through `n_tokens` tokens a window at a time: start and length boxes, and prev/next buttons that
+    move the start by one window (the widget sets `n_tokens` and defines `_render`)."""
+
+    n_tokens: int
+
+    def _window_controls(self, start: int, length: int) -> None:
+        """The start and length boxes (their values checked first) and the prev/next buttons."""
+        self.start_box = ipywidgets.BoundedIntText(value=check_int(start, "start", 0, self.n_tokens - 1), min=0,
+                                                   max=self.n_tokens - 1, description="start")
+        self.length_box = ipywidgets.BoundedIntText(value=check_int(length, "length", 1, MAX_WINDOW), min=1,
+                                                    max=MAX_WINDOW, description="length")
+        self.prev_button = ipywidgets.Button(description="< prev")
+        self.next_button = ipywidgets.Button(description="next >")
+        self.prev_button.on_click(lambda _: self._step(-1))
+        self.next_button.on_click(lambda _: self._step(1))
+
+    @property
+    def start(self) -> int:
+        return self.start_box.value
+
+    @property
+    def length(self) -> int:
+        return self.length_box.value
+
+    @property
+    def stop(self) -> int:
+        """One past the window's last token (the window ends at the last token)."""
+        return min(self.start + self.length, self.n_tokens)
+
+    def _step(self, direction: int) -> None:
+        self.start_box.value = min(max(self.start + direction * self.length, 0), self.n_tokens - 1)
 
 
 class ClickableHTML(anywidget.AnyWidget):

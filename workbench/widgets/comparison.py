@@ -15,14 +15,16 @@ import xarray as xr
 from .. import analysis as A
 from .. import colours
 from ..analysis.compare import NEVER
-from .common import byte_text, check_int, check_layer, MAX_WINDOW, open_source, routed_layers, Snapshot, Source
+from .common import (
+    byte_text, check_int, check_layer, MAX_WINDOW, open_source, routed_layers, Snapshot, Source, TokenWindow
+)
 from .figure import FigureWidget
 
 SAME = "#ffffff"  # background of a token routed alike (at every layer, or at the selected one)
 MAX_DIVERGING = 1_000_000  # the most positions `diverging_tokens` returns
 
 
-class RoutingComparison(Snapshot, ipywidgets.VBox):
+class RoutingComparison(Snapshot, TokenWindow, ipywidgets.VBox):
     """Two routings of the same tokens compared (`analysis.compare`, once): per layer, a bar chart of the share
     of tokens given the same expert set (`agreement`) and the mean Jaccard overlap of the sets; below, a window
     of tokens, each coloured by the first layer whose expert sets differ (white where they agree everywhere),
@@ -47,16 +49,9 @@ class RoutingComparison(Snapshot, ipywidgets.VBox):
             decode = byte_text if ids is not None and int(ids.max()) < 256 else str
         self.decode = decode
         self.layer: int | None = None  # the selected layer; None: colour by the first differing layer
-        self.start_box = ipywidgets.BoundedIntText(value=check_int(start, "start", 0, self.n_tokens - 1), min=0,
-                                                   max=self.n_tokens - 1, description="start")
-        self.length_box = ipywidgets.BoundedIntText(value=check_int(length, "length", 1, MAX_WINDOW), min=1,
-                                                    max=MAX_WINDOW, description="length")
-        self.prev_button = ipywidgets.Button(description="< prev")
-        self.next_button = ipywidgets.Button(description="next >")
+        self._window_controls(start, length)
         self.divergence_button = ipywidgets.Button(description="next divergence")
         self.all_layers_button = ipywidgets.Button(description="all layers")
-        self.prev_button.on_click(lambda _: self._step(-1))
-        self.next_button.on_click(lambda _: self._step(1))
         self.divergence_button.on_click(lambda _: self.next_divergence())
         self.all_layers_button.on_click(lambda _: self.select(None))
         for control in (self.start_box, self.length_box):
@@ -70,18 +65,6 @@ class RoutingComparison(Snapshot, ipywidgets.VBox):
                          ipywidgets.HBox([self.start_box, self.length_box, self.prev_button, self.next_button,
                                           self.divergence_button, self.all_layers_button]),
                          self.header, self.legend, self.text]
-
-    @property
-    def start(self) -> int:
-        return self.start_box.value
-
-    @property
-    def length(self) -> int:
-        return self.length_box.value
-
-    @property
-    def stop(self) -> int:
-        return min(self.start + self.length, self.n_tokens)
 
     def _bar_figure(self) -> FigureWidget:
         """Agreement and Jaccard per layer (categorical x), y in [0, 1]; hash-routed layers hatched."""
@@ -114,9 +97,6 @@ class RoutingComparison(Snapshot, ipywidgets.VBox):
             for bar in self.bars.data:
                 bar.marker.line = dict(width=line, color="black")
         self._render()
-
-    def _step(self, direction: int) -> None:
-        self.start_box.value = min(max(self.start + direction * self.length, 0), self.n_tokens - 1)
 
     def next_divergence(self) -> int | None:
         """Move the window to the next token after it where the two differ (at the selected layer, or at any);

@@ -12,13 +12,13 @@ import xarray as xr
 from .. import analysis as A
 from ..schema import ROUTING_VARIABLES
 from .common import (
-    byte_text, check_int, ClickableHTML, expert_colour, MAX_WINDOW, open_source, pick_layer, routed_layers, Snapshot,
-    Source
+    byte_text, check_int, ClickableHTML, expert_colour, open_source, pick_layer, routed_layers, Snapshot, Source,
+    TokenWindow
 )
 from .profile import ExpertProfile
 
 
-class TokenView(Snapshot, ipywidgets.VBox):
+class TokenView(Snapshot, TokenWindow, ipywidgets.VBox):
     """A window of the traced text, each token coloured by its first-choice expert at one layer; hovering a
     token shows its position, text, top-k experts, weights and (where recorded) routing margin; clicking it
     opens its first-choice expert's profile at that layer below (`open_profile`). Reads only the window from
@@ -34,19 +34,12 @@ class TokenView(Snapshot, ipywidgets.VBox):
         self.n_tokens = ds.sizes["token"]
         layers = routed_layers(ds)
         layer = pick_layer(layer, layers, A.hash_routed(ds).values.tolist())
-        start = check_int(start, "start", 0, self.n_tokens - 1)
-        length = check_int(length, "length", 1, MAX_WINDOW)
         if decode is None:
             byte_level = int(ds.input_ids.max()) < 256
             decode = byte_text if byte_level else str
         self.decode = decode
         self.layer_picker = ipywidgets.Dropdown(options=layers, value=layer, description="layer")
-        self.start_box = ipywidgets.BoundedIntText(value=start, min=0, max=self.n_tokens - 1, description="start")
-        self.length_box = ipywidgets.BoundedIntText(value=length, min=1, max=MAX_WINDOW, description="length")
-        self.prev_button = ipywidgets.Button(description="< prev")
-        self.next_button = ipywidgets.Button(description="next >")
-        self.prev_button.on_click(lambda _: self._step(-1))
-        self.next_button.on_click(lambda _: self._step(1))
+        self._window_controls(start, length)
         for control in (self.layer_picker, self.start_box, self.length_box):
             control.observe(lambda _: self._render(), "value")
         self.text = ClickableHTML()
@@ -62,21 +55,10 @@ class TokenView(Snapshot, ipywidgets.VBox):
     def layer(self) -> int:
         return self.layer_picker.value
 
-    @property
-    def start(self) -> int:
-        return self.start_box.value
-
-    @property
-    def length(self) -> int:
-        return self.length_box.value
-
-    def _step(self, direction: int) -> None:
-        self.start_box.value = min(max(self.start + direction * self.length, 0), self.n_tokens - 1)
-
     def window(self) -> xr.Dataset:
         """The shown tokens' ids, top-k experts and (where stored) weights at the chosen layer, read from the
         store for the window only (it ends at the last token)."""
-        part = self.dataset.isel(token=slice(self.start, min(self.start + self.length, self.n_tokens)))
+        part = self.dataset.isel(token=slice(self.start, self.stop))
         names = [v for v in (*ROUTING_VARIABLES, "router_margin") if v in part]
         return part[names].sel(layer=self.layer).compute()
 
@@ -132,6 +114,5 @@ class TokenView(Snapshot, ipywidgets.VBox):
         self.legend.value = self._legend_html(win)
 
     def __repr__(self) -> str:
-        stop = min(self.start + self.length, self.n_tokens)
-        return (f"TokenView(source={self.source!r}, layer={self.layer}, tokens {self.start:,}..{stop:,} "
+        return (f"TokenView(source={self.source!r}, layer={self.layer}, tokens {self.start:,}..{self.stop:,} "
                 f"of {self.n_tokens:,})")
