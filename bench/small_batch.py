@@ -1,7 +1,8 @@
 """Small batches at memory speed: the forward of a 1-32 token prompt reads weights, so its limit is memory
 bandwidth, not FLOP/s.
 
-For bench/forward.py's random DeepSeek-V3-style checkpoint (fp32) and each T in --tokens, one T-token forward,
+For bench/forward.py's random DeepSeek-V3-style checkpoint (fp32, or --dtype bfloat16 for every model, as
+DeepSeek's checkpoints run by default) and each T in --tokens, one T-token forward,
 best of --repeat in rounds that run each contender in turn (each round starting one contender later), with the
 caches evicted before each call (a decode step's weights come from memory): transformers (its experts
 implementations; the faster is the peer) and workbench's `grouped` and `torch` backends. The limits run in the
@@ -16,9 +17,9 @@ Two bounds on the fraction of the copy bandwidth a forward can reach, both measu
   forward would take at least the sum;
 - for the `grouped` forward, its time split into the weight-streaming kernel (`workbench.models.stream`, which
   reads every weight) and everything else (norms, attention, routing, Python): with the kernel at the copy
-  bandwidth and the rest as it is, the forward would reach the printed fraction.
+  bandwidth and the rest as it is, the forward would reach the printed fraction (fp32: the kernel runs fp32).
 
-    .venv/bin/python bench/small_batch.py [--tokens 1 8 32] [--repeat 20] [--family deepseek_v3]
+    .venv/bin/python bench/small_batch.py [--tokens 1 8 32] [--repeat 20] [--family deepseek_v3] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -97,18 +98,21 @@ def main() -> None:
     ap.add_argument("--family", choices=["deepseek_v3", "mixtral"], default="deepseek_v3")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="of every model; the streaming kernel runs fp32 only (bf16 runs torch's matmuls)")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     cfg = CONFIGS[args.family]()
     src = torch.ones(1 << 26)
     dst = torch.empty_like(src)
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as tiny, torch.no_grad():
-        hf = random_checkpoint(cfg, tmp)
-        ours = {b: wb.load(Path(tmp), dtype=torch.float32, backend=b) for b in ("grouped", "torch")}
+        hf = random_checkpoint(cfg, tmp).to(dtype)
+        ours = {b: wb.load(Path(tmp), dtype=dtype, backend=b) for b in ("grouped", "torch")}
         with torch.random.fork_rng():  # the token ids below stay those of runs without the skeleton
             random_checkpoint(type(cfg)(**{**cfg.to_dict(), **SKELETON[args.family]}), tiny)
-        skeleton = wb.load(Path(tiny), dtype=torch.float32)
-        print(f"{args.family}: {sum(p.numel() for p in ours['grouped'].parameters()) / 1e6:.0f}M params, fp32, "
+        skeleton = wb.load(Path(tiny), dtype=dtype)
+        print(f"{args.family}: {sum(p.numel() for p in ours['grouped'].parameters()) / 1e6:.0f}M params, {args.dtype}, "
               f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
         print(f"{'T':>3s} {'run':28s} {'ms':>7s} {'vs peer':>8s} {'GB/s':>6s} {'of copy':>8s} {'of read':>8s}  "
               "weights read")
@@ -134,6 +138,8 @@ def main() -> None:
                       f"{need / t / copy:7.1%} {need / t / read:7.1%}  "
                       f"{need / 1e6:.1f} MB ({experts / 1e6:.1f} MB routed experts)")
             total, kernels, calls = kernel_share(lambda: ours["grouped"](ids), args.repeat)
+            if not calls:
+                continue
             rest = total - kernels
             print(f"{'':3s} grouped, its fastest cold run ({total * 1e3:.2f} ms): {calls} streaming-kernel calls "
                   f"{kernels * 1e3:.2f} ms (weights at {need / kernels / 1e9:.1f} GB/s), everything else "
