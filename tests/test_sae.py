@@ -247,3 +247,40 @@ def test_shipped_sae_matches_its_card(embedded):
     err = (sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert abs((1 - float(err)) - card["explained_variance"]) < 0.05, float(1 - err)
     assert card["explained_variance"] > 0.5 and card["l0"] <= 16
+
+
+def test_cli_trace_stores_the_latents_the_api_stores(embedded, tmp_path, capsys):
+    """`workbench trace --sae` stores what `trace(saes=)` stores, `info` names the SAE, and a bad --sae is one
+    error line with nothing written."""
+    from workbench import cli
+
+    tokens = np.random.default_rng(3).integers(0, 256, 200)
+    np.save(tmp_path / "tokens.npy", tokens)
+    out = tmp_path / "cli.zarr"
+    argv = ["trace", str(SHIPPED.parent.parent / "models" / "wb-v4-mini"), "--tokens", str(tmp_path / "tokens.npy"),
+            "--dtype", "float32", "--backend", embedded.backend, "--chunk-tokens", "64", "--window", "50:150"]
+    assert cli.main([*argv, "--out", str(out), "--sae", SHIPPED.name, "--sae-k", "8"]) == 0
+    sae = load_sae(SHIPPED)
+    want = wb.open_store(wb.trace(embedded, tokens, tmp_path / "api.zarr", saes={sae.hook_name: sae}, sae_k=8,
+                                  chunk_tokens=64, windows=[(50, 150)], progress=False))
+    got = wb.open_store(out)
+    for name in ("resid_post_sae_ids", "resid_post_sae_values"):
+        assert got[name].shape == want[name].shape and got[name].shape[-1] == 8
+        np.testing.assert_array_equal(got[name].values, want[name].values)
+    assert got.attrs["saes"] == want.attrs["saes"]
+    capsys.readouterr()
+    assert cli.main(["info", str(out)]) == 0
+    assert "sae                layers.3.resid_post: topk, d_in 192, d_sae 768; 8 latents stored per token" in \
+        capsys.readouterr().out
+
+    errors = [
+        ([str(tmp_path / "missing")], "no such SAE folder"),
+        (["layers.99.resid_post=" + SHIPPED.name], "'layers.99.resid_post' is not a hook point"),
+        ([SHIPPED.name, "layers.3.resid_post=" + str(SHIPPED)], "two SAEs at 'layers.3.resid_post'"),
+    ]
+    for saes, message in errors:
+        sae_args = [a for s in saes for a in ("--sae", s)]
+        assert cli.main([*argv, "--out", str(tmp_path / "e.zarr"), *sae_args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("workbench trace: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "e.zarr").exists()

@@ -111,6 +111,26 @@ def _bytes(n: float) -> str:
     return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
 
 
+def _saes(specs: list[str], device: torch.device) -> dict:
+    """{hook: SAE} of --sae's [HOOK=]SOURCE arguments: each SAE at the hook it names (its cfg's `hook_name`)
+    unless HOOK is given, at most one per hook."""
+    from workbench.sae import load_sae
+
+    saes: dict = {}
+    for spec in specs:
+        hook, sep, source = spec.partition("=")
+        if not sep or "/" in hook or "\\" in hook:  # a path or repo id holding "=" is all source
+            hook, source = "", spec
+        sae = load_sae(source, device=device)
+        hook = hook or sae.hook_name
+        if not hook:
+            raise ValueError(f"--sae {spec}: its cfg.json names no hook_name; give it as HOOK={source}")
+        if hook in saes:
+            raise ValueError(f"--sae: two SAEs at {hook!r}")
+        saes[hook] = sae
+    return saes
+
+
 @user_errors
 def trace(args: argparse.Namespace) -> int:
     """Stream routing (and hooks named by --names) of a token sequence to a zarr store; rerun to resume.
@@ -127,10 +147,12 @@ def trace(args: argparse.Namespace) -> int:
         model = wb.load(args.model, backend=args.backend, dtype=dtype, device=device,
                         tensor_parallel=args.tensor_parallel, dequantize=args.dequantize)
         tokens, seed = _tokens(args, model)
+        saes = _saes(args.sae or [], model.embed.weight.device)
         try:
             out = run_trace(model, tokens, args.out, names=args.names, chunk_tokens=args.chunk_tokens,
                             layers=args.layers, windows=args.window, overwrite=args.overwrite,
-                            seed=args.seed if seed is None else seed, **_generation(args))
+                            seed=args.seed if seed is None else seed, saes=saes, sae_k=args.sae_k,
+                            **_generation(args))
         except KeyboardInterrupt:
             print(f"workbench trace: interrupted; rerun the same command to resume {args.out}", file=sys.stderr)
             return 130
@@ -191,6 +213,10 @@ def info(args: argparse.Namespace) -> int:
         print(f"  {key:<18} {a.get(key)}")
     if a.get("generation"):
         print(f"  {'generation':<18} {a['generation']}")
+    for hook, sae in (a.get("saes") or {}).items():
+        cfg = sae["cfg"]
+        print(f"  {'sae':<18} {hook}: {cfg.get('architecture', 'standard')}, d_in {cfg['d_in']}, d_sae {cfg['d_sae']}; "
+              f"{sae['k']} latents stored per token; weights sha256 {sae['weights_sha256']}")
     if not args.check:
         return 0
     damage = check(path)
@@ -310,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", nargs="+", type=int, metavar="L", help="record --names only at these layers")
     p.add_argument("--window", action="append", type=_window, metavar="START:END",
                    help="record --names only for tokens [START, END); repeatable")
+    p.add_argument("--sae", action="append", metavar="[HOOK=]SAE",
+                   help="also store this SAE's largest latents per token at its hook (within --window): an SAELens "
+                        "folder, a shipped name or a hub repo; HOOK overrides its cfg's hook_name; repeatable")
+    p.add_argument("--sae-k", type=int, default=32, metavar="K", help="latents stored per token and SAE (default 32)")
     p.add_argument("--chunk-tokens", type=int, default=8192, metavar="N", help="tokens per forward chunk and commit")
     p.add_argument("--generate", type=int, metavar="N",
                    help="continue the tokens by up to N generated tokens, traced too")
