@@ -43,6 +43,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def embedded():
+    """The embedded model in fp32, with torch on one thread while the module's tests run (as `one_thread`)."""
+    import workbench as wb
+    from workbench.demo import EMBEDDED_MODEL
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield wb.load(EMBEDDED_MODEL, dtype=torch.float32)
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mixtral_ckpt(tmp_path_factory):
     """(folder, oracle model) of a tiny random Mixtral saved in HF layout."""

@@ -22,7 +22,6 @@ import xarray as xr
 
 import workbench as wb
 from workbench import analysis as A
-from workbench.demo import EMBEDDED_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -334,14 +333,6 @@ def test_uniform_routing_gives_the_closed_form_baselines():
 
 
 # ---------------------------------------------------------------- a real store of the embedded model
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield wb.load(EMBEDDED_MODEL, dtype=torch.float32)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

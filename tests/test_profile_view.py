@@ -15,7 +15,6 @@ import workbench as wb
 from test_analysis import dataset, routing
 from workbench import widgets as W
 from workbench.causal import open_sweep, sweep
-from workbench.demo import EMBEDDED_MODEL
 from workbench.errors import InputError
 
 ROW = re.compile(r"<tr title='routing at position (\d+): ([^']*)'><td class='mwb-token' data-token-id='(\d+)'>"
@@ -52,11 +51,8 @@ def trace():
 
 
 @pytest.fixture(scope="module")
-def model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield wb.load(EMBEDDED_MODEL, dtype=torch.float32)
-    torch.set_num_threads(threads)
+def model(embedded):
+    return embedded
 
 
 @pytest.fixture(scope="module")

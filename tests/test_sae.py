@@ -39,13 +39,6 @@ def v4(tmp_path_factory):
     return wb.load(folder)
 
 
-@pytest.fixture(scope="module")
-def embedded():
-    from workbench.demo import EMBEDDED_MODEL
-
-    return wb.load(EMBEDDED_MODEL, dtype=torch.float32)
-
-
 def write_saelens(folder: Path, cfg: dict, tensors: dict) -> Path:
     """A folder as SAELens writes one: cfg.json and sae_weights.safetensors."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,6 @@ from test_analysis import dataset, routing
 from workbench import analysis as A
 from workbench import colours
 from workbench import widgets as W
-from workbench.demo import EMBEDDED_MODEL
 from workbench.interventions import ablate, force, steer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -304,11 +303,8 @@ def test_navigator_zoom_reaggregates_the_visible_range(trace):
 
 
 @pytest.fixture(scope="module")
-def model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield wb.load(EMBEDDED_MODEL, dtype=torch.float32)
-    torch.set_num_threads(threads)
+def model(embedded):
+    return embedded
 
 
 @pytest.fixture(scope="module")
