@@ -7,6 +7,11 @@ import numba
 import numpy as np
 
 CHUNK = 32  # weight rows per parallel work item (a multiple of 4: rows are dotted four at a time)
+# an expert of 2 to ACROSS_ROWS input rows holding at most ACROSS_VALUES values (16 KB: they stay in L1) streams
+# one weight row at a time past all of them (`across`) instead of four against four inputs (`four`). Measured with
+# cold weights on a 2-core AMD EPYC: 1.1-1.8x the read rate for 2-8 rows of 128-1024 inputs; `four` is faster for
+# more rows or wider inputs
+ACROSS_ROWS, ACROSS_VALUES = 8, 4096
 
 
 @numba.njit(inline="always", fastmath=True)
@@ -89,6 +94,19 @@ def four(out, x, rows, first, last, i, w0, w1, w2, w3):  # pragma: no cover - co
 
 
 @numba.njit(inline="always", fastmath=True)
+def across(out, x, rows, first, last, i, w):  # pragma: no cover - compiled
+    """out[p, i] for pairs p in first..last: weight row i (fp32) against four input rows at a time (each weight
+    value loaded once for four), then one at a time."""
+    p = first
+    while p + 4 <= last:
+        out[p, i], out[p + 1, i], out[p + 2, i], out[p + 3, i] = dot4(
+            x[rows[p]], x[rows[p + 1]], x[rows[p + 2]], x[rows[p + 3]], w)
+        p += 4
+    for p in range(p, last):
+        out[p, i] = dot(w, x[rows[p]])
+
+
+@numba.njit(inline="always", fastmath=True)
 def one(out, x, rows, first, last, i, w):  # pragma: no cover - compiled
     """out[p, i] for pairs p in first..last: weight row i (fp32) against input row x[rows[p]]."""
     for p in range(first, last):
@@ -99,7 +117,8 @@ def one(out, x, rows, first, last, i, w):  # pragma: no cover - compiled
 def kernel(x, rows, experts, begin, end, fmt, wf, wq, sf, sq, bo, bi, fp8, fp4, e8m0, outs):  # pragma: no cover
     """outs[proj][p] = W_proj[experts[j]] @ x[rows[p]] for p in begin[j]..end[j] (`stream.grouped_linear`); work items
     are (projection, expert, CHUNK weight rows), spread over the threads. fp32 weights (fmt 0) are dotted where
-    they lie, codes decoded into a scratch row first; both go through the same `four` and `one`."""
+    they lie, codes decoded into a scratch row first; both go through the same `across`, or `four` and `one`
+    (which, by the expert's row count and input width only)."""
     n_out, n_in = outs[0].shape[1], x.shape[1]
     chunks = (n_out + CHUNK - 1) // CHUNK
     per_proj = len(experts) * chunks
@@ -109,6 +128,14 @@ def kernel(x, rows, experts, begin, end, fmt, wf, wq, sf, sq, bo, bi, fp8, fp4, 
         w, codes, scales, exponents = wf[proj], wq[proj], sf[proj], sq[proj]
         scratch = np.empty((4, n_in), np.float32)
         i, stop = chunk * CHUNK, min((chunk + 1) * CHUNK, n_out)
+        if 2 <= last - first <= ACROSS_ROWS and (last - first) * n_in <= ACROSS_VALUES:  # its inputs stay in L1
+            for r in range(i, stop):
+                if fmt == 0:
+                    across(out, x, rows, first, last, r, w[e, r])
+                else:
+                    decode(fmt, codes, scales, exponents, bo, bi, fp8, fp4, e8m0, e, r, scratch[0])
+                    across(out, x, rows, first, last, r, scratch[0])
+            continue
         while i + 4 <= stop:  # four weight rows against each input row: each input value loaded once for four
             if fmt == 0:
                 four(out, x, rows, first, last, i, w[e, i], w[e, i + 1], w[e, i + 2], w[e, i + 3])
