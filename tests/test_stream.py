@@ -173,3 +173,29 @@ def test_rms_norm_fp32_path_equals_the_composite():
     x = torch.randn(3, 17, 192) * 4
     composite = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
     assert torch.equal(norm(x), composite)
+
+
+def test_compiles_of_workbench_kernels_show_a_progress_line(monkeypatch, capfd):
+    """A workbench kernel compiling for longer than SILENT_COMPILE_S shows a line naming it; a shorter compile, or
+    another package's, shows nothing."""
+    import numba
+    import numpy as np
+
+    from workbench import parallel
+
+    def kernel(a):  # a stand-in, compiled fresh each time (no cache): a cache miss
+        return a.sum()
+
+    def compile_as(module: str) -> None:
+        kernel.__module__ = module
+        numba.njit(cache=False)(kernel)(np.ones(3))
+
+    parallel.announce_compiles()
+    monkeypatch.setattr(parallel, "SILENT_COMPILE_S", 0.0)
+    compile_as("workbench.models.example")
+    assert "compiling workbench.models.example.test_compiles_of_workbench_kernels_show_a_progress_line.<locals>." \
+           "kernel (first use; cached on disk after): 00:0" in capfd.readouterr().err
+    compile_as("someone_else")
+    monkeypatch.setattr(parallel, "SILENT_COMPILE_S", 60.0)
+    compile_as("workbench.models.example")
+    assert "compiling" not in capfd.readouterr().err
