@@ -54,7 +54,7 @@ def _compile_notice(listener: type) -> Any:
     import threading
     import time
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text on stderr: a notebook widget drawn from a timer thread may land in another cell
 
     class CompileNotice(listener):
         def __init__(self) -> None:
