@@ -164,3 +164,24 @@ def test_dense_layer_defaults_follow_the_reference_configs():
         [False, True, True, False, True]
     with pytest.raises(wb.CheckpointError, match="mlp_layer_types"):
         moe_layers(Config({**base, "model_type": "deepseek_v32", "mlp_layer_types": ["dense"]}))
+
+
+def test_rotary_tables_made_once_per_positions_tensor():
+    """MLA's rotary, shared by the layers, makes a forward's cos/sin tables once: the same positions tensor gets
+    the same tables, an in-place edit or another dtype gets new ones, and inference tensors (no version counter)
+    are never served from the memo."""
+    from workbench.models.layers import Rotary
+
+    rot = Rotary(8, {"rope_type": "default", "rope_theta": 10000.0})
+    pos = torch.arange(3)
+    first = rot.cos_sin(pos, torch.float32)
+    assert rot.cos_sin(pos, torch.float32) is first
+    assert rot.cos_sin(pos, torch.float64)[0].dtype == torch.float64
+    pos += 5
+    cos, sin = rot.cos_sin(pos, torch.float32)
+    assert torch.equal(cos, rot.cos_sin(torch.arange(5, 8), torch.float32)[0]) and not torch.equal(cos, first[0])
+    with torch.inference_mode():
+        frozen = torch.arange(3)
+        assert rot.cos_sin(frozen, torch.float32) is not rot.cos_sin(frozen, torch.float32)
+        frozen += 5
+        assert torch.equal(rot.cos_sin(frozen, torch.float32)[1], sin)

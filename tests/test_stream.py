@@ -125,6 +125,21 @@ def test_linear_streams_a_few_rows_and_matmuls_the_rest(monkeypatch):
     assert calls == [1, stream.ROWS]
 
 
+@pytest.mark.parametrize("rows", [6, 7, 8])
+def test_linear_pads_output_rows_4kb_apart_without_changing_a_bit(monkeypatch, rows):
+    """Outputs 4 KB apart, written in the `across` order, go through a padded buffer (`stream._aliasing`): the
+    layer returns the same contiguous values as unpadded."""
+    weight, bias = torch.randn(1024, 512), torch.randn(1024)
+    x = torch.randn(1, rows, 512)
+    padded = stream._aliasing(rows, 512, 1024)
+    assert padded == (rows >= 7) and not stream._aliasing(rows, 512, 1032) and not stream._aliasing(rows, 256, 1024)
+    got = stream.linear(x, weight, bias)
+    monkeypatch.setattr(stream, "_aliasing", lambda *args: False)
+    want = stream.linear(x, weight, bias)
+    assert got.is_contiguous() and got.shape == (1, rows, 1024) and torch.equal(got, want)
+    torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+
+
 def test_split_sends_each_expert_by_its_own_count():
     counts = torch.tensor([0, stream.ROWS, stream.ROWS + 1, 1, 0, 40])
     s = stream.split(counts)

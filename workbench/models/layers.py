@@ -171,11 +171,19 @@ class Rotary:
     def __init__(self, dim: int, params: dict[str, Any], interleaved: bool = False):
         self.dim, self.interleaved = dim, interleaved
         self.inv_freq, self.scale = rope_frequencies(dim, params)
+        self._last: tuple | None = None  # (positions, their version, dtype, tables) of the last call
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin tables [T, dim/2] for absolute positions."""
+        """cos and sin tables [T, dim/2] for absolute positions. A rotary shared by the layers (MLA's) gets the
+        same positions tensor from each layer of a forward: its tables are made once (unless it was edited)."""
+        version = None if positions.is_inference() else positions._version  # inference tensors have none
+        last = self._last
+        if version is not None and last is not None and last[0] is positions and last[1:3] == (version, dtype):
+            return last[3]
         angles = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
-        return (angles.cos() * self.scale).to(dtype), (angles.sin() * self.scale).to(dtype)
+        tables = (angles.cos() * self.scale).to(dtype), (angles.sin() * self.scale).to(dtype)
+        self._last = None if version is None else (positions, version, dtype, tables)
+        return tables
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [B, heads, T, D]; channels past `dim` pass through unchanged."""
@@ -228,7 +236,7 @@ def attend(
         # MLA's value heads are narrower than its query/key heads; torch's fused CPU kernel needs one head size:
         # zero padding changes no dot product and no value, and avoids materialising the [T, S] scores
         d = max(q.shape[-1], v.shape[-1])
-        pad = [F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v)]
+        pad = [t if t.shape[-1] == d else F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v)]
         return attend(*pad, q_pos, k_pos, scale, window)[..., : v.shape[-1]]
     gqa = q.shape[1] != k.shape[1]
     if sinks is None and window is None and torch.equal(q_pos, k_pos):

@@ -119,7 +119,8 @@ def kernel(x, rows, experts, begin, end, fmt, wf, wq, sf, sq, bo, bi, fp8, fp4, 
     are (projection, expert, CHUNK weight rows), spread over the threads. fp32 weights (fmt 0) are dotted where
     they lie, codes decoded into a scratch row first; both go through the same `across`, or `four` and `one`:
     which of the two, the expert's row count and the input width alone decide."""
-    n_out, n_in = outs[0].shape[1], x.shape[1]
+    n_out = wf[0].shape[1] if fmt == 0 else wq[0].shape[1]  # outs may be wider (`stream.linear`)
+    n_in = x.shape[1]
     chunks = (n_out + CHUNK - 1) // CHUNK
     per_proj = len(experts) * chunks
     for item in numba.prange(len(outs) * per_proj):
