@@ -140,6 +140,23 @@ def test_linear_pads_output_rows_4kb_apart_without_changing_a_bit(monkeypatch, r
     torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
 
 
+def test_few_rows_keep_the_graph_of_trainable_weights(mixtral_ckpt):
+    """Weights a user makes trainable get their gradients from a few-row forward, as from the reference loop: the
+    kernels, which have no backward, step aside when autograd records a weight, not only the activations."""
+    grads = {}
+    for backend in ("grouped", "torch"):
+        model = wb.load(mixtral_ckpt[0], dtype=torch.float32, backend=backend)
+        model.lm_head.requires_grad_(True)
+        model.layers["0"].ffn.experts.requires_grad_(True)
+        logits = model(torch.tensor([[3, 14, 15, 92]]))
+        assert logits.requires_grad
+        logits.logsumexp(-1).sum().backward()
+        grads[backend] = (model.lm_head.weight.grad, model.layers["0"].ffn.experts.down_proj.grad)
+    for got, want in zip(grads["grouped"], grads["torch"]):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_split_sends_each_expert_by_its_own_count():
     counts = torch.tensor([0, stream.ROWS, stream.ROWS + 1, 1, 0, 40])
     s = stream.split(counts)

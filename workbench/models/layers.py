@@ -50,8 +50,8 @@ def recording(*tensors: torch.Tensor) -> bool:
 
 def few_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a linear layer's input x streams (`stream.linear`): at most `stream.ROWS` rows of a kind the kernel
-    takes, and autograd not recording (the kernel has no backward)."""
-    return x.numel() <= stream.ROWS * x.shape[-1] and stream.streams(x, weight) and not recording(x)
+    takes, and autograd recording neither x nor the weight (the kernel has no backward)."""
+    return x.numel() <= stream.ROWS * x.shape[-1] and stream.streams(x, weight) and not recording(x, weight)
 
 
 class Linear(nn.Linear):

@@ -176,6 +176,11 @@ class Experts(nn.Module):
             out = buf[: math.prod(shape)].view(shape)
         return quant.dequantize_into(out, w, scale[e], self.block)
 
+    def recording(self, *tensors: torch.Tensor) -> bool:
+        """Whether autograd records an op on `tensors` or on the expert weights (trainable once a user asks for
+        their gradients): the kernels and in-place writes, which autograd cannot follow, are then avoided."""
+        return torch.is_grad_enabled() and recording(*tensors, self.gate_proj, self.up_proj, self.down_proj)
+
     def hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's activated hidden state for rows x [n, H]."""
         gate = F.linear(x, self.weight("gate_proj", e, x), None if self.gate_bias is None else self.gate_bias[e])
@@ -281,7 +286,7 @@ class MoE(nn.Module):
         """Sum_k weights[:, k] * expert_{ids[:, k]}(x) by the backend. The per-expert hooks see the [N, k, D] pair
         tensors through `tap`: by default token-major [*shape, k, D] (expert parallelism taps whole tensors)."""
         tap = tap or _token_major(ids, shape)
-        if self.backend == "grouped" or self.backend == "triton" and recording(x, weights):
+        if self.backend == "grouped" or self.backend == "triton" and self.experts.recording(x, weights):
             return self.grouped(x, ids, weights, tap)  # the kernels have no backward: torch ops under autograd
         if self.backend == "triton":
             return self.fused(x, ids, weights, tap)
@@ -326,7 +331,7 @@ class MoE(nn.Module):
         pairs = ids.flatten()
         order = torch.sort(pairs, stable=True).indices  # row-major within each expert
         counts = torch.bincount(pairs, minlength=self.experts.gate_proj.shape[0])
-        if (stream.streams(x, self.experts.gate_proj) and not recording(x)
+        if (stream.streams(x, self.experts.gate_proj) and not self.experts.recording(x)
                 and (self.experts.alpha is not None or self.experts.act in stream.GLU_ACTIVATIONS)):
             split = stream.split(counts)
             if len(split.few):
@@ -339,9 +344,10 @@ class MoE(nn.Module):
             out = self.experts.grouped_down(hidden, ends)
         else:  # each block's activation stays in cache; its output overwrites its input rows unless autograd
             keep = None
-            if rows.device.type == "cpu" and rows.dtype in (torch.bfloat16, torch.float16) and not recording(rows):
+            graph = self.experts.recording(rows)
+            if rows.device.type == "cpu" and rows.dtype in (torch.bfloat16, torch.float16) and not graph:
                 rows, ends, keep = pad_blocks(rows, pairs[order], ends, ROW_BUCKET)
-            out = torch.empty_like(rows) if recording(rows) else rows  # needs them
+            out = torch.empty_like(rows) if graph else rows  # needs them
             for e, block in expert_blocks(ends):
                 out[block] = self.experts.down(e, self.experts.hidden(e, rows[block]))
             if keep is not None:
