@@ -157,6 +157,26 @@ def test_few_rows_keep_the_graph_of_trainable_weights(mixtral_ckpt):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("shape", [(1, 8, 3, 8), (2, 4, 5, 12), (3, 7, 16), (1, 1, 1, 64)])
+def test_rope_at_a_few_tokens_equals_torchs_ops_bit_for_bit(monkeypatch, interleaved, shape):
+    """`Rotary.apply` of a few fp32 tokens runs `stream.rope`: the same bits as its torch ops, for strided inputs
+    (as attention's split views), channels past the rotated ones, and any leading axes."""
+    from workbench.models.layers import Rotary
+
+    rot = Rotary(8, {"rope_type": "default", "rope_theta": 10000.0}, interleaved=interleaved)
+    cos, sin = rot.cos_sin(torch.arange(40, 40 + shape[-2]), torch.float32)
+    x = (torch.randn(*shape[:-1], shape[-1] + 3) * 3)[..., 2: 2 + shape[-1]]  # not contiguous
+    calls = []
+    kernel = stream.rope
+    monkeypatch.setattr(stream, "rope", lambda *args: calls.append(1) or kernel(*args))
+    got = rot.apply(x, cos, sin)
+    monkeypatch.setattr(stream, "ROWS", 0)  # torch's ops
+    want = rot.apply(x, cos, sin)
+    assert calls == [1] and got.shape == x.shape and torch.equal(got, want)
+    assert not torch.equal(got[..., :8], x[..., :8]) and torch.equal(got[..., 8:], x[..., 8:])
+
+
 def test_split_sends_each_expert_by_its_own_count():
     counts = torch.tensor([0, stream.ROWS, stream.ROWS + 1, 1, 0, 40])
     s = stream.split(counts)

@@ -187,6 +187,9 @@ class Rotary:
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [B, heads, T, D]; channels past `dim` pass through unchanged."""
+        few = x.shape[-2] <= stream.ROWS and cos.shape == sin.shape == (x.shape[-2], self.dim // 2)
+        if few and stream.streams(x, cos) and cos.dtype == sin.dtype == x.dtype and not recording(x):
+            return stream.rope(x, cos, sin, self.dim, self.interleaved)  # a few fp32 tokens: one call, same bits
         rot, rest = x[..., : self.dim], x[..., self.dim :]
         if self.interleaved:
             a, b = rot[..., 0::2], rot[..., 1::2]

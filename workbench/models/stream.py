@@ -101,6 +101,16 @@ def moe_sum(outs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int, interleaved: bool) -> torch.Tensor:
+    """`layers.Rotary.apply` of fp32 x [..., T, D] (any strides) in one call, bit for bit: at a few tokens torch's
+    eight ops cost 12-19 µs against about 5 here."""
+    out = torch.empty(x.shape, dtype=torch.float32)
+    if x.numel():
+        rows = x.reshape(-1, *x.shape[-2:])  # a view where the leading axes merge (always for one sequence)
+        _jit().rope(_array(rows), _array(cos), _array(sin), dim, interleaved, out.numpy().reshape(rows.shape))
+    return out
+
+
 GLU_ACTIVATIONS = {F.silu: 0, F.gelu: 1}  # the activations `glu` computes, by code
 
 

@@ -172,6 +172,23 @@ def glu(gate, up, act, limit, alpha, out):  # pragma: no cover - compiled
                 out[p, c] = np.float32(0.5) * g * (np.float32(1) + math.erf(g * np.float32(0.7071067811865476))) * u
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def rope(x, cos, sin, dim, interleaved, out):  # pragma: no cover - compiled
+    """out = x [N, T, D] with its first `dim` channels rotated by cos, sin [T, dim/2] (`stream.rope`), on one thread;
+    each value the product, difference and sum torch's ops give (no fastmath: nothing fused or reordered)."""
+    half = dim // 2
+    for n in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            row, dst = x[n, t], out[n, t]
+            for i in range(half):
+                j, k = (2 * i, 2 * i + 1) if interleaved else (i, i + half)
+                c, s = cos[t, i], sin[t, i]
+                dst[j] = row[j] * c - row[k] * s
+                dst[k] = row[k] * c + row[j] * s
+            for d in range(dim, row.shape[0]):
+                dst[d] = row[d]
+
+
 @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
 def moe_sum(outs, weights, y):  # pragma: no cover - compiled
     """y[n] = sum_j outs[n, j] * weights[n, j], slot by slot from zero: each product and each sum rounded to fp32
