@@ -66,10 +66,12 @@ def dot44(a0, a1, a2, a3, b0, b1, b2, b3):  # pragma: no cover - compiled
 @numba.njit(inline="always")
 def decode(fmt, wq, sf, sq, bo, bi, fp8, fp4, e8m0, e, i, row):  # pragma: no cover - compiled
     """Weight row i of expert e decoded from its codes into `row` as fp32: FP8 (fmt 1) or FP4 (fmt 2)."""
-    if fmt == 1:  # FP8 codes, one fp32 scale per block
+    if fmt == 1:  # FP8 codes, one fp32 scale per block of bi inputs (a division per value ran 4x slower)
         s, codes = sf[e, i // bo], wq[e, i]
-        for c in range(row.shape[0]):
-            row[c] = np.float32(fp8[codes[c]] * s[c // bi])
+        for start in range(0, row.shape[0], bi):
+            m = s[start // bi]
+            for c in range(start, min(start + bi, row.shape[0])):
+                row[c] = np.float32(fp8[codes[c]] * m)
     else:  # FP4 codes two per byte, low nibble first, one e8m0 exponent per 32 values
         s, codes = sq[e, i], wq[e, i]
         for c in range(row.shape[0] // 2):
