@@ -17,7 +17,10 @@ Two bounds on the fraction of the copy bandwidth a forward can reach, both measu
   forward would take at least the sum;
 - for the `grouped` forward, its time split into the weight-streaming kernel (`workbench.models.stream`, which
   reads every weight) and everything else (norms, attention, routing, Python): with the kernel at the copy
-  bandwidth and the rest as it is, the forward would reach the printed fraction (fp32: the kernel runs fp32).
+  bandwidth and the rest as it is, the forward would reach the printed fraction (fp32: the kernel runs fp32);
+  and, tighter, with each kernel call taking the longer of its weights at the copy bandwidth and its FLOPs at the
+  kernel's best measured rate (`kernel_flop_rate`: at 32 tokens each dense weight value is used 32 times, and
+  arithmetic, not memory, bounds such a call).
 
     .venv/bin/python bench/small_batch.py [--tokens 1 8 32] [--repeat 20] [--family deepseek_v3] [--dtype float32]
 """
@@ -55,33 +58,45 @@ def bytes_needed(model: wb.models.base.CausalLM, ids: torch.Tensor) -> tuple[int
     return total + experts, experts
 
 
-def kernel_share(run, repeat: int) -> tuple[float, float, int]:
-    """(forward seconds, of which in the weight-streaming kernel, its calls) of the fastest of `repeat` cold runs."""
-    original, spent = stream._jit, [0.0, 0]
+def kernel_share(run, repeat: int) -> tuple[float, float, int, list[tuple[int, int]]]:
+    """(forward seconds, of which in the weight-streaming kernel, its calls, each call's (weight bytes, FLOPs)) of
+    the fastest of `repeat` cold runs."""
+    original, spent, work = stream._jit, [0.0], []
     jit = original()
 
-    def timed(fn):
-        def call(*args):
-            t0 = time.perf_counter()
-            fn(*args)
-            spent[0] += time.perf_counter() - t0
-            spent[1] += 1
-        return call
+    def timed(*args):
+        t0 = time.perf_counter()
+        jit.kernel(*args)
+        spent[0] += time.perf_counter() - t0
+        x, _, experts, begin, end, fmt, wf, wq, sf, sq = args[:10]
+        held = wf if fmt == 0 else wq + (sf if fmt == 1 else sq)  # the weight operands the kernel reads
+        width = (wf if fmt == 0 else wq)[0].shape[1]  # each projection's outputs
+        pairs = int((end - begin).sum())  # input rows, over the listed experts (a dense linear: one)
+        work.append((sum(w[0].nbytes for w in held) * len(experts), 2 * pairs * width * x.shape[1] * len(wf)))
 
     timed_jit = types.SimpleNamespace(**{k: getattr(jit, k) for k in dir(jit) if not k.startswith("_")})
-    timed_jit.kernel = timed(jit.kernel)  # the weight-reading kernel; the others (activation, sum) are "the rest"
+    timed_jit.kernel = timed  # the weight-reading kernel; the others (activation, sum) are "the rest"
     stream._jit = lambda: timed_jit
     try:
-        best = (float("inf"), 0.0, 0)
+        best = (float("inf"), 0.0, [])
         for _ in range(repeat):
             evict()
-            spent[:] = [0.0, 0]
+            spent[0], work[:] = 0.0, []
             t0 = time.perf_counter()
             run()
-            best = min(best, (time.perf_counter() - t0, *spent))
-        return best
+            best = min(best, (time.perf_counter() - t0, spent[0], list(work)), key=lambda b: b[0])
     finally:
         stream._jit = original
+    return best[0], best[1], len(best[2]), best[2]
+
+
+def kernel_flop_rate(repeat: int = 200) -> float:
+    """The streaming kernel's best FLOP rate: 32 rows against a 256 x 512 weight held in cache (each weight value
+    used 32 times, four weight rows against four input rows at a time), the fastest of `repeat` calls."""
+    g = torch.Generator().manual_seed(0)  # the global generator's draws (the token ids) stay as without this call
+    x, w = torch.randn(32, 512, generator=g), torch.randn(256, 512, generator=g)
+    seconds = best_times({"": lambda: stream.linear(x, w)}, repeat)[""]
+    return 2 * x.shape[0] * w.numel() / seconds
 
 
 # the same architecture with every width at 64 or less: its forward runs the same ops on next to no weights, so its
@@ -137,14 +152,19 @@ def main() -> None:
                 print(f"{T:3d} {label:28s} {t * 1e3:7.2f} {times[peer] / t:7.2f}x {need / t / 1e9:6.1f} "
                       f"{need / t / copy:7.1%} {need / t / read:7.1%}  "
                       f"{need / 1e6:.1f} MB ({experts / 1e6:.1f} MB routed experts)")
-            total, kernels, calls = kernel_share(lambda: ours["grouped"](ids), args.repeat)
+            total, kernels, calls, work = kernel_share(lambda: ours["grouped"](ids), args.repeat)
             if not calls:
                 continue
             rest = total - kernels
+            flop_rate = kernel_flop_rate()
+            roof = sum(max(nbytes / copy, flops / flop_rate) for nbytes, flops in work)
             print(f"{'':3s} grouped, its fastest cold run ({total * 1e3:.2f} ms): {calls} streaming-kernel calls "
                   f"{kernels * 1e3:.2f} ms (weights at {need / kernels / 1e9:.1f} GB/s), everything else "
                   f"{rest * 1e3:.2f} ms; with the kernels at the copy bandwidth and the rest as it is, the forward "
-                  f"would reach {need / (need / copy + rest) / copy:.1%} of it")
+                  f"would reach {need / (need / copy + rest) / copy:.1%} of it; with each kernel call taking the "
+                  f"longer of its weights at the copy bandwidth and its {sum(f for _, f in work) / 1e9:.2f} GFLOP (in "
+                  f"all) at the kernel's best rate ({flop_rate / 1e9:.0f} GFLOP/s, weights in cache), "
+                  f"{need / (roof + rest) / copy:.1%}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ a projection in one parallel pass, and `linear` a dense layer's weight.
 An output depends only on its weight row, its input row, the input row's place among its expert's rows (taken
 four at a time) and how many rows and inputs the expert has (which pick the loop order, `stream_jit.ACROSS_*`):
 never on the other experts in the call, nor on how the work is split over threads, so an expert's results are
-the same whichever path its neighbours take (expert parallelism relies on it).
+the same whichever path its neighbours take (expert parallelism relies on it). `rope` rotates a few tokens'
+queries and keys in one call, with the bits of `layers.Rotary`'s torch ops.
 Quantised weights (FP8 e4m3 with fp32 block scales, FP4 e2m1 with e8m0 exponents, `workbench.quant`'s layouts)
 are decoded row by row into a scratch row as the same fp32 products `quant.dequantize_into` writes, and the same
 code dots them, so a kept checkpoint gives the dequantised one's results bit for bit.
