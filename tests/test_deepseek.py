@@ -169,7 +169,8 @@ def test_dense_layer_defaults_follow_the_reference_configs():
 def test_rotary_tables_made_once_per_positions_tensor():
     """MLA's rotary, shared by the layers, makes a forward's cos/sin tables once: the same positions tensor gets
     the same tables, an in-place edit or another dtype gets new ones, and inference tensors (no version counter)
-    are never served from the memo."""
+    and long sequences are never served from (or held by) the memo."""
+    from workbench.models import layers
     from workbench.models.layers import Rotary
 
     rot = Rotary(8, {"rope_type": "default", "rope_theta": 10000.0})
@@ -185,3 +186,5 @@ def test_rotary_tables_made_once_per_positions_tensor():
         assert rot.cos_sin(frozen, torch.float32) is not rot.cos_sin(frozen, torch.float32)
         frozen += 5
         assert torch.equal(rot.cos_sin(frozen, torch.float32)[1], sin)
+    long = torch.arange(layers.MEMO_TOKENS + 1)
+    assert rot.cos_sin(long, torch.float32) is not rot.cos_sin(long, torch.float32) and rot._last is None

@@ -161,6 +161,9 @@ def _yarn(inv: torch.Tensor, dim: int, base: float, p: dict[str, Any]) -> tuple[
     return inv / factor * ramp + inv * (1 - ramp), attn
 
 
+MEMO_TOKENS = 4096  # `Rotary.cos_sin` keeps its last tables up to this many positions (larger ones: not held)
+
+
 class Rotary:
     """Rotary position embedding over the first `dim` channels of each head.
 
@@ -175,8 +178,10 @@ class Rotary:
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin tables [T, dim/2] for absolute positions. A rotary shared by the layers (MLA's) gets the
-        same positions tensor from each layer of a forward: its tables are made once (unless it was edited)."""
-        version = None if positions.is_inference() else positions._version  # inference tensors have none
+        same positions tensor from each layer of a forward: for up to MEMO_TOKENS positions (where making the tables
+        costs as much as using them) they are made once, unless the positions were edited in place."""
+        small = positions.numel() <= MEMO_TOKENS and not positions.is_inference()  # inference tensors: no version
+        version = positions._version if small else None
         last = self._last
         if version is not None and last is not None and last[0] is positions and last[1:3] == (version, dtype):
             return last[3]
