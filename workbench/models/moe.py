@@ -331,7 +331,8 @@ class MoE(nn.Module):
         pairs = ids.flatten()
         order = torch.sort(pairs, stable=True).indices  # row-major within each expert
         counts = torch.bincount(pairs, minlength=self.experts.gate_proj.shape[0])
-        if (stream.streams(x, self.experts.gate_proj) and not self.experts.recording(x)
+        graph = self.experts.recording(x)  # autograd follows the experts: torch ops, nothing written in place
+        if (stream.streams(x, self.experts.gate_proj) and not graph
                 and (self.experts.alpha is not None or self.experts.act in stream.GLU_ACTIVATIONS)):
             split = stream.split(counts)
             if len(split.few):
@@ -344,7 +345,6 @@ class MoE(nn.Module):
             out = self.experts.grouped_down(hidden, ends)
         else:  # each block's activation stays in cache; its output overwrites its input rows unless autograd
             keep = None
-            graph = self.experts.recording(rows)
             if rows.device.type == "cpu" and rows.dtype in (torch.bfloat16, torch.float16) and not graph:
                 rows, ends, keep = pad_blocks(rows, pairs[order], ends, ROW_BUCKET)
             out = torch.empty_like(rows) if graph else rows  # needs them

@@ -68,8 +68,8 @@ def _aliasing(rows: int, inputs: int, width: int) -> bool:
     (an 8192 x 512 weight at 8 rows: read at 26 GB/s, and at 45 GB/s padded, on a 2-core AMD EPYC; at 256
     inputs, or 5 rows or fewer, padding gained nothing). The values are the same either way."""
     jit = _jit()
-    return (width * 4) % 4096 == 0 and 7 <= rows <= jit.ACROSS_ROWS and rows * inputs <= jit.ACROSS_VALUES \
-        and rows * inputs * 4 > 3 * jit.ACROSS_VALUES
+    return (width * 4) % 4096 == 0 and rows >= 7 and rows * inputs * 4 > 3 * jit.ACROSS_VALUES \
+        and jit.across_order(rows, inputs)
 
 
 class Split(NamedTuple):

@@ -14,6 +14,12 @@ CHUNK = 32  # weight rows per parallel work item (a multiple of 4: rows are dott
 ACROSS_ROWS, ACROSS_VALUES = 8, 4096
 
 
+@numba.njit(inline="always", cache=True)
+def across_order(rows, inputs):  # pragma: no cover - compiled
+    """Whether an expert of `rows` input rows of `inputs` values each takes the `across` loop order."""
+    return 2 <= rows <= ACROSS_ROWS and rows * inputs <= ACROSS_VALUES
+
+
 @numba.njit(inline="always", fastmath=True)
 def dot(a, b):  # pragma: no cover - compiled
     """sum a[c] * b[c] in fp32, vectorised in the one order LLVM gives this loop."""
@@ -131,7 +137,7 @@ def kernel(x, rows, experts, begin, end, fmt, wf, wq, sf, sq, bo, bi, fp8, fp4, 
         w, codes, scales, exponents = wf[proj], wq[proj], sf[proj], sq[proj]
         scratch = np.empty((4, n_in), np.float32)
         i, stop = chunk * CHUNK, min((chunk + 1) * CHUNK, n_out)
-        if 2 <= last - first <= ACROSS_ROWS and (last - first) * n_in <= ACROSS_VALUES:  # its inputs stay in L1
+        if across_order(last - first, n_in):  # its inputs stay in L1
             for r in range(i, stop):
                 if fmt == 0:
                     across(out, x, rows, first, last, r, w[e, r])
