@@ -12,6 +12,7 @@ from workbench import quant
 from workbench.models import stream
 from workbench.models.layers import Linear
 from workbench.models.moe import Experts
+from workbench.routing import RouterSpec, select_experts
 
 E, OUT, IN = 5, 70, 96  # 70 output rows: two full chunks, then 4-row groups and a 2-row tail
 
@@ -177,13 +178,42 @@ def test_rope_at_a_few_tokens_equals_torchs_ops_bit_for_bit(monkeypatch, interle
     assert not torch.equal(got[..., :8], x[..., :8]) and torch.equal(got[..., 8:], x[..., 8:])
 
 
-def test_split_sends_each_expert_by_its_own_count():
-    counts = torch.tensor([0, stream.ROWS, stream.ROWS + 1, 1, 0, 40])
-    s = stream.split(counts)
-    assert s.few.tolist() == [1, 3] and s.begin.tolist() == [0, 2 * stream.ROWS + 1]
-    assert s.end.tolist() == [stream.ROWS, 2 * stream.ROWS + 2]
+def test_plan_sorts_pairs_as_torch_and_sends_each_expert_by_its_own_count():
+    """The counting sort gives torch's stable sort, its inverse and the per-place rows and experts; experts of at
+    most ROWS pairs stream and the others run as matmuls, whatever their neighbours."""
     r = stream.ROWS
-    assert s.blocks == [(2, slice(r, 2 * r + 1)), (5, slice(2 * r + 2, 2 * r + 42))]
+    counts = [0, r, r + 1, 1, 0, 40]
+    flat = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
+    flat = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))]
+    wide = torch.cat((flat.view(-1, 2), torch.zeros(len(flat) // 2, 3, dtype=torch.long)), 1)
+    for ids in (flat.view(-1, 2), wide[:, :2]):  # contiguous, and strided as the router's top-k columns are
+        p = stream.plan(ids, len(counts))
+        order = torch.sort(flat, stable=True).indices
+        assert p.order.tolist() == order.tolist() and p.where.tolist() == torch.argsort(order).tolist()
+        assert p.rows.tolist() == (order // 2).tolist() and p.experts.tolist() == flat[order].tolist()
+        assert p.few.tolist() == [1, 3] and p.begin.tolist() == [0, 2 * r + 1] and p.end.tolist() == [r, 2 * r + 2]
+        assert p.blocks == [(2, slice(r, 2 * r + 1)), (5, slice(2 * r + 2, 2 * r + 42))]
+    with pytest.raises(ValueError, match=r"expert id 6 is outside \[0, 6\) \(1 such ids\)"):
+        stream.plan(torch.tensor([[0, 6]]), 6)
+
+
+@pytest.mark.parametrize("spec", [
+    RouterSpec(48, 4, score="sigmoid", correction_bias=True, groups=4, topk_groups=2),  # V3: top-2 sums, bias
+    RouterSpec(64, 6, groups=8, topk_groups=3, group_score="max"),  # V2's group-limited greedy
+    RouterSpec(8, 2), RouterSpec(16, 4, groups=4, topk_groups=4)])
+def test_select_picks_the_ids_of_the_torch_rule(spec):
+    """The compiled selection gives `routing.select_experts`'s ids, ties (scores on a coarse grid) and -inf included;
+    a NaN score leaves the choice to torch."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        scores = torch.rand(1 + trial % 32, spec.experts, generator=g)
+        if trial % 2:
+            scores = (scores * 4).round() / 4
+        scores[0, : trial % 6] = float("-inf")
+        bias = (torch.randn(spec.experts, generator=g) * 2).round() / 4 if spec.correction_bias else None
+        assert torch.equal(stream.select(scores, spec, bias), select_experts(scores, spec, bias)), trial
+    scores[-1, 3] = float("nan")
+    assert stream.select(scores, spec, bias) is None
 
 
 def test_streamed_experts_match_the_reference_loop(mixtral_ckpt, monkeypatch):
@@ -213,7 +243,10 @@ def test_moe_sum_equals_the_reference_bit_for_bit(shape):
     from workbench.kernels import reference_moe_sum
 
     outs, weights = torch.randn(*shape) * 3, torch.rand(*shape[:2])
-    assert torch.equal(stream.moe_sum(outs, weights), reference_moe_sum(outs, weights))
+    want = reference_moe_sum(outs, weights)
+    assert torch.equal(stream.moe_sum(outs, weights), want)
+    order = torch.randperm(shape[0] * shape[1], generator=torch.Generator().manual_seed(1))  # outs in sorted order
+    assert torch.equal(stream.moe_sum(outs.flatten(0, 1)[order], weights, torch.argsort(order).numpy()), want)
 
 
 def test_rms_norm_fp32_path_equals_the_composite():

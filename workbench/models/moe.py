@@ -35,6 +35,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,6 +78,10 @@ class Router(nn.Module):
 
     def select(self, scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Top-k expert ids [N, k] from fp32 scores [N, E] of tokens `token_ids` [N]; ties go to the lower index."""
+        if len(scores) <= stream.ROWS and scores.device.type == "cpu" and scores.dtype == torch.float32:
+            ids = stream.select(scores, self.spec, self.correction_bias)  # the same ids in one compiled pass
+            if ids is not None:
+                return ids
         return select_experts(scores, self.spec, self.correction_bias)
 
     def weigh(self, scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -203,29 +208,29 @@ class Experts(nn.Module):
             hidden[block] = self.hidden(e, rows[block])
         return hidden
 
-    def streamed_hidden(self, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor,
-                        split: stream.Split) -> torch.Tensor:
-        """Activated hidden states [P, I] of pairs sorted by expert (pair p reads row x[rows[p]], experts[p] its
-        expert): the split's few-row experts through the streaming kernel, gate and up in one pass over their
+    def streamed_hidden(self, x: torch.Tensor, plan: stream.Plan) -> torch.Tensor:
+        """Activated hidden states [P, I] of the plan's pairs in sorted order (sorted place p reads row
+        x[plan.rows[p]]): its few-row experts through the streaming kernel, gate and up in one pass over their
         codes or weights, then `stream.glu`; the other experts as `hidden`."""
-        return self._streamed(x, rows, experts, split, ("gate_proj", "up_proj"), self.hidden)
+        return self._streamed(x, plan.rows, plan, ("gate_proj", "up_proj"), self.hidden)
 
-    def streamed_down(self, hidden: torch.Tensor, experts: torch.Tensor, split: stream.Split) -> torch.Tensor:
-        """Outputs [P, H] of activated hidden rows sorted by expert, split between the kernel and `down` as in
-        `streamed_hidden`."""
-        return self._streamed(hidden, torch.arange(len(hidden)), experts, split, ("down_proj",), self.down)
+    def streamed_down(self, hidden: torch.Tensor, plan: stream.Plan) -> torch.Tensor:
+        """Outputs [P, H] of activated hidden rows in the plan's sorted order, split between the kernel and `down`
+        as in `streamed_hidden`."""
+        return self._streamed(hidden, stream.indices(len(hidden)), plan, ("down_proj",), self.down)
 
-    def _streamed(self, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, split: stream.Split,
-                  names: tuple[str, ...], matmul: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def _streamed(self, x: torch.Tensor, rows: np.ndarray, plan: stream.Plan, names: tuple[str, ...],
+                  matmul: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         outs = stream.grouped_linear(
-            x, rows, split.few, split.begin, split.end, tuple(getattr(self, n) for n in names),
+            x, rows, plan.few, plan.begin, plan.end, tuple(getattr(self, n) for n in names),
             None if self.block is None else tuple(getattr(self, f"{n}_scale") for n in names), self.block)
         biases = [getattr(self, n.removesuffix("_proj") + "_bias") for n in names]
         if biases[0] is not None:
+            experts = torch.from_numpy(plan.experts)
             outs = tuple(o + b[experts] for o, b in zip(outs, biases))
         out = stream.glu(*outs, self.act, self.limit, self.alpha) if len(outs) == 2 else outs[0]
-        for e, block in split.blocks:
-            out[block] = matmul(e, x[rows[block]])
+        for e, block in plan.blocks:
+            out[block] = matmul(e, x[torch.from_numpy(rows[block])])
         return out
 
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
@@ -328,15 +333,15 @@ class MoE(nn.Module):
         the outputs put back in pair order and combined (the CPU fast path). Per-expert hooks get per-pair copies
         of the sorted buffers, made only while a hook asks."""
         N, k = ids.shape
-        pairs = ids.flatten()
-        order = torch.sort(pairs, stable=True).indices  # row-major within each expert
-        counts = torch.bincount(pairs, minlength=self.experts.gate_proj.shape[0])
         graph = self.experts.recording(x)  # autograd follows the experts: torch ops, nothing written in place
         if (stream.streams(x, self.experts.gate_proj) and not graph
                 and (self.experts.alpha is not None or self.experts.act in stream.GLU_ACTIVATIONS)):
-            split = stream.split(counts)
-            if len(split.few):
-                return self.streamed(x, order, pairs[order], split, weights, tap)
+            plan = stream.plan(ids, self.experts.gate_proj.shape[0])
+            if len(plan.few):
+                return self.streamed(x, plan, weights, tap)
+        pairs = ids.flatten()
+        order = torch.sort(pairs, stable=True).indices  # row-major within each expert
+        counts = torch.bincount(pairs, minlength=self.experts.gate_proj.shape[0])
         ends = counts.cumsum(0).tolist()
         rows = x[order // k]
         if self.hp_hidden.active:
@@ -357,18 +362,19 @@ class MoE(nn.Module):
             outs = tap(self.hp_expert_out, outs)
         return self.combine(outs, weights)
 
-    def streamed(self, x: torch.Tensor, order: torch.Tensor, experts: torch.Tensor, split: stream.Split,
-                 weights: torch.Tensor, tap: Tap) -> torch.Tensor:
+    def streamed(self, x: torch.Tensor, plan: stream.Plan, weights: torch.Tensor, tap: Tap) -> torch.Tensor:
         """The "grouped" backend at a few rows per expert (fp32 on the CPU): each projection of all the few-row
-        experts streamed in one kernel pass (`workbench.models.stream`), experts with more rows as matmuls."""
+        experts streamed in one kernel pass (`workbench.models.stream`), experts with more rows as matmuls. Unhooked,
+        the outputs are summed where they lie in sorted order."""
         k = weights.shape[1]
-        hidden = self.experts.streamed_hidden(x.contiguous(), order // k, experts, split)
+        hidden = self.experts.streamed_hidden(x.contiguous(), plan)
         if self.hp_hidden.active:
+            order = torch.from_numpy(plan.order)
             hidden = tap(self.hp_hidden, _by_pair(hidden, order, k)).flatten(0, 1)[order]
-        outs = _by_pair(self.experts.streamed_down(hidden, experts, split), order, k)
-        if self.hp_expert_out.active:
-            outs = tap(self.hp_expert_out, outs)
-        return self.combine(outs, weights)
+        out = self.experts.streamed_down(hidden, plan)
+        if not self.hp_expert_out.active and not recording(weights):
+            return stream.moe_sum(out, weights, plan.where)  # `combine`'s sums, without the gather
+        return self.combine(tap(self.hp_expert_out, _by_pair(out, torch.from_numpy(plan.order), k)), weights)
 
     def fused(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, tap: Tap) -> torch.Tensor:
         """The "triton" backend (workbench.kernels): row gather, grouped GEMMs and the gated activation fused.

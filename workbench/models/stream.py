@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import quant
+from ..routing import RouterSpec
 from ..parallel import torch_threads
 
 # a weight (an expert's, or a dense layer's) with at most this many input rows streams; above, a BLAS matmul's
@@ -45,17 +46,17 @@ def streams(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
            block: tuple[int, int] | None = None) -> torch.Tensor:
     """x [..., in] @ weight [out, in].T + bias through the kernel, fp32 (FP8 codes with their `scale` and `block`)."""
-    n, width = x.numel() // x.shape[-1], weight.shape[0]
-    padded = width + ALIAS_PAD if _aliasing(n, x.shape[-1], width) else width
-    out = torch.empty(*x.shape[:-1], padded, dtype=torch.float32)
+    inputs, width = x.shape[-1], weight.shape[0]
+    n = x.numel() // inputs
+    padded = width + ALIAS_PAD if _aliasing(n, inputs, width) else width
+    out = np.empty((n, padded), np.float32)
     if n:
-        index = _indices(n + 1)
-        x = _array(x if x.is_contiguous() else x.contiguous()).reshape(n, -1)
-        _call(x, index[:n], _ZERO, _ZERO, index[n:], *_held((weight,), None if scale is None else (scale,), block),
-              (out.numpy().reshape(n, -1),))
-    if padded != width:
-        out = out[..., :width].contiguous()
-    return out if bias is None else out + bias
+        index = indices(n + 1)
+        rows = _array(x if x.is_contiguous() else x.contiguous()).reshape(n, inputs)
+        held = _dense(weight) if scale is None else _held((weight,), (scale,), block)
+        _call(rows, index[:n], _ZERO, _ZERO, index[n:], *held, (out,))
+    y = torch.from_numpy(out if padded == width else out[:, :width].copy()).view(*x.shape[:-1], width)
+    return y if bias is None else y + bias
 
 
 ALIAS_PAD = 16  # floats (64 bytes) added to output rows that would be a multiple of 4 KB apart (`_aliasing`)
@@ -67,39 +68,69 @@ def _aliasing(rows: int, inputs: int, width: int) -> bool:
     filling most of L1 the set overflows. The kernel then writes rows 64 bytes further apart, copied back after
     (an 8192 x 512 weight at 8 rows: read at 26 GB/s, and at 45 GB/s padded, on a 2-core AMD EPYC; at 256
     inputs, or 5 rows or fewer, padding gained nothing). The values are the same either way."""
+    if (width * 4) % 4096 or rows < 7:
+        return False
     jit = _jit()
-    return (width * 4) % 4096 == 0 and rows >= 7 and rows * inputs * 4 > 3 * jit.ACROSS_VALUES \
-        and jit.across_order(rows, inputs)
+    return rows * inputs * 4 > 3 * jit.ACROSS_VALUES and jit.across_order(rows, inputs)
 
 
-class Split(NamedTuple):
-    """Experts of pairs sorted by expert, by how they run: `few` (at most ROWS pairs each) stream, expert
-    few[j] owning pairs begin[j]..end[j]; each of `blocks`, (expert, its pairs), runs as a matmul."""
+class Plan(NamedTuple):
+    """The (token, slot) pairs of expert ids [N, k] sorted by expert, stably (pair i is token i // k's slot i % k,
+    so each expert's pairs stay in token order), and how each expert runs: `few` (at most ROWS pairs each)
+    stream, expert few[j] owning sorted places begin[j]..end[j]; each of `blocks`, (expert, its places), runs as a
+    matmul. The arrays are numpy views the kernels take as they are."""
 
-    few: torch.Tensor
-    begin: torch.Tensor
-    end: torch.Tensor
+    order: np.ndarray  # [P] the pair at each sorted place (torch.sort(ids.flatten(), stable=True).indices)
+    where: np.ndarray  # [P] the sorted place of each pair (the inverse permutation)
+    rows: np.ndarray  # [P] the token (input row) at each sorted place: order // k
+    experts: np.ndarray  # [P] the expert at each sorted place
+    few: np.ndarray
+    begin: np.ndarray
+    end: np.ndarray
     blocks: list[tuple[int, slice]]
 
 
-def split(counts: torch.Tensor) -> Split:
-    """The `Split` of pairs sorted by expert, counts[e] pairs of expert e (CPU). Each expert's path depends on its
-    own count only, so under expert parallelism it runs as on one process."""
-    c = counts.numpy()
-    ends = np.cumsum(c)
-    starts = ends - c
-    few = np.flatnonzero((c > 0) & (c <= ROWS))
-    blocks = [(int(e), slice(int(starts[e]), int(ends[e]))) for e in np.flatnonzero(c > ROWS)]
-    return Split(torch.from_numpy(few), torch.from_numpy(starts[few]), torch.from_numpy(ends[few]), blocks)
+def plan(ids: torch.Tensor, n_experts: int) -> Plan:
+    """The `Plan` of CPU expert ids [N, k] in [0, n_experts), in one compiled pass (the torch ops it replaces, a
+    sort, a bincount, an inverse and the splitting, cost about 20 µs a layer at a few tokens). Each expert's path
+    depends on its own count only, so under expert parallelism it runs as on one process."""
+    if ids.dtype != torch.int64:
+        ids = ids.long()
+    a = _array(ids)
+    order, where, rows, experts = np.empty((4, a.size), np.int64)
+    few, begin, end, counts = np.empty((4, n_experts), np.int64)
+    n_few, n_big = _jit().plan(a, n_experts, ROWS, order, where, rows, experts, few, begin, end, counts)
+    if n_few < 0:
+        bad = a[(a < 0) | (a >= n_experts)]
+        raise ValueError(f"expert id {int(bad[0])} is outside [0, {n_experts}) ({len(bad)} such ids)")
+    blocks = []
+    if n_big:
+        starts = np.cumsum(counts) - counts
+        blocks = [(int(e), slice(int(starts[e]), int(starts[e] + counts[e]))) for e in np.flatnonzero(counts > ROWS)]
+    return Plan(order, where, rows, experts, few[:n_few], begin[:n_few], end[:n_few], blocks)
 
 
-def moe_sum(outs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def select(scores: torch.Tensor, spec: RouterSpec, correction_bias: torch.Tensor | None) -> torch.Tensor | None:
+    """`routing.select_experts` of CPU fp32 scores [N, E] in one compiled pass, the same ids (the torch ops, a
+    group ranking, masks and sorts, cost about 25 µs a layer at a few tokens); None where a score is NaN."""
+    ids = np.empty((scores.shape[0], spec.top_k), np.int64)
+    bias = _NONE_F.reshape(1) if correction_bias is None else _array(correction_bias.float())
+    done = _jit().select(_array(scores), bias, correction_bias is not None, spec.groups, spec.topk_groups,
+                         spec.group_score == "top2sum", ids)
+    return torch.from_numpy(ids) if done else None
+
+
+def moe_sum(outs: torch.Tensor, weights: torch.Tensor, where: np.ndarray | None = None) -> torch.Tensor:
     """`kernels.reference_moe_sum(outs, weights)` of fp32 outs [N, k, H] and weights [N, k] in one pass: the same
-    products and sums in the same order (no fused multiply-adds), so the same bits."""
-    y = torch.empty(outs.shape[0], outs.shape[2], dtype=torch.float32)
-    if len(y):
-        _at_torch_threads(_jit().moe_sum, _array(outs.contiguous()), _array(weights.float().contiguous()), y.numpy())
-    return y
+    products and sums in the same order (no fused multiply-adds), so the same bits. With `where` (a `Plan`'s),
+    outs are the [N * k, H] outputs in sorted order, read in place of their gather into [N, k, H]."""
+    n, k = weights.shape
+    y = np.empty((n, outs.shape[-1]), np.float32)
+    if n:
+        places = indices(n * k) if where is None else where
+        _at_torch_threads(_jit().moe_sum, _array(outs.contiguous()).reshape(n * k, -1), places,
+                          _array(weights.float().contiguous()), y)
+    return torch.from_numpy(y)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int, interleaved: bool) -> torch.Tensor:
@@ -127,20 +158,23 @@ def glu(gate: torch.Tensor, up: torch.Tensor, act: Callable, limit: float | None
     return out
 
 
-def grouped_linear(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, begin: torch.Tensor,
-                   end: torch.Tensor, weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...] | None = None,
+Index = torch.Tensor | np.ndarray  # int64, 1-D
+
+
+def grouped_linear(x: torch.Tensor, rows: Index, experts: Index, begin: Index, end: Index,
+                   weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...] | None = None,
                    block: tuple[int, int] | None = None) -> tuple[torch.Tensor, ...]:
     """For each stacked weight W [E, out, in] of `weights` (projections of one input, such as gate and up, run in
     one pass), out[p] = W[experts[j]] @ x[rows[p]] for p in begin[j]..end[j]: fp32 [P, out] with P = len(rows)
     (rows outside every range are left unwritten), each listed expert's weight read once. `scales` and `block`
     as `Experts` holds them for quantised codes (FP8 codes with fp32 scales per `block`, or packed FP4 with e8m0
-    exponents per 32 inputs)."""
+    exponents per 32 inputs). The int64 index arrays may be tensors or numpy arrays (a `Plan`'s)."""
     if len({w.shape[1] for w in weights}) != 1:
         raise ValueError(f"grouped_linear runs projections of one output size, got {[w.shape for w in weights]}")
     outs = tuple(torch.empty(len(rows), w.shape[1], dtype=torch.float32) for w in weights)
     if len(rows) and len(experts):
-        _call(_array(x.contiguous()), rows.numpy(), experts.numpy(), begin.numpy(), end.numpy(),
-              *_held(weights, scales, block), tuple(o.numpy() for o in outs))
+        index = (i.numpy() if isinstance(i, torch.Tensor) else i for i in (rows, experts, begin, end))
+        _call(_array(x.contiguous()), *index, *_held(weights, scales, block), tuple(o.numpy() for o in outs))
     return outs
 
 
@@ -163,6 +197,7 @@ def reference_grouped_linear(x: torch.Tensor, rows: torch.Tensor, experts: torch
 
 _FP8, _FP4, _E8M0 = quant.DECODE_TABLES
 _NONE_F, _NONE_U = np.zeros((1, 1, 1), np.float32), np.zeros((1, 1, 1), np.uint8)
+_NONE_F1, _NONE_U1 = (_NONE_F,), (_NONE_U,)
 _ZERO = np.zeros(1, np.int64)
 
 
@@ -172,8 +207,8 @@ def _array(t: torch.Tensor) -> np.ndarray:
 
 
 @functools.cache
-def _indices(n: int) -> np.ndarray:
-    """0..n-1 (cached: a dense linear's rows, and its one range's end as the last element)."""
+def indices(n: int) -> np.ndarray:
+    """0..n-1 (cached; not to be written: a dense linear's rows, and its one range's end as the last element)."""
     return np.arange(n, dtype=np.int64)
 
 
@@ -192,6 +227,11 @@ def _held(weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...] | 
     return 2, none_f, wq, none_f, tuple(_stacked(s.view(torch.uint8)) for s in scales), 1, 1
 
 
+def _dense(weight: torch.Tensor) -> tuple:
+    """`_held` of one fp32 weight [out, in] (the common dense call, without the general path's tuple building)."""
+    return 0, (_array(weight)[None],), _NONE_U1, _NONE_F1, _NONE_U1, 1, 1
+
+
 def _stacked(t: torch.Tensor) -> np.ndarray:
     """`_array(t)` with a leading expert axis of one added to a 2-D (dense) weight."""
     a = _array(t)
@@ -208,8 +248,10 @@ def _call(x: np.ndarray, rows: np.ndarray, experts: np.ndarray, begin: np.ndarra
 def _at_torch_threads(kernel: Callable, *args: object) -> None:
     """kernel(*args) on torch's thread count. The first call goes through `parallel.torch_threads`, which also
     undoes what launching numba's threads does to torch's count; later ones skip its context manager (a cost
-    on every small call) while numba's count already equals torch's."""
-    if _launched and _jit().numba.get_num_threads() == torch.get_num_threads():
+    on every small call) while numba's count (read by a compiled call: numba's Python getter costs 0.5 µs)
+    already equals torch's."""
+    jit = _jit()
+    if _launched and jit.threads() == torch.get_num_threads():
         kernel(*args)
         return
     with torch_threads():

@@ -14,6 +14,12 @@ CHUNK = 32  # weight rows per parallel work item (a multiple of 4: rows are dott
 ACROSS_ROWS, ACROSS_VALUES = 8, 4096
 
 
+@numba.njit(nogil=True)  # not cached: numba cannot cache a function that reads its threading layer
+def threads():  # pragma: no cover - compiled
+    """numba's thread count for parallel kernels started from this thread."""
+    return numba.get_num_threads()
+
+
 @numba.njit(inline="always", cache=True)
 def across_order(rows, inputs):  # pragma: no cover - compiled
     """Whether an expert of `rows` input rows of `inputs` values each takes the `across` loop order."""
@@ -198,13 +204,102 @@ def rope(x, cos, sin, dim, interleaved, out):  # pragma: no cover - compiled
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
-def moe_sum(outs, weights, y):  # pragma: no cover - compiled
-    """y[n] = sum_j outs[n, j] * weights[n, j], slot by slot from zero: each product and each sum rounded to fp32
-    as torch's separate multiply and add round them (no fastmath here: no fused multiply-adds, no reordering)."""
-    for n in numba.prange(outs.shape[0]):
-        for h in range(outs.shape[2]):
+def moe_sum(outs, where, weights, y):  # pragma: no cover - compiled
+    """y[n] = sum_j outs[where[n * k + j]] * weights[n, j], slot by slot from zero: each product and each sum rounded to
+    fp32 as torch's separate multiply and add round them (no fastmath here: no fused multiply-adds, no reordering)."""
+    k = weights.shape[1]
+    for n in numba.prange(y.shape[0]):
+        for h in range(y.shape[1]):
             y[n, h] = np.float32(0.0)
-        for j in range(outs.shape[1]):
-            w = weights[n, j]
-            for h in range(outs.shape[2]):
-                y[n, h] += outs[n, j, h] * w
+        for j in range(k):
+            w, row = weights[n, j], outs[where[n * k + j]]
+            for h in range(y.shape[1]):
+                y[n, h] += row[h] * w
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def plan(ids, n_experts, limit, order, where, rows, experts, few, begin, end, counts):  # pragma: no cover
+    """`stream.plan` of ids [N, k] by a counting sort (stable: pairs keep their order within an expert): fills the
+    per-pair arrays, counts, and the experts of 1 to `limit` pairs with their ranges; returns how many such
+    experts and how many of more pairs, or (-1, -1) where an id is outside [0, n_experts)."""
+    n, k = ids.shape
+    counts[:] = 0
+    for t in range(n):
+        for j in range(k):
+            e = ids[t, j]
+            if e < 0 or e >= n_experts:
+                return -1, -1
+            counts[e] += 1
+    n_few = n_big = start = 0
+    for e in range(n_experts):
+        c = counts[e]
+        if 0 < c <= limit:
+            few[n_few], begin[n_few], end[n_few] = e, start, start + c
+            n_few += 1
+        if c > limit:
+            n_big += 1
+        counts[e] = start  # from here: the next free place of expert e
+        start += c
+    for t in range(n):
+        for j in range(k):
+            e = ids[t, j]
+            p = counts[e]
+            counts[e] = p + 1
+            order[p], where[t * k + j], rows[p], experts[p] = t * k + j, p, t, e
+    for e in range(n_experts - 1, 0, -1):  # back to counts: each next free place is now the expert's end
+        counts[e] -= counts[e - 1]
+    return n_few, n_big
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def select(scores, bias, biased, groups, topk_groups, top2, ids):  # pragma: no cover - compiled
+    """`routing.select_experts` of fp32 scores [N, E] into ids [N, k] (`stream.select`): scores plus the bias where
+    `biased`; where `topk_groups` < `groups`, the groups ranked by their top-2 sum (`top2`) or max, the best kept
+    and the others' experts at -inf; then the k best experts in one pass, a later expert passing an earlier one
+    only when larger (a stable sort's order). Returns False, ids unfinished, where a value is NaN (whose place in
+    torch's sort this does not copy)."""
+    n, n_experts = scores.shape
+    k, per = ids.shape[1], n_experts // groups
+    sel = np.empty(n_experts, np.float32)
+    rank = np.empty(groups, np.float32)
+    kept = np.empty(groups, np.bool_)
+    top = np.empty(k, np.float32)
+    low = np.float32(-np.inf)  # every comparison and the top-2 sum in fp32, as torch's
+    for t in range(n):
+        for e in range(n_experts):
+            sel[e] = scores[t, e] + bias[e] if biased else scores[t, e]
+            if np.isnan(sel[e]):
+                return False
+        if topk_groups < groups:
+            for g in range(groups):
+                a = b = low  # the group's two largest values
+                for e in range(g * per, (g + 1) * per):
+                    if sel[e] > a:
+                        a, b = sel[e], a
+                    elif sel[e] > b:
+                        b = sel[e]
+                rank[g] = a + b if top2 else a
+                if np.isnan(rank[g]):
+                    return False
+                kept[g] = False
+            for _ in range(topk_groups):
+                best = -1
+                for g in range(groups):
+                    if not kept[g] and (best < 0 or rank[g] > rank[best]):
+                        best = g
+                kept[best] = True
+            for g in range(groups):
+                if not kept[g]:
+                    sel[g * per:(g + 1) * per] = low
+        m = 0  # the best m experts so far, in order, in top[:m] and ids[t, :m]
+        for e in range(n_experts):
+            v = sel[e]
+            if m == k and not v > top[k - 1]:
+                continue
+            p = m if m < k else k - 1
+            while p > 0 and top[p - 1] < v:
+                top[p], ids[t, p] = top[p - 1], ids[t, p - 1]
+                p -= 1
+            top[p], ids[t, p] = v, e
+            m = min(m + 1, k)
+    return True
