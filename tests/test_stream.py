@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import workbench as wb
 from workbench import quant
 from workbench.models import stream
-from workbench.models.layers import Linear
+from workbench.models.layers import Linear, project
 from workbench.models.moe import Experts
 from workbench.routing import RouterSpec, select_experts
 
@@ -139,6 +139,27 @@ def test_linear_pads_output_rows_4kb_apart_without_changing_a_bit(monkeypatch, r
     want = stream.linear(x, weight, bias)
     assert got.is_contiguous() and got.shape == (1, rows, 1024) and torch.equal(got, want)
     torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+
+
+def test_project_runs_projections_of_one_input_in_one_pass_with_their_own_bits(monkeypatch):
+    """q, k and v (biased, different widths, one 4 KB-strided and padded) in one kernel call, each output equal to
+    its own layer's; a torch hook on one of them, or more rows than stream, and each layer is called as usual."""
+    layers = Linear(512, 1024), Linear(512, 40), Linear(512, 8, bias=False)
+    x = torch.randn(1, 8, 512)
+    calls = count_kernel_calls(monkeypatch, lambda args: [o.shape[1] for o in args[-1]])
+    with torch.no_grad():
+        want = [m(x) for m in layers]
+        assert calls == [[1024 + stream.ALIAS_PAD], [40], [8]]
+        got = project(x, *layers)
+        assert calls[3:] == [[1024 + stream.ALIAS_PAD, 40, 8]]
+        assert all(g.shape == w.shape and g.is_contiguous() and torch.equal(g, w) for g, w in zip(got, want))
+        seen = []
+        handle = layers[1].register_forward_hook(lambda m, args, out: seen.append(1) or out * 2)
+        hooked = project(x, *layers)
+        handle.remove()
+        assert seen == [1] and len(calls) == 7 and torch.equal(hooked[1], want[1] * 2)
+        wide = torch.randn(1, stream.ROWS + 1, 512)
+        assert all(torch.equal(g, m(wide)) for g, m in zip(project(wide, *layers), layers)) and len(calls) == 7
 
 
 def test_few_rows_keep_the_graph_of_trainable_weights(mixtral_ckpt):

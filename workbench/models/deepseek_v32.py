@@ -106,9 +106,9 @@ class SparseMLA(MLA):
         return mask[..., :S] & (k_pos[None, :] <= q_pos[:, None])
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None = None) -> torch.Tensor:
-        q_latent = self.q_latent(x)
+        q_latent, kv_a = self.latents(x)
         icos, isin = self.indexer.rotary.cos_sin(positions, x.dtype)
-        q, k, v, k_pos, index_k = self.qkv(x, q_latent, positions, state, index_k=self.indexer.key(x, icos, isin))
+        q, k, v, k_pos, index_k = self.qkv(q_latent, kv_a, positions, state, index_k=self.indexer.key(x, icos, isin))
         chosen = self.select(self.indexer.scores(x, q_latent, icos, isin, index_k), positions, k_pos)
         chosen = self.hp_topk(chosen)
         mask = self.allowed(chosen, positions, k_pos)[:, None]

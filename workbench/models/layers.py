@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from .. import quant
 from ..config import Config
@@ -59,9 +60,31 @@ class Linear(nn.Linear):
     speed; a BLAS matmul of so few rows reads small weights at a fraction of it), and everything else as usual."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if few_rows(x, self.weight):
-            return stream.linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        weight = self.weight
+        if few_rows(x, weight):
+            return stream.linear(x, weight, self.bias)
+        return F.linear(x, weight, self.bias)
+
+
+def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Each of `linears` applied to x (projections of one input: gate and up, q, k and v). A few fp32 rows through
+    plain `Linear`s go in one streaming pass (`stream.linears`: each output as its own call gives it, one call's
+    fixed cost); any other module, or one with torch module hooks or a replaced forward, is called as usual."""
+    if len(linears) > 1 and all(_plain(m, x) for m in linears):
+        outs = stream.linears(x, tuple(m.weight for m in linears))
+        return tuple(o if m.bias is None else o + m.bias for o, m in zip(outs, linears))
+    return tuple(m(x) for m in linears)
+
+
+def _plain(m: nn.Module, x: torch.Tensor) -> bool:
+    """Whether calling `Linear` m on x would stream, with nothing (a torch hook, a patched forward) to see it."""
+    return (type(m) is Linear and few_rows(x, m.weight) and not m._forward_hooks and not m._forward_pre_hooks
+            and "forward" not in m.__dict__ and not _global_hooks())
+
+
+def _global_hooks() -> bool:
+    """Whether torch module hooks registered for every module are present."""
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
 class BlockFP8Linear(nn.Module):
@@ -301,7 +324,7 @@ class GroupedQueryAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
@@ -340,7 +363,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = project(x, self.gate_proj, self.up_proj)
         if self.limit is not None:
             gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
         return self.down_proj(self.act(gate) * up)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from .layers import Linear, RMSNorm, Rotary, attend, remember, yarn_mscale
+from .layers import Linear, RMSNorm, Rotary, attend, project, remember, yarn_mscale
 
 LATENT_EPS = 1e-6  # the q/kv latent norms use their default eps, not the config's rms_norm_eps
 
@@ -73,19 +73,23 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(self.kv_rank, self.heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = Linear(self.heads * self.v_dim, hidden, bias=args.bias)
 
-    def q_latent(self, x: torch.Tensor) -> torch.Tensor:
-        """The normed q latent (q-LoRA), or x itself when queries are projected directly."""
-        return self.q_a_layernorm(self.q_a_proj(x)) if hasattr(self, "q_b_proj") else x
+    def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normed q latent (q-LoRA; x itself when queries are projected directly) and kv_a's output x -> latent
+        | rope key, the two projections of x in one pass where they stream (`layers.project`)."""
+        if not hasattr(self, "q_b_proj"):
+            return x, self.kv_a_proj_with_mqa(x)
+        q_a, kv_a = project(x, self.q_a_proj, self.kv_a_proj_with_mqa)
+        return self.q_a_layernorm(q_a), kv_a
 
-    def qkv(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, state: dict | None,
+    def qkv(self, q_latent: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor, state: dict | None,
             **extra: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q [B,H,T,D] and k, v [B,H,S,*] over every visible key, the keys' positions [S], and any `extra`
-        per-token tensors kept in the state beside the latent (in order)."""
-        B, T, _ = x.shape
+        """q [B,H,T,D] and k, v [B,H,S,*] over every visible key (from `latents`), the keys' positions [S], and any
+        `extra` per-token tensors kept in the state beside the latent (in order)."""
+        B, T, _ = kv_a.shape
         q = (self.q_b_proj if hasattr(self, "q_b_proj") else self.q_proj)(q_latent)
         q_nope, q_rope = q.view(B, T, self.heads, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        latent, k_rope = kv_a.split([self.kv_rank, self.rope], dim=-1)
+        cos, sin = self.rotary.cos_sin(positions, kv_a.dtype)
         q_rope = self.rotary.apply(q_rope, cos, sin)
         k_rope = self.rotary.apply(k_rope[:, None], cos, sin)
         # the state keeps only the normed latent and the shared rope key per token (plus `extra`)
@@ -99,6 +103,6 @@ class MLA(nn.Module):
         return q, k, v, k_pos, *kept
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None = None) -> torch.Tensor:
-        q, k, v, k_pos = self.qkv(x, self.q_latent(x), positions, state)
+        q, k, v, k_pos = self.qkv(*self.latents(x), positions, state)
         out = attend(q, k, v, positions, k_pos, self.scale)
         return self.o_proj(out.transpose(1, 2).flatten(2))

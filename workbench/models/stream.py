@@ -36,27 +36,39 @@ from ..parallel import torch_threads
 ROWS = 32
 
 
+_HELD = (torch.float32, quant.FP8, torch.uint8)  # weights as floats, FP8 codes, packed FP4 codes
+
+
 def streams(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernel takes inputs like x against weights like `weight`: fp32 rows on the CPU, weights held
     as fp32 or as quantised codes. (It has no backward: callers check that autograd is not recording.)"""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.device.type == "cpu"
-            and weight.dtype in (torch.float32, quant.FP8, torch.uint8))
+    return x.is_cpu and x.dtype == torch.float32 and weight.is_cpu and weight.dtype in _HELD
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
            block: tuple[int, int] | None = None) -> torch.Tensor:
     """x [..., in] @ weight [out, in].T + bias through the kernel, fp32 (FP8 codes with their `scale` and `block`)."""
-    inputs, width = x.shape[-1], weight.shape[0]
+    out, = linears(x, (weight,), None if scale is None else (scale,), block)
+    return out if bias is None else out + bias
+
+
+def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...] | None = None,
+            block: tuple[int, int] | None = None) -> tuple[torch.Tensor, ...]:
+    """x [..., in] @ W.T for each W [out_i, in] of `weights` (projections of one input, such as a layer's gate and
+    up) in one kernel pass, fp32: each output as `linear` gives it alone, one call's fixed cost for all. FP8
+    codes with their `scales` and `block`."""
+    inputs = x.shape[-1]
     n = x.numel() // inputs
-    padded = width + ALIAS_PAD if _aliasing(n, inputs, width) else width
-    out = np.empty((n, padded), np.float32)
+    widths = [w.shape[0] for w in weights]
+    outs = tuple([np.empty((n, c + ALIAS_PAD if _aliasing(n, inputs, c) else c), np.float32) for c in widths])
     if n:
         index = indices(n + 1)
         rows = _array(x if x.is_contiguous() else x.contiguous()).reshape(n, inputs)
-        held = _dense(weight) if scale is None else _held((weight,), (scale,), block)
-        _call(rows, index[:n], _ZERO, _ZERO, index[n:], *held, (out,))
-    y = torch.from_numpy(out if padded == width else out[:, :width].copy()).view(*x.shape[:-1], width)
-    return y if bias is None else y + bias
+        held = _dense(weights) if scales is None else _held(weights, scales, block)
+        _call(rows, index[:n], _ZERO, _ZERO, index[n:], *held, outs)
+    shape = x.shape[:-1]
+    return tuple([torch.from_numpy((o if o.shape[1] == c else o[:, :c].copy()).reshape(shape + (c,)))
+                  for o, c in zip(outs, widths)])
 
 
 ALIAS_PAD = 16  # floats (64 bytes) added to output rows that would be a multiple of 4 KB apart (`_aliasing`)
@@ -227,9 +239,11 @@ def _held(weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...] | 
     return 2, none_f, wq, none_f, tuple(_stacked(s.view(torch.uint8)) for s in scales), 1, 1
 
 
-def _dense(weight: torch.Tensor) -> tuple:
-    """`_held` of one fp32 weight [out, in] (the common dense call, without the general path's tuple building)."""
-    return 0, (_array(weight)[None],), _NONE_U1, _NONE_F1, _NONE_U1, 1, 1
+def _dense(weights: tuple[torch.Tensor, ...]) -> tuple:
+    """`_held` of fp32 weights [out, in] (the common dense call, with fewer steps than the general path's)."""
+    if len(weights) == 1:
+        return 0, (_array(weights[0])[None],), _NONE_U1, _NONE_F1, _NONE_U1, 1, 1
+    return _held(weights, None, None)
 
 
 def _stacked(t: torch.Tensor) -> np.ndarray:

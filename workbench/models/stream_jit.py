@@ -130,15 +130,20 @@ def one(out, x, rows, first, last, i, w):  # pragma: no cover - compiled
 @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, fastmath=True)
 def kernel(x, rows, experts, begin, end, fmt, wf, wq, sf, sq, bo, bi, fp8, fp4, e8m0, outs):  # pragma: no cover
     """outs[proj][p] = W_proj[experts[j]] @ x[rows[p]] for p in begin[j]..end[j] (`stream.grouped_linear`); work items
-    are (projection, expert, CHUNK weight rows), spread over the threads. fp32 weights (fmt 0) are dotted where
+    are (projection, expert, CHUNK weight rows), spread over the threads (projections may differ in width: dense
+    ones, `stream.linears`). fp32 weights (fmt 0) are dotted where
     they lie, codes decoded into a scratch row first; both go through the same `across`, or `four` and `one`:
     which of the two, the expert's row count and the input width alone decide."""
-    n_out = wf[0].shape[1] if fmt == 0 else wq[0].shape[1]  # outs may be wider (`stream.linear`)
-    n_in = x.shape[1]
-    chunks = (n_out + CHUNK - 1) // CHUNK
+    n_in, widest = x.shape[1], 0
+    for proj in range(len(outs)):
+        widest = max(widest, wf[proj].shape[1] if fmt == 0 else wq[proj].shape[1])
+    chunks = (widest + CHUNK - 1) // CHUNK
     per_proj = len(experts) * chunks
     for item in numba.prange(len(outs) * per_proj):
         proj, j, chunk = item // per_proj, item % per_proj // chunks, item % chunks
+        n_out = wf[proj].shape[1] if fmt == 0 else wq[proj].shape[1]  # its outs may be wider (`stream.linears`)
+        if chunk * CHUNK >= n_out:  # a narrower projection's items past its rows
+            continue
         e, first, last, out = experts[j], begin[j], end[j], outs[proj]
         w, codes, scales, exponents = wf[proj], wq[proj], sf[proj], sq[proj]
         scratch = np.empty((4, n_in), np.float32)
