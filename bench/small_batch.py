@@ -70,9 +70,9 @@ def kernel_share(run, repeat: int) -> tuple[float, float, int, list[tuple[int, i
         spent[0] += time.perf_counter() - t0
         x, _, experts, begin, end, fmt, wf, wq, sf, sq = args[:10]
         held = wf if fmt == 0 else wq + (sf if fmt == 1 else sq)  # the weight operands the kernel reads
-        width = (wf if fmt == 0 else wq)[0].shape[1]  # each projection's outputs
+        widths = sum(w.shape[1] for w in (wf if fmt == 0 else wq))  # the projections' outputs, all together
         pairs = int((end - begin).sum())  # input rows, over the listed experts (a dense linear: one)
-        work.append((sum(w[0].nbytes for w in held) * len(experts), 2 * pairs * width * x.shape[1] * len(wf)))
+        work.append((sum(w[0].nbytes for w in held) * len(experts), 2 * pairs * widths * x.shape[1]))
 
     timed_jit = types.SimpleNamespace(**{k: getattr(jit, k) for k in dir(jit) if not k.startswith("_")})
     timed_jit.kernel = timed  # the weight-reading kernel; the others (activation, sum) are "the rest"
