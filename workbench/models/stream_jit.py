@@ -131,9 +131,9 @@ def one(out, x, rows, first, last, i, w):  # pragma: no cover - compiled
 def kernel(x, rows, experts, begin, end, fmt, wf, wq, sf, sq, bo, bi, fp8, fp4, e8m0, outs):  # pragma: no cover
     """outs[proj][p] = W_proj[experts[j]] @ x[rows[p]] for p in begin[j]..end[j] (`stream.grouped_linear`); work items
     are (projection, expert, CHUNK weight rows), spread over the threads (projections may differ in width: dense
-    ones, `stream.linears`). fp32 weights (fmt 0) are dotted where
-    they lie, codes decoded into a scratch row first; both go through the same `across`, or `four` and `one`:
-    which of the two, the expert's row count and the input width alone decide."""
+    ones, `stream.linears`). fp32 weights (fmt 0) are dotted where they lie, codes decoded into a scratch row
+    first; both go through the same `across`, or `four` and `one`: which of the two, the expert's row count and
+    the input width alone decide."""
     n_in, widest = x.shape[1], 0
     for proj in range(len(outs)):
         widest = max(widest, wf[proj].shape[1] if fmt == 0 else wq[proj].shape[1])
