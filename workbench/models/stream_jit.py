@@ -5,6 +5,10 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import binding, ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 CHUNK = 32  # weight rows per parallel work item (a multiple of 4: rows are dotted four at a time)
 # an expert of 2 to ACROSS_ROWS input rows holding at most ACROSS_VALUES values (16 KB: they stay in L1) streams
@@ -12,6 +16,39 @@ CHUNK = 32  # weight rows per parallel work item (a multiple of 4: rows are dott
 # cold weights on a 2-core AMD EPYC: 1.1-1.8x the read rate for 2-8 rows of 128-1024 inputs; `four` is faster for
 # more rows or wider inputs
 ACROSS_ROWS, ACROSS_VALUES = 8, 4096
+# fp32 weight rows are prefetched this far ahead in the `across` order, and the next four in the `four` order when
+# an expert has at least 4 input rows (its dots then run long enough to hide the load). Measured on a 2-core AMD
+# EPYC (Zen 5), replaying a forward's kernel calls with cold caches: 4-7% less kernel time at 8 and 32 tokens;
+# prefetching for experts of 1-3 rows as well cost about 10%
+AHEAD = 4
+
+
+_PREFETCH = "llvm.prefetch.p0" if binding.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"  # opaque pointers
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """A hint that array[index] (a 1-D contiguous array) will be read soon: LLVM's prefetch, for reading, into every
+    cache level. It never faults and changes no value."""
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        signature_ir = ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, signature_ir, _PREFETCH)
+        builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
+
+
+@numba.njit(inline="always")
+def fetch_rows(w, e, first, stop):  # pragma: no cover - compiled
+    """`prefetch` every cache line of weight rows first..stop of expert e (those that exist)."""
+    for r in range(first, min(stop, w.shape[1])):
+        row = w[e, r]
+        for c in range(0, row.shape[0], 16):  # 16 floats: a 64-byte line
+            prefetch(row, c)
 
 
 @numba.njit(nogil=True)  # not cached: numba cannot cache a function that reads its threading layer
@@ -131,9 +168,9 @@ def one(out, x, rows, first, last, i, w):  # pragma: no cover - compiled
 def kernel(x, rows, experts, begin, end, fmt, wf, wq, sf, sq, bo, bi, fp8, fp4, e8m0, outs):  # pragma: no cover
     """outs[proj][p] = W_proj[experts[j]] @ x[rows[p]] for p in begin[j]..end[j] (`stream.grouped_linear`); work items
     are (projection, expert, CHUNK weight rows), spread over the threads (projections may differ in width: dense
-    ones, `stream.linears`). fp32 weights (fmt 0) are dotted where they lie, codes decoded into a scratch row
-    first; both go through the same `across`, or `four` and `one`: which of the two, the expert's row count and
-    the input width alone decide."""
+    ones, `stream.linears`). fp32 weights (fmt 0) are dotted where they lie (the coming rows prefetched, `AHEAD`),
+    codes decoded into a scratch row first; both go through the same `across`, or `four` and `one`: which of the
+    two, the expert's row count and the input width alone decide."""
     n_in, widest = x.shape[1], 0
     for proj in range(len(outs)):
         widest = max(widest, wf[proj].shape[1] if fmt == 0 else wq[proj].shape[1])
@@ -151,6 +188,7 @@ def kernel(x, rows, experts, begin, end, fmt, wf, wq, sf, sq, bo, bi, fp8, fp4, 
         if across_order(last - first, n_in):  # its inputs stay in L1
             for r in range(i, stop):
                 if fmt == 0:
+                    fetch_rows(w, e, r + AHEAD, r + AHEAD + 1)
                     across(out, x, rows, first, last, r, w[e, r])
                 else:
                     decode(fmt, codes, scales, exponents, bo, bi, fp8, fp4, e8m0, e, r, scratch[0])
@@ -158,6 +196,8 @@ def kernel(x, rows, experts, begin, end, fmt, wf, wq, sf, sq, bo, bi, fp8, fp4, 
             continue
         while i + 4 <= stop:  # four weight rows against each input row: each input value loaded once for four
             if fmt == 0:
+                if last - first >= 4:
+                    fetch_rows(w, e, i + 4, i + 8)
                 four(out, x, rows, first, last, i, w[e, i], w[e, i + 1], w[e, i + 2], w[e, i + 3])
             else:
                 for r in range(4):
