@@ -18,8 +18,9 @@ CHUNK = 32  # weight rows per parallel work item (a multiple of 4: rows are dott
 ACROSS_ROWS, ACROSS_VALUES = 8, 4096
 # fp32 weight rows are prefetched this far ahead in the `across` order, and the next four in the `four` order when
 # an expert has at least 4 input rows (its dots then run long enough to hide the load). Measured on a 2-core AMD
-# EPYC (Zen 5), replaying a forward's kernel calls with cold caches: 4-7% less kernel time at 8 and 32 tokens;
-# prefetching for experts of 1-3 rows as well cost about 10%
+# EPYC (Zen 5), replaying a forward's kernel calls with cold caches (bench/kernel_replay.py): 1-5% less kernel
+# time at 8 and 32 tokens, 3% more at one token (no row is prefetched there); prefetching for experts of 1-3
+# rows as well cost about 10%
 AHEAD = 4
 
 
@@ -194,10 +195,13 @@ def kernel(x, rows, experts, begin, end, fmt, wf, wq, sf, sq, bo, bi, fp8, fp4, 
                     decode(fmt, codes, scales, exponents, bo, bi, fp8, fp4, e8m0, e, r, scratch[0])
                     across(out, x, rows, first, last, r, scratch[0])
             continue
+        if fmt == 0 and last - first >= 4:  # long dots: the next four rows prefetched (a loop of its own, which
+            while i + 4 <= stop:  # kept a few-row expert's loop below as fast as without prefetching)
+                fetch_rows(w, e, i + 4, i + 8)
+                four(out, x, rows, first, last, i, w[e, i], w[e, i + 1], w[e, i + 2], w[e, i + 3])
+                i += 4
         while i + 4 <= stop:  # four weight rows against each input row: each input value loaded once for four
             if fmt == 0:
-                if last - first >= 4:
-                    fetch_rows(w, e, i + 4, i + 8)
                 four(out, x, rows, first, last, i, w[e, i], w[e, i + 1], w[e, i + 2], w[e, i + 3])
             else:
                 for r in range(4):
