@@ -195,8 +195,8 @@ def kernel(x, rows, experts, begin, end, fmt, wf, wq, sf, sq, bo, bi, fp8, fp4, 
                     decode(fmt, codes, scales, exponents, bo, bi, fp8, fp4, e8m0, e, r, scratch[0])
                     across(out, x, rows, first, last, r, scratch[0])
             continue
-        if fmt == 0 and last - first >= 4:  # long dots: the next four rows prefetched (a loop of its own, which
-            while i + 4 <= stop:  # kept a few-row expert's loop below as fast as without prefetching)
+        if fmt == 0 and last - first >= 4:  # long dots: the next four rows prefetched while these are dotted
+            while i + 4 <= stop:
                 fetch_rows(w, e, i + 4, i + 8)
                 four(out, x, rows, first, last, i, w[e, i], w[e, i + 1], w[e, i + 2], w[e, i + 3])
                 i += 4
