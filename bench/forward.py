@@ -21,8 +21,10 @@ Needs the dev extras (transformers, nnsight). Random weights: throughput does no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ import transformers as tf
 from torch.overrides import TorchFunctionMode
 
 import workbench as wb
+from workbench.models import stream
 
 CONFIGS = {
     "deepseek_v3": lambda: tf.DeepseekV3Config(
@@ -145,6 +148,21 @@ def evict() -> None:
     """Write 64 MiB (twice the largest last-level cache of the machines measured here), so that what a timed call
     reads next comes from memory, as a forward's weights do when each is used once per step."""
     _EVICT.fill_(1.0)
+
+
+@contextlib.contextmanager
+def streaming_kernel(wrap):
+    """Within the block, workbench's few-row weight-streaming kernel (`stream_jit.kernel`) is replaced by
+    wrap(kernel), to time or record its calls; the other compiled functions (activation, sum) run as they are."""
+    original = stream._jit
+    jit = original()
+    patched = types.SimpleNamespace(**{k: getattr(jit, k) for k in dir(jit) if not k.startswith("_")})
+    patched.kernel = wrap(jit.kernel)
+    stream._jit = lambda: patched
+    try:
+        yield
+    finally:
+        stream._jit = original
 
 
 def matmul_bound(run, repeat: int = 5, cold: bool = False) -> tuple[float, int]:

@@ -27,12 +27,11 @@ import importlib.util
 import shutil
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
-from forward import CONFIGS, evict, random_checkpoint
+from forward import CONFIGS, evict, random_checkpoint, streaming_kernel
 
 import workbench as wb
 from workbench.models import stream
@@ -45,23 +44,20 @@ def record(model: wb.models.base.CausalLM, ids: torch.Tensor) -> tuple[list[tupl
     """The streaming kernel's calls in one forward of `ids`: their arguments (index and input arrays copied, as
     the forward goes on to reuse its buffers; the weights as they are; fresh NaN-filled outputs) and what each
     call wrote (NaN where it writes nothing: the rows of experts that run as matmuls, padding)."""
-    jit, calls, outputs = stream._jit(), [], []
+    calls, outputs = [], []
 
-    def kernel(*args):
-        for out in args[-1]:
-            out.fill(np.nan)
-        jit.kernel(*args)
-        calls.append(tuple(a.copy() if isinstance(a, np.ndarray) else a for a in args[:-1])
-                     + (tuple(np.full_like(o, np.nan) for o in args[-1]),))
-        outputs.append(tuple(o.copy() for o in args[-1]))
+    def recording(kernel):
+        def recorded(*args):
+            for out in args[-1]:
+                out.fill(np.nan)
+            kernel(*args)
+            calls.append(tuple(a.copy() if isinstance(a, np.ndarray) else a for a in args[:-1])
+                         + (tuple(np.full_like(o, np.nan) for o in args[-1]),))
+            outputs.append(tuple(o.copy() for o in args[-1]))
+        return recorded
 
-    recorder = types.SimpleNamespace(**{k: getattr(jit, k) for k in dir(jit) if not k.startswith("_")})
-    recorder.kernel = kernel
-    stream._jit = lambda: recorder
-    try:
+    with streaming_kernel(recording):
         model(ids)
-    finally:
-        stream._jit = lambda: jit
     return calls, outputs
 
 

@@ -33,11 +33,10 @@ import argparse
 import platform
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
-from forward import CONFIGS, HF_EXPERTS, best_times, evict, random_checkpoint
+from forward import CONFIGS, HF_EXPERTS, best_times, evict, random_checkpoint, streaming_kernel
 
 import workbench as wb
 from workbench.models import stream
@@ -63,32 +62,28 @@ def bytes_needed(model: wb.models.base.CausalLM, ids: torch.Tensor) -> tuple[int
 def kernel_share(run, repeat: int) -> tuple[float, float, int, list[tuple[int, int]]]:
     """(forward seconds, of which in the weight-streaming kernel, its calls, each call's (weight bytes, FLOPs)) of
     the fastest of `repeat` cold runs."""
-    original, spent, work = stream._jit, [0.0], []
-    jit = original()
+    spent, work = [0.0], []
 
-    def timed(*args):
-        t0 = time.perf_counter()
-        jit.kernel(*args)
-        spent[0] += time.perf_counter() - t0
-        x, _, experts, begin, end, fmt, wf, wq, sf, sq = args[:10]
-        held = wf if fmt == 0 else wq + (sf if fmt == 1 else sq)  # the weight operands the kernel reads
-        widths = sum(w.shape[1] for w in (wf if fmt == 0 else wq))  # the projections' outputs, all together
-        pairs = int((end - begin).sum())  # input rows, over the listed experts (a dense linear: one)
-        work.append((sum(w[0].nbytes for w in held) * len(experts), 2 * pairs * widths * x.shape[1]))
+    def timing(kernel):
+        def timed(*args):
+            t0 = time.perf_counter()
+            kernel(*args)
+            spent[0] += time.perf_counter() - t0
+            x, _, experts, begin, end, fmt, wf, wq, sf, sq = args[:10]
+            held = wf if fmt == 0 else wq + (sf if fmt == 1 else sq)  # the weight operands the kernel reads
+            widths = sum(w.shape[1] for w in (wf if fmt == 0 else wq))  # the projections' outputs, all together
+            pairs = int((end - begin).sum())  # input rows, over the listed experts (a dense linear: one)
+            work.append((sum(w[0].nbytes for w in held) * len(experts), 2 * pairs * widths * x.shape[1]))
+        return timed
 
-    timed_jit = types.SimpleNamespace(**{k: getattr(jit, k) for k in dir(jit) if not k.startswith("_")})
-    timed_jit.kernel = timed  # the weight-reading kernel; the others (activation, sum) are "the rest"
-    stream._jit = lambda: timed_jit
-    try:
-        best = (float("inf"), 0.0, [])
+    best = (float("inf"), 0.0, [])
+    with streaming_kernel(timing):  # the weight-reading kernel; the others (activation, sum) are "the rest"
         for _ in range(repeat):
             evict()
             spent[0], work[:] = 0.0, []
             t0 = time.perf_counter()
             run()
             best = min(best, (time.perf_counter() - t0, spent[0], list(work)), key=lambda b: b[0])
-    finally:
-        stream._jit = original
     return best[0], best[1], len(best[2]), best[2]
 
 
