@@ -165,6 +165,16 @@ def streaming_kernel(wrap):
         stream._jit = original
 
 
+def kernel_call_work(args: tuple) -> tuple[int, int]:
+    """(weight bytes, FLOPs) of one call of the streaming kernel, from its arguments: each listed expert's weight
+    operands (floats, or codes and their scales) read once, and 2 x input values x outputs per pair."""
+    x, _, experts, begin, end, fmt, wf, wq, sf, sq = args[:10]
+    held = wf if fmt == 0 else wq + (sf if fmt == 1 else sq)  # the weight operands the kernel reads
+    widths = sum(w.shape[1] for w in (wf if fmt == 0 else wq))  # the projections' outputs, all together
+    pairs = int((end - begin).sum())  # input rows, over the listed experts (a dense linear: one)
+    return sum(w[0].nbytes for w in held) * len(experts), 2 * pairs * widths * x.shape[1]
+
+
 def matmul_bound(run, repeat: int = 5, cold: bool = False) -> tuple[float, int]:
     """(seconds, calls): the time of `run`'s matmuls alone, each replayed on its own inputs at its own shape (best
     of `repeat`): what a forward with no other work would take, at the rate torch reaches for those shapes. `cold`

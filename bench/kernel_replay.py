@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from forward import CONFIGS, evict, random_checkpoint, streaming_kernel
+from forward import CONFIGS, evict, kernel_call_work, random_checkpoint, streaming_kernel
 
 import workbench as wb
 from workbench.models import stream
@@ -67,11 +67,6 @@ def kind(args: tuple) -> str:
     return "routed" if len(args[2]) > 1 else ("LM head" if wf[0].shape[1] >= 4096 else "dense")
 
 
-def weight_bytes(args: tuple) -> int:
-    """Bytes of fp32 weights one call reads: each listed expert's rows of every projection, once."""
-    return sum(w[0].nbytes for w in args[6]) * len(args[2])
-
-
 def load_kernel(path: Path, folder: str, name: str):
     """The `kernel` of a version of stream_jit.py, copied into `folder` as module `name` and imported from there
     (compiled afresh: numba caches by file, and the installed module's cache is not reused)."""
@@ -97,13 +92,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as copies, torch.no_grad():
         random_checkpoint(cfg, tmp)
         model = wb.load(Path(tmp), dtype=torch.float32, backend="grouped")
-        kernels = {"current": stream._jit().kernel}
-        if args.against:  # both loaded the same way, so that neither gains from how it was imported
+        if args.against:  # all loaded the same way, so that none gains from how it was imported
             current = Path(stream._jit().__file__)
             kernels = {"current": load_kernel(current, copies, "stream_jit_current"),
                        CONTROL: load_kernel(current, copies, "stream_jit_control")}
             for n, path in enumerate(args.against):
                 kernels[str(path)] = load_kernel(path, copies, f"stream_jit_against{n}")
+        else:
+            kernels = {"current": stream._jit().kernel}
         for T in args.tokens:
             calls, want = record(model, torch.randint(0, cfg.vocab_size, (1, T)))
             for name, kernel in kernels.items():  # compiled and checked before timing
@@ -111,8 +107,11 @@ def main() -> None:
                     kernel(*c)
                     if not all(np.array_equal(o, v, equal_nan=True) for o, v in zip(c[-1], w)):
                         raise SystemExit(f"{name}'s outputs differ from the forward's at T={T}")
-            kinds = sorted({kind(c) for c in calls})
-            nbytes = {k: sum(weight_bytes(c) for c in calls if kind(c) == k) for k in kinds}
+            call_kinds = [kind(c) for c in calls]
+            kinds = sorted(set(call_kinds))
+            nbytes = dict.fromkeys(kinds, 0)
+            for c, k in zip(calls, call_kinds):
+                nbytes[k] += kernel_call_work(c)[0]
             total = sum(nbytes.values())
             names = ["copy", *kernels]
             rounds, r, stop = [], 0, time.time() + args.seconds
@@ -128,10 +127,11 @@ def main() -> None:
                         row[name] = 2 * src.nbytes / (time.perf_counter() - t0)
                         continue
                     spent = dict.fromkeys(kinds, 0.0)
-                    for c in calls:
+                    for c, k in zip(calls, call_kinds):  # only the call inside its timed interval
                         t0 = time.perf_counter()
                         kernels[name](*c)
-                        spent[kind(c)] += time.perf_counter() - t0
+                        t1 = time.perf_counter()
+                        spent[k] += t1 - t0
                     row[name] = spent
                 rounds.append(row)
                 r += 1

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from forward import CONFIGS, HF_EXPERTS, best_times, evict, random_checkpoint, streaming_kernel
+from forward import CONFIGS, HF_EXPERTS, best_times, evict, kernel_call_work, random_checkpoint, streaming_kernel
 
 import workbench as wb
 from workbench.models import stream
@@ -69,11 +69,7 @@ def kernel_share(run, repeat: int) -> tuple[float, float, int, list[tuple[int, i
             t0 = time.perf_counter()
             kernel(*args)
             spent[0] += time.perf_counter() - t0
-            x, _, experts, begin, end, fmt, wf, wq, sf, sq = args[:10]
-            held = wf if fmt == 0 else wq + (sf if fmt == 1 else sq)  # the weight operands the kernel reads
-            widths = sum(w.shape[1] for w in (wf if fmt == 0 else wq))  # the projections' outputs, all together
-            pairs = int((end - begin).sum())  # input rows, over the listed experts (a dense linear: one)
-            work.append((sum(w[0].nbytes for w in held) * len(experts), 2 * pairs * widths * x.shape[1]))
+            work.append(kernel_call_work(args))
         return timed
 
     best = (float("inf"), 0.0, [])
