@@ -9,7 +9,9 @@ contender later; before its eviction each sequence runs its first call untimed, 
 with the kernel's threads awake, as in a forward (one that follows a copy would pay their wake-up). This
 machine's memory bandwidth flips between states every few minutes, so each round keeps its copy's rate and
 rounds are reported by state: the replay's read rate (bytes of the weights the calls read) as a fraction of that
-state's copy, overall and for the routed experts, the dense projections and the LM head.
+state's copy, overall and for the routed experts, the dense projections and the LM head. A second limit runs in
+the same rounds: a plain read (a sum) of the same weight rows, split into the kernel's work items, which is what
+this access pattern (many experts' blocks, CHUNK rows at a time) reaches with no arithmetic.
 
 --against FILE... adds other versions of `stream_jit.py` (say, one saved from an earlier commit) as contenders:
 their outputs are checked against the forward's, bit for bit, and each one's time is reported as a ratio to the
@@ -29,12 +31,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 from forward import CONFIGS, evict, kernel_call_work, random_checkpoint, streaming_kernel
 
 import workbench as wb
 from workbench.models import stream
+from workbench.models.stream_jit import CHUNK
 
 CONTROL = "control (the current kernel again)"  # its ratio to the current's shows how far apart equals measure
 FAST = 60e9  # copy rates above this (bytes/s, read + written) count as the fast state; the slow one is about 46 GB/s
@@ -59,6 +63,27 @@ def record(model: wb.models.base.CausalLM, ids: torch.Tensor) -> tuple[list[tupl
     with streaming_kernel(recording):
         model(ids)
     return calls, outputs
+
+
+@numba.njit(parallel=True, fastmath=True)
+def read_rows(x, rows, experts, begin, end, fmt, wf, wq, sf, sq, bo, bi, fp8, fp4, e8m0, outs):  # pragma: no cover
+    """The sum of the fp32 weight rows a kernel call reads, over the kernel's work items (projection, expert, CHUNK
+    rows) in its order: the same bytes through the same split, without the dots."""
+    widest = 0
+    for proj in range(len(outs)):
+        widest = max(widest, wf[proj].shape[1])
+    chunks = (widest + CHUNK - 1) // CHUNK
+    per_proj = len(experts) * chunks
+    sums = np.zeros(len(outs) * per_proj, np.float32)
+    for item in numba.prange(len(outs) * per_proj):
+        proj, j, chunk = item // per_proj, item % per_proj // chunks, item % chunks
+        w, e, s = wf[proj], experts[j], np.float32(0.0)
+        for r in range(chunk * CHUNK, min((chunk + 1) * CHUNK, w.shape[1])):
+            row = w[e, r]
+            for c in range(row.shape[0]):
+                s += row[c]
+        sums[item] = s
+    return sums.sum()
 
 
 def kind(args: tuple) -> str:
@@ -113,13 +138,15 @@ def main() -> None:
             for c, k in zip(calls, call_kinds):
                 nbytes[k] += kernel_call_work(c)[0]
             total = sum(nbytes.values())
-            names = ["copy", *kernels]
+            names = ["copy", "read", *kernels]
+            contenders = {"read": read_rows, **kernels}
+            read_rows(*calls[0])  # compiled before timing
             rounds, r, stop = [], 0, time.time() + args.seconds
             while time.time() < stop:
                 row = {}
                 for name in names[r % len(names):] + names[:r % len(names)]:
                     if name != "copy":  # as in a forward, the kernel's threads have just run (not slept since a copy)
-                        kernels[name](*calls[0])
+                        contenders[name](*calls[0])
                     evict()
                     if name == "copy":
                         t0 = time.perf_counter()
@@ -129,7 +156,7 @@ def main() -> None:
                     spent = dict.fromkeys(kinds, 0.0)
                     for c, k in zip(calls, call_kinds):  # only the call inside its timed interval
                         t0 = time.perf_counter()
-                        kernels[name](*c)
+                        contenders[name](*c)
                         t1 = time.perf_counter()
                         spent[k] += t1 - t0
                     row[name] = spent
@@ -150,6 +177,11 @@ def main() -> None:
                       f"{total / np.median(times) / 1e9:.1f} GB/s; by kind (median): " + ", ".join(
                           f"{k} {nbytes[k] / np.median([x['current'][k] for x in chosen]) / 1e9:.1f} GB/s"
                           for k in kinds))
+                read = np.median([sum(x["read"].values()) for x in chosen])
+                print(f"    a plain read of the same rows, split alike: {total / read / 1e9:.1f} GB/s "
+                      f"({total / read / copy:.1%} of copy; by kind: " + ", ".join(
+                          f"{k} {nbytes[k] / np.median([x['read'][k] for x in chosen]) / 1e9:.1f} GB/s" for k in kinds)
+                      + f"); the kernel takes {np.median(times) / read:.2f}x its time")
                 for name in list(kernels)[1:]:
                     ratio = np.array([sum(x[name].values()) for x in chosen]) / times
                     print(f"    {name}: {np.median(ratio):.3f}x the current kernel's time (median of the rounds' "

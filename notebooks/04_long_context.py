@@ -25,11 +25,12 @@
 #    of checkpoints), and measure Mixtral's consecutive-token repetition (Jiang et al., 2024, section 5) per domain.
 #    The model was trained on 512-byte windows only, so everything past that is extrapolation.
 #
-# **Run time.** On the 2-core CPU machine this repository is tested on, the default of 1,000,000 tokens traced in
-# 30 minutes with one thread (`OMP_NUM_THREADS=1`: 1,798 s, 556 tokens/s, peak RSS 1.2 GiB; the rest of the notebook
-# takes about 20 s) and takes about 15 minutes with both cores (`bench/trace.py` measured 923 s for 1M random
-# tokens; README, "Tracing one million tokens"). The time per token grows along the sequence because the CSA
-# indexers score every earlier pooled entry. Set `TOKENS` lower for a quick look (20,000 tokens take about 10 s).
+# **Run time.** On the 2-core CPU machine this repository is tested on, the default of 1,000,000 tokens (float32,
+# 4,096-token chunks, as below) traced in 402 s with both cores (2,492 tokens/s, peak RSS 1.1 GiB) and in 693 s with
+# one thread (`OMP_NUM_THREADS=1`, 1,443 tokens/s); the rest of the notebook takes about 20 s. The checkpoint's own
+# bf16 is faster on CPUs with bf16 units (`workbench trace`, 1M random tokens: 265-321 s; README, "Tracing one
+# million tokens"). The time per token grows along the sequence because the CSA indexers score every earlier
+# pooled entry. Set `TOKENS` lower for a quick look (20,000 tokens take about 10 s).
 
 # %% tags=["parameters"]
 TOKENS = 1_000_000  # length of the traced sequence
