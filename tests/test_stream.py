@@ -281,6 +281,33 @@ def test_rms_norm_fp32_path_equals_the_composite():
     assert torch.equal(norm(x), composite)
 
 
+def test_wide_vectors_makes_a_parallel_loop_vectorise_with_the_widest_registers():
+    """A prange body that calls `wide_vectors` carries the attribute and, on a CPU with AVX-512, its dot runs on
+    512-bit registers; the same body without the call is left to LLVM's tuning (256-bit on this project's Xeon)."""
+    import re
+
+    import numba
+    import numpy as np
+    from llvmlite import binding
+
+    from workbench.models import stream_jit
+
+    def dots(w, x, out):
+        for i in numba.prange(w.shape[0]):
+            stream_jit.wide_vectors()
+            out[i] = stream_jit.dot(w[i], x)
+
+    wide = numba.njit(parallel=True, fastmath=True)(dots)
+    w, x, out = np.ones((8, 512), np.float32), np.full(512, 0.5, np.float32), np.zeros(8, np.float32)
+    wide(w, x, out)
+    assert (out == 256).all()
+    library = wide.overloads[wide.signatures[0]].library
+    assert stream_jit.WIDE in library.get_llvm_str()
+    if "+avx512f" not in binding.get_host_cpu_features().flatten().split(","):
+        pytest.skip("no AVX-512 on this CPU: the widest vectors are the ones LLVM picks anyway")
+    assert re.search(r"vfmadd\w*ps\s.*%zmm", library.get_asm_str())
+
+
 def test_compiles_of_workbench_kernels_show_a_progress_line(monkeypatch, capfd):
     """A workbench kernel compiling for longer than SILENT_COMPILE_S shows a line naming it; a shorter compile, or
     another package's, shows nothing."""
