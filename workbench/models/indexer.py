@@ -132,6 +132,8 @@ def _index_topk_kernels():
     import numba.extending
     from llvmlite import ir
 
+    from .stream_jit import wide_vectors  # the bounds' strips on the CPU's widest vectors
+
     @numba.extending.intrinsic
     def as_float(typingctx, x):
         """x as float32: a float32 itself, or the value a bf16's bits (uint16) stand for (shifted to the top)."""
@@ -152,6 +154,7 @@ def _index_topk_kernels():
         t, heads, n = dots.shape
         k, capacity = lower.shape[1], kept.shape[1]
         for i in numba.prange(t):
+            wide_vectors()
             low = lower[i]
             worst = 0  # slot of the lowest lower bound: the k-th best so far
             for j in range(k):
