@@ -51,8 +51,8 @@ def wide_vectors(typingctx):
     """Marks the function being compiled (a parallel loop's body, where called inside one) to vectorise with the
     widest registers the CPU has. LLVM's tuning for several Intel cores with AVX-512 (this project's 2-core Xeon
     reads as `rocketlake`) prefers 256-bit vectors, which halves the dots' FMA and load width; on it 512-bit ones
-    took 5-7% off the kernel's time at 32 tokens (bench/small_batch.py). No effect where the CPU has no AVX-512,
-    nor where its tuning already uses them (AMD's Zen 4 and 5)."""
+    took 4-6% off the kernel's time at 32 tokens (bench/small_batch.py, old and new code in alternation). No
+    effect where the CPU has no AVX-512, nor where its tuning already uses them (AMD's Zen 4 and 5)."""
     def codegen(context, builder, signature, args):
         set.add(builder.function.attributes, WIDE)  # a string attribute, which llvmlite's known-names check refuses
         return context.get_dummy_value()
